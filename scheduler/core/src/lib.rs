@@ -3,5 +3,21 @@
 //! Map of the key types:
 //! - [`mig`]: NVIDIA MIG geometry per product ([`mig::Geometry`], [`mig::Profile`]) and the
 //!   per-GPU [`mig::MigLayout`] that accepts an instance only where NVIDIA would.
+//! - [`topology`]: the interconnect graph of a node's GPUs ([`topology::Topology`]): NVLink
+//!   islands and the best-connected set of `k` free GPUs.
+//! - [`cluster`]: [`cluster::Node`], [`cluster::Gpu`], [`cluster::Allocation`] and the
+//!   [`cluster::Snapshot`] with checkpoint / rollback / commit.
+//! - [`demand`]: what a pod asks for ([`demand::Demand`], [`demand::GpuDemand`]).
+//! - [`testing`] (feature `testing`): builders and [`testing::synth_cluster`].
 
+pub mod cluster;
+pub mod demand;
+pub mod error;
 pub mod mig;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod topology;
+
+pub use cluster::{Allocation, Checkpoint, Gpu, GpuMode, Grant, MigOp, Node, NodeName, PodKey, Snapshot};
+pub use demand::{Demand, GangRef, GpuDemand};
+pub use error::{Error, Result};

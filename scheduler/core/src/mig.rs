@@ -169,10 +169,7 @@ impl Geometry {
 
     /// The largest profile smaller than the whole GPU (4g on 8-slice parts, 2g on A30).
     pub fn largest_sub_gpu(&self) -> &'static Profile {
-        self.profiles
-            .iter()
-            .rfind(|p| p.memory_slices < self.memory_slices)
-            .unwrap_or(&self.profiles[0])
+        self.profiles.iter().rfind(|p| p.memory_slices < self.memory_slices).unwrap_or(&self.profiles[0])
     }
 
     /// Mask with every memory slice set.
@@ -201,40 +198,124 @@ macro_rules! eight_slice {
             max_instances: 7,
             memory_mib: $total_mib,
             profiles: &[
-                Profile { class: ProfileClass::G1, name: $g1, compute_slices: 1, memory_slices: 1, memory_mib: $m1, max_count: 7, starts: STARTS_1 },
-                Profile { class: ProfileClass::G1Me, name: $g1me, compute_slices: 1, memory_slices: 1, memory_mib: $m1, max_count: 1, starts: STARTS_1 },
-                Profile { class: ProfileClass::G1X2, name: $g1x2, compute_slices: 1, memory_slices: 2, memory_mib: $m1x2, max_count: 4, starts: STARTS_1X2 },
-                Profile { class: ProfileClass::G2, name: $g2, compute_slices: 2, memory_slices: 2, memory_mib: $m1x2, max_count: 3, starts: STARTS_2 },
-                Profile { class: ProfileClass::G3, name: $g3, compute_slices: 3, memory_slices: 4, memory_mib: $m3, max_count: 2, starts: STARTS_3 },
-                Profile { class: ProfileClass::G4, name: $g4, compute_slices: 4, memory_slices: 4, memory_mib: $m3, max_count: 1, starts: STARTS_0 },
-                Profile { class: ProfileClass::G7, name: $g7, compute_slices: 7, memory_slices: 8, memory_mib: $m7, max_count: 1, starts: STARTS_0 },
+                Profile {
+                    class: ProfileClass::G1,
+                    name: $g1,
+                    compute_slices: 1,
+                    memory_slices: 1,
+                    memory_mib: $m1,
+                    max_count: 7,
+                    starts: STARTS_1,
+                },
+                Profile {
+                    class: ProfileClass::G1Me,
+                    name: $g1me,
+                    compute_slices: 1,
+                    memory_slices: 1,
+                    memory_mib: $m1,
+                    max_count: 1,
+                    starts: STARTS_1,
+                },
+                Profile {
+                    class: ProfileClass::G1X2,
+                    name: $g1x2,
+                    compute_slices: 1,
+                    memory_slices: 2,
+                    memory_mib: $m1x2,
+                    max_count: 4,
+                    starts: STARTS_1X2,
+                },
+                Profile {
+                    class: ProfileClass::G2,
+                    name: $g2,
+                    compute_slices: 2,
+                    memory_slices: 2,
+                    memory_mib: $m1x2,
+                    max_count: 3,
+                    starts: STARTS_2,
+                },
+                Profile {
+                    class: ProfileClass::G3,
+                    name: $g3,
+                    compute_slices: 3,
+                    memory_slices: 4,
+                    memory_mib: $m3,
+                    max_count: 2,
+                    starts: STARTS_3,
+                },
+                Profile {
+                    class: ProfileClass::G4,
+                    name: $g4,
+                    compute_slices: 4,
+                    memory_slices: 4,
+                    memory_mib: $m3,
+                    max_count: 1,
+                    starts: STARTS_0,
+                },
+                Profile {
+                    class: ProfileClass::G7,
+                    name: $g7,
+                    compute_slices: 7,
+                    memory_slices: 8,
+                    memory_mib: $m7,
+                    max_count: 1,
+                    starts: STARTS_0,
+                },
             ],
         };
     };
 }
 
 // Exact NVML sizes are published for the A100 parts; others use the nominal GB until measured.
-eight_slice!(A100_40GB, MigProduct::A100_40GB, 40_960,
+eight_slice!(
+    A100_40GB,
+    MigProduct::A100_40GB,
+    40_960,
     ["1g.5gb", "1g.5gb+me", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb"],
-    [4_864, 9_856, 19_968, 40_192]);
-eight_slice!(A100_80GB, MigProduct::A100_80GB, 81_920,
+    [4_864, 9_856, 19_968, 40_192]
+);
+eight_slice!(
+    A100_80GB,
+    MigProduct::A100_80GB,
+    81_920,
     ["1g.10gb", "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"],
-    [9_856, 19_968, 40_192, 80_384]);
-eight_slice!(H100_80GB, MigProduct::H100_80GB, 81_920,
+    [9_856, 19_968, 40_192, 80_384]
+);
+eight_slice!(
+    H100_80GB,
+    MigProduct::H100_80GB,
+    81_920,
     ["1g.10gb", "1g.10gb+me", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"],
-    [10 * GIB, 20 * GIB, 40 * GIB, 80 * GIB]);
-eight_slice!(H100_94GB, MigProduct::H100_94GB, 96_256,
+    [10 * GIB, 20 * GIB, 40 * GIB, 80 * GIB]
+);
+eight_slice!(
+    H100_94GB,
+    MigProduct::H100_94GB,
+    96_256,
     ["1g.12gb", "1g.12gb+me", "1g.24gb", "2g.24gb", "3g.47gb", "4g.47gb", "7g.94gb"],
-    [12 * GIB, 24 * GIB, 47 * GIB, 94 * GIB]);
-eight_slice!(H100_96GB, MigProduct::H100_96GB, 98_304,
+    [12 * GIB, 24 * GIB, 47 * GIB, 94 * GIB]
+);
+eight_slice!(
+    H100_96GB,
+    MigProduct::H100_96GB,
+    98_304,
     ["1g.12gb", "1g.12gb+me", "1g.24gb", "2g.24gb", "3g.48gb", "4g.48gb", "7g.96gb"],
-    [12 * GIB, 24 * GIB, 48 * GIB, 96 * GIB]);
-eight_slice!(H200_141GB, MigProduct::H200_141GB, 144_384,
+    [12 * GIB, 24 * GIB, 48 * GIB, 96 * GIB]
+);
+eight_slice!(
+    H200_141GB,
+    MigProduct::H200_141GB,
+    144_384,
     ["1g.18gb", "1g.18gb+me", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb"],
-    [18 * GIB, 35 * GIB, 71 * GIB, 141 * GIB]);
-eight_slice!(B200_180GB, MigProduct::B200_180GB, 184_320,
+    [18 * GIB, 35 * GIB, 71 * GIB, 141 * GIB]
+);
+eight_slice!(
+    B200_180GB,
+    MigProduct::B200_180GB,
+    184_320,
     ["1g.23gb", "1g.23gb+me", "1g.45gb", "2g.45gb", "3g.90gb", "4g.90gb", "7g.180gb"],
-    [23 * GIB, 45 * GIB, 90 * GIB, 180 * GIB]);
+    [23 * GIB, 45 * GIB, 90 * GIB, 180 * GIB]
+);
 
 static A30_24GB: Geometry = Geometry {
     product: MigProduct::A30_24GB,
@@ -243,11 +324,51 @@ static A30_24GB: Geometry = Geometry {
     max_instances: 4,
     memory_mib: 24_576,
     profiles: &[
-        Profile { class: ProfileClass::G1, name: "1g.6gb", compute_slices: 1, memory_slices: 1, memory_mib: 6 * GIB, max_count: 4, starts: &[0, 1, 2, 3] },
-        Profile { class: ProfileClass::G1Me, name: "1g.6gb+me", compute_slices: 1, memory_slices: 1, memory_mib: 6 * GIB, max_count: 1, starts: &[0, 1, 2, 3] },
-        Profile { class: ProfileClass::G2, name: "2g.12gb", compute_slices: 2, memory_slices: 2, memory_mib: 12 * GIB, max_count: 2, starts: &[0, 2] },
-        Profile { class: ProfileClass::G2Me, name: "2g.12gb+me", compute_slices: 2, memory_slices: 2, memory_mib: 12 * GIB, max_count: 1, starts: &[0, 2] },
-        Profile { class: ProfileClass::G4, name: "4g.24gb", compute_slices: 4, memory_slices: 4, memory_mib: 24 * GIB, max_count: 1, starts: &[0] },
+        Profile {
+            class: ProfileClass::G1,
+            name: "1g.6gb",
+            compute_slices: 1,
+            memory_slices: 1,
+            memory_mib: 6 * GIB,
+            max_count: 4,
+            starts: &[0, 1, 2, 3],
+        },
+        Profile {
+            class: ProfileClass::G1Me,
+            name: "1g.6gb+me",
+            compute_slices: 1,
+            memory_slices: 1,
+            memory_mib: 6 * GIB,
+            max_count: 1,
+            starts: &[0, 1, 2, 3],
+        },
+        Profile {
+            class: ProfileClass::G2,
+            name: "2g.12gb",
+            compute_slices: 2,
+            memory_slices: 2,
+            memory_mib: 12 * GIB,
+            max_count: 2,
+            starts: &[0, 2],
+        },
+        Profile {
+            class: ProfileClass::G2Me,
+            name: "2g.12gb+me",
+            compute_slices: 2,
+            memory_slices: 2,
+            memory_mib: 12 * GIB,
+            max_count: 1,
+            starts: &[0, 2],
+        },
+        Profile {
+            class: ProfileClass::G4,
+            name: "4g.24gb",
+            compute_slices: 4,
+            memory_slices: 4,
+            memory_mib: 24 * GIB,
+            max_count: 1,
+            starts: &[0],
+        },
     ],
 };
 
@@ -339,18 +460,16 @@ impl MigLayout {
     /// Checks whether `class` could be created at `start`, with NVIDIA's reason if not.
     pub fn check(&self, class: ProfileClass, start: u8) -> Result<&'static Profile, MigError> {
         let geom = self.geometry();
-        let profile = geom.profile(class).ok_or_else(|| MigError::UnknownProfile {
-            product: self.product,
-            profile: format!("{class:?}"),
-        })?;
+        let profile = geom
+            .profile(class)
+            .ok_or_else(|| MigError::UnknownProfile { product: self.product, profile: format!("{class:?}") })?;
         if !profile.starts.contains(&start) {
             return Err(MigError::BadStart { profile: profile.name, start, allowed: profile.starts });
         }
         let want = profile.mask_at(start);
         let overlap = want & self.mask;
         if overlap != 0 {
-            let slices: Vec<String> =
-                (0..8).filter(|b| overlap & (1 << b) != 0).map(|b| b.to_string()).collect();
+            let slices: Vec<String> = (0..8).filter(|b| overlap & (1 << b) != 0).map(|b| b.to_string()).collect();
             return Err(MigError::Overlap { profile: profile.name, start, overlap: slices.join(",") });
         }
         if self.instances.len() >= geom.max_instances as usize {
@@ -360,10 +479,10 @@ impl MigLayout {
         if same >= profile.max_count as usize {
             return Err(MigError::TooMany { profile: profile.name, max: profile.max_count });
         }
-        if class.has_media() {
-            if let Some(existing) = self.instances.iter().find(|i| i.class.has_media()) {
-                return Err(MigError::MediaTaken { existing: self.profile(existing.class).name });
-            }
+        if class.has_media()
+            && let Some(existing) = self.instances.iter().find(|i| i.class.has_media())
+        {
+            return Err(MigError::MediaTaken { existing: self.profile(existing.class).name });
         }
         Ok(profile)
     }
@@ -379,14 +498,10 @@ impl MigLayout {
 
     /// Destroys the instance of `class` at `start`.
     pub fn destroy(&mut self, class: ProfileClass, start: u8) -> Result<(), MigError> {
-        let pos = self
-            .instances
-            .iter()
-            .position(|i| i.class == class && i.start == start)
-            .ok_or_else(|| {
-                let name = self.geometry().profile(class).map_or("unknown profile", |p| p.name);
-                MigError::NoSuchInstance { profile: name, start }
-            })?;
+        let pos = self.instances.iter().position(|i| i.class == class && i.start == start).ok_or_else(|| {
+            let name = self.geometry().profile(class).map_or("unknown profile", |p| p.name);
+            MigError::NoSuchInstance { profile: name, start }
+        })?;
         self.instances.remove(pos);
         self.recompute_mask();
         Ok(())
@@ -411,11 +526,7 @@ impl MigLayout {
 
     /// The largest profile (by compute, then memory) that can still be created, if any.
     pub fn largest_placeable(&self) -> Option<&'static Profile> {
-        self.geometry()
-            .profiles
-            .iter()
-            .rev()
-            .find(|p| !p.class.has_media() && !self.placements(p.class).is_empty())
+        self.geometry().profiles.iter().rev().find(|p| !p.class.has_media() && !self.placements(p.class).is_empty())
     }
 }
 

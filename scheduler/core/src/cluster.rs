@@ -1,0 +1,733 @@
+//! The cluster model: nodes, GPUs, allocations, and a [`Snapshot`] with transactions.
+//!
+//! A snapshot is the only mutable state in the core. Every mutation goes through a method that
+//! checks it (no GPU, slice or share is ever over-committed, MIG layouts stay legal) and, while a
+//! checkpoint is open, records its inverse in a journal so a gang plan can be undone exactly.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::mig::{Instance, MigLayout, MigProduct, ProfileClass};
+use crate::topology::Topology;
+
+/// A node's name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeName(pub String);
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for NodeName {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// A pod's identity, `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PodKey(pub String);
+
+impl PodKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self(format!("{namespace}/{name}"))
+    }
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for PodKey {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// How a GPU is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuMode {
+    /// Exclusive: one pod holds the whole GPU.
+    Full,
+    /// Time-sliced: pods hold milli-GPU shares summing to at most 1000 (a whole-GPU pod takes
+    /// 1000). This is how the openb trace's GPUs behave.
+    Shared,
+    /// Partitioned into MIG instances, each held by at most one pod.
+    Mig,
+}
+
+/// Milli-GPU in one GPU.
+pub const MILLI_PER_GPU: u32 = 1000;
+
+/// One GPU and what is allocated on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    /// Product name, e.g. `H100-80GB`, `T4`. MIG-capable products are those [`MigProduct`] knows.
+    pub model: String,
+    pub memory_mib: u64,
+    pub numa: Option<u32>,
+    pub healthy: bool,
+    pub(crate) mode: GpuMode,
+    /// Full/Shared: milli-GPU in use (a whole-GPU grant is 1000).
+    pub(crate) used_milli: u32,
+    /// Mig: the instances (allocated or not).
+    pub(crate) mig: Option<MigLayout>,
+    /// Mig: starts of allocated instances, as a bit mask.
+    pub(crate) mig_busy: u8,
+}
+
+impl Gpu {
+    pub fn new(index: u32, model: &str, memory_mib: u64, mode: GpuMode) -> Self {
+        let mig = match (mode, MigProduct::from_name(model)) {
+            (GpuMode::Mig, Some(p)) => Some(MigLayout::empty(p)),
+            _ => None,
+        };
+        // A MIG request on a product without MIG falls back to exclusive.
+        let mode = if mode == GpuMode::Mig && mig.is_none() { GpuMode::Full } else { mode };
+        Self {
+            index,
+            uuid: String::new(),
+            model: model.to_owned(),
+            memory_mib,
+            numa: None,
+            healthy: true,
+            mode,
+            used_milli: 0,
+            mig,
+            mig_busy: 0,
+        }
+    }
+
+    pub fn mode(&self) -> GpuMode {
+        self.mode
+    }
+
+    pub fn mig_product(&self) -> Option<MigProduct> {
+        MigProduct::from_name(&self.model)
+    }
+
+    pub fn mig_capable(&self) -> bool {
+        self.mig_product().is_some()
+    }
+
+    pub fn mig_layout(&self) -> Option<&MigLayout> {
+        self.mig.as_ref()
+    }
+
+    /// Milli-GPU used (Full/Shared); 0 on MIG GPUs.
+    pub fn used_milli(&self) -> u32 {
+        self.used_milli
+    }
+
+    /// Milli-GPU free for a share or whole grant; 0 for MIG GPUs and unhealthy GPUs.
+    pub fn free_milli(&self) -> u32 {
+        if !self.healthy || self.mode == GpuMode::Mig { 0 } else { MILLI_PER_GPU - self.used_milli }
+    }
+
+    /// Whether the instance at `start` is held by a pod.
+    pub fn instance_busy(&self, start: u8) -> bool {
+        self.mig_busy & (1 << start) != 0
+    }
+
+    /// Instances that exist and are not held by any pod.
+    pub fn free_instances(&self) -> impl Iterator<Item = Instance> + '_ {
+        self.mig.iter().flat_map(|l| l.instances().iter().copied()).filter(|i| !self.instance_busy(i.start))
+    }
+
+    /// Nothing allocated and (for MIG) no instances at all: the mode may change.
+    pub fn is_idle(&self) -> bool {
+        self.used_milli == 0 && self.mig.as_ref().is_none_or(|l| l.is_empty())
+    }
+
+    /// Nothing allocated (instances may exist).
+    pub fn is_unused(&self) -> bool {
+        self.used_milli == 0 && self.mig_busy == 0
+    }
+
+    /// Fraction of the GPU allocated, in milli-GPU: shares as is, MIG by compute slices held.
+    pub fn allocated_milli(&self) -> u32 {
+        match (&self.mig, self.mode) {
+            (Some(layout), GpuMode::Mig) => {
+                let geom = layout.geometry();
+                let held: u32 = layout
+                    .instances()
+                    .iter()
+                    .filter(|i| self.instance_busy(i.start))
+                    .filter_map(|i| geom.profile(i.class))
+                    .map(|p| u32::from(p.compute_slices))
+                    .sum();
+                held * MILLI_PER_GPU / u32::from(geom.compute_slices)
+            }
+            _ => self.used_milli,
+        }
+    }
+}
+
+/// One node: capacity, labels, GPUs and their interconnect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: NodeName,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    pub labels: BTreeMap<String, String>,
+    /// False when cordoned, not ready, or tainted against tessera's pods.
+    pub schedulable: bool,
+    pub gpus: Vec<Gpu>,
+    pub topology: Arc<Topology>,
+    pub(crate) used_cpu_milli: u64,
+    pub(crate) used_memory_mib: u64,
+}
+
+impl Node {
+    pub fn new(name: &str, cpu_milli: u64, memory_mib: u64, gpus: Vec<Gpu>) -> Self {
+        let n = gpus.len() as u32;
+        Self {
+            name: NodeName(name.to_owned()),
+            cpu_milli,
+            memory_mib,
+            labels: BTreeMap::new(),
+            schedulable: true,
+            gpus,
+            topology: Arc::new(Topology::unconnected(n)),
+            used_cpu_milli: 0,
+            used_memory_mib: 0,
+        }
+    }
+
+    pub fn free_cpu_milli(&self) -> u64 {
+        self.cpu_milli - self.used_cpu_milli
+    }
+
+    pub fn free_memory_mib(&self) -> u64 {
+        self.memory_mib - self.used_memory_mib
+    }
+
+    pub fn used_cpu_milli(&self) -> u64 {
+        self.used_cpu_milli
+    }
+
+    pub fn used_memory_mib(&self) -> u64 {
+        self.used_memory_mib
+    }
+
+    pub fn gpu(&self, index: u32) -> Option<&Gpu> {
+        self.gpus.iter().find(|g| g.index == index)
+    }
+
+    fn gpu_pos(&self, index: u32) -> Result<usize, Error> {
+        self.gpus
+            .iter()
+            .position(|g| g.index == index)
+            .ok_or_else(|| Error::UnknownGpu { node: self.name.clone(), gpu: index })
+    }
+
+    /// Node pool: the `tessera.dev/pool` label, else the first GPU's model, else `cpu`.
+    pub fn pool(&self) -> &str {
+        self.labels
+            .get("tessera.dev/pool")
+            .map(String::as_str)
+            .or_else(|| self.gpus.first().map(|g| g.model.as_str()))
+            .unwrap_or("cpu")
+    }
+}
+
+/// What a pod holds on one GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Grant {
+    /// The whole GPU (Full or Shared mode).
+    Whole { gpu: u32 },
+    /// A milli-GPU share of a Shared-mode GPU.
+    Share { gpu: u32, milli: u32 },
+    /// The MIG instance of `class` at `start`.
+    Mig { gpu: u32, class: ProfileClass, start: u8 },
+}
+
+impl Grant {
+    pub fn gpu(&self) -> u32 {
+        match *self {
+            Grant::Whole { gpu } | Grant::Share { gpu, .. } | Grant::Mig { gpu, .. } => gpu,
+        }
+    }
+}
+
+/// Everything one pod holds on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub pod: PodKey,
+    pub node: NodeName,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    pub grants: Vec<Grant>,
+    pub priority: i32,
+    /// The gang this pod belongs to, if any.
+    pub gang: Option<String>,
+    /// Set while the allocation is a gang reservation not yet bound: it lapses at this time
+    /// (milliseconds, on the caller's clock).
+    pub reserved_until_ms: Option<u64>,
+}
+
+/// A MIG reconfiguration step on one GPU, as data for the node agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum MigOp {
+    /// Switch an idle GPU between full/shared and MIG mode.
+    SetMode {
+        gpu: u32,
+        mode: GpuMode,
+    },
+    Create {
+        gpu: u32,
+        class: ProfileClass,
+        start: u8,
+    },
+    Destroy {
+        gpu: u32,
+        class: ProfileClass,
+        start: u8,
+    },
+}
+
+/// An opened checkpoint; pass it back to [`Snapshot::rollback`] or [`Snapshot::commit`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a checkpoint must be rolled back or committed"]
+pub struct Checkpoint {
+    mark: usize,
+    depth: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Undo {
+    Allocated(PodKey),
+    Released(Box<Allocation>),
+    Applied { node: usize, inverse: MigOp, reconfigs_before: u64 },
+    NodeAdded(NodeName),
+    NodeRemoved(Box<Node>),
+}
+
+/// The cluster state the core decides on.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    nodes: Vec<Node>,
+    index: BTreeMap<NodeName, usize>,
+    allocations: BTreeMap<PodKey, Allocation>,
+    reconfigs: u64,
+    journal: Vec<Undo>,
+    open: usize,
+}
+
+impl PartialEq for Snapshot {
+    /// Equal state; the journal is bookkeeping and not compared.
+    fn eq(&self, other: &Self) -> bool {
+        self.nodes == other.nodes && self.allocations == other.allocations && self.reconfigs == other.reconfigs
+    }
+}
+impl Eq for Snapshot {}
+
+impl Snapshot {
+    pub fn new(nodes: impl IntoIterator<Item = Node>) -> Result<Self, Error> {
+        let mut s = Self::default();
+        for n in nodes {
+            s.add_node(n)?;
+        }
+        Ok(s)
+    }
+
+    /// Nodes in name order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &NodeName) -> Option<&Node> {
+        self.index.get(name).map(|&i| &self.nodes[i])
+    }
+
+    pub fn node_index(&self, name: &NodeName) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    pub fn allocations(&self) -> &BTreeMap<PodKey, Allocation> {
+        &self.allocations
+    }
+
+    pub fn allocation(&self, pod: &PodKey) -> Option<&Allocation> {
+        self.allocations.get(pod)
+    }
+
+    /// MIG create/destroy operations applied so far.
+    pub fn reconfigs(&self) -> u64 {
+        self.reconfigs
+    }
+
+    /// Adds a node. Its GPUs must be unallocated; MIG layouts present are kept.
+    pub fn add_node(&mut self, node: Node) -> Result<(), Error> {
+        if self.index.contains_key(&node.name) {
+            return Err(Error::DuplicateNode(node.name));
+        }
+        if node.used_cpu_milli != 0 || node.gpus.iter().any(|g| !g.is_unused()) {
+            return Err(Error::Invalid(format!("node {} is added with allocations", node.name)));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for g in &node.gpus {
+            if !seen.insert(g.index) {
+                return Err(Error::Invalid(format!("node {}: GPU {} listed twice", node.name, g.index)));
+            }
+        }
+        let name = node.name.clone();
+        let pos = self.nodes.partition_point(|n| n.name < name);
+        self.nodes.insert(pos, node);
+        self.reindex();
+        self.record(Undo::NodeAdded(name));
+        Ok(())
+    }
+
+    /// Removes a node that holds no allocations.
+    pub fn remove_node(&mut self, name: &NodeName) -> Result<Node, Error> {
+        let i = self.require_node(name)?;
+        if let Some(pod) = self.allocations.values().find(|a| &a.node == name) {
+            return Err(Error::NodeInUse { node: name.clone(), pod: pod.pod.clone() });
+        }
+        let node = self.nodes.remove(i);
+        self.reindex();
+        self.record(Undo::NodeRemoved(Box::new(node.clone())));
+        Ok(node)
+    }
+
+    /// Marks a node (un)schedulable; not journaled (a cluster fact, not a plan).
+    pub fn set_schedulable(&mut self, name: &NodeName, schedulable: bool) -> Result<(), Error> {
+        let i = self.require_node(name)?;
+        self.nodes[i].schedulable = schedulable;
+        Ok(())
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+    }
+
+    fn require_node(&self, name: &NodeName) -> Result<usize, Error> {
+        self.index.get(name).copied().ok_or_else(|| Error::UnknownNode(name.clone()))
+    }
+
+    /// Applies a MIG step to a GPU if NVIDIA (and the pods on it) allow it.
+    pub fn apply(&mut self, node: &NodeName, op: MigOp) -> Result<(), Error> {
+        let ni = self.require_node(node)?;
+        let before = self.reconfigs;
+        let inverse = match op {
+            MigOp::SetMode { gpu, .. } => {
+                let n = &self.nodes[ni];
+                let old = n.gpus[n.gpu_pos(gpu)?].mode;
+                MigOp::SetMode { gpu, mode: old }
+            }
+            MigOp::Create { gpu, class, start } => MigOp::Destroy { gpu, class, start },
+            MigOp::Destroy { gpu, class, start } => MigOp::Create { gpu, class, start },
+        };
+        self.apply_at(ni, op)?;
+        self.record(Undo::Applied { node: ni, inverse, reconfigs_before: before });
+        Ok(())
+    }
+
+    fn apply_at(&mut self, ni: usize, op: MigOp) -> Result<(), Error> {
+        let node = &mut self.nodes[ni];
+        let name = node.name.clone();
+        let gi = node.gpu_pos(match op {
+            MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
+        })?;
+        let gpu = &mut node.gpus[gi];
+        match op {
+            MigOp::SetMode { mode, .. } => {
+                if gpu.mode == mode {
+                    return Ok(());
+                }
+                if !gpu.is_idle() {
+                    return Err(Error::GpuBusy { node: name, gpu: gpu.index, why: "mode change needs an idle GPU" });
+                }
+                match mode {
+                    GpuMode::Mig => {
+                        let p = gpu.mig_product().ok_or_else(|| Error::NotMigCapable {
+                            node: name.clone(),
+                            gpu: gpu.index,
+                            model: gpu.model.clone(),
+                        })?;
+                        gpu.mig = Some(MigLayout::empty(p));
+                    }
+                    GpuMode::Full | GpuMode::Shared => gpu.mig = None,
+                }
+                gpu.mode = mode;
+            }
+            MigOp::Create { class, start, .. } => {
+                let layout = gpu.mig.as_mut().ok_or(Error::NotInMigMode { node: name.clone(), gpu: gpu.index })?;
+                layout.create(class, start).map_err(|reason| Error::Mig { node: name, gpu: gpu.index, reason })?;
+                self.reconfigs += 1;
+            }
+            MigOp::Destroy { class, start, .. } => {
+                if gpu.instance_busy(start) {
+                    return Err(Error::GpuBusy { node: name, gpu: gpu.index, why: "instance is allocated" });
+                }
+                let layout = gpu.mig.as_mut().ok_or(Error::NotInMigMode { node: name.clone(), gpu: gpu.index })?;
+                layout.destroy(class, start).map_err(|reason| Error::Mig { node: name, gpu: gpu.index, reason })?;
+                self.reconfigs += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an allocation after checking every grant against the node's free capacity.
+    pub fn allocate(&mut self, alloc: Allocation) -> Result<(), Error> {
+        if self.allocations.contains_key(&alloc.pod) {
+            return Err(Error::AlreadyAllocated(alloc.pod));
+        }
+        let ni = self.require_node(&alloc.node)?;
+        self.check_allocation(ni, &alloc)?;
+        self.add_usage(ni, &alloc);
+        let pod = alloc.pod.clone();
+        self.allocations.insert(pod.clone(), alloc);
+        self.record(Undo::Allocated(pod));
+        Ok(())
+    }
+
+    fn check_allocation(&self, ni: usize, alloc: &Allocation) -> Result<(), Error> {
+        let node = &self.nodes[ni];
+        let over = |what: &str| Error::OverCommit { node: node.name.clone(), what: what.to_owned() };
+        if alloc.cpu_milli > node.free_cpu_milli() {
+            return Err(over("cpu"));
+        }
+        if alloc.memory_mib > node.free_memory_mib() {
+            return Err(over("memory"));
+        }
+        // Per-GPU totals inside this allocation, so two grants on one GPU are checked together.
+        let mut milli: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut starts: BTreeMap<u32, u8> = BTreeMap::new();
+        for g in &alloc.grants {
+            let gpu = &node.gpus[node.gpu_pos(g.gpu())?];
+            if !gpu.healthy {
+                return Err(over(&format!("GPU {} (unhealthy)", gpu.index)));
+            }
+            match *g {
+                Grant::Whole { .. } | Grant::Share { .. } => {
+                    let want = match *g {
+                        Grant::Share { milli, .. } => {
+                            if gpu.mode != GpuMode::Shared {
+                                return Err(over(&format!("GPU {} is not in shared mode", gpu.index)));
+                            }
+                            if milli == 0 || milli > MILLI_PER_GPU {
+                                return Err(Error::Invalid(format!("share of {milli} milli-GPU")));
+                            }
+                            milli
+                        }
+                        _ => MILLI_PER_GPU,
+                    };
+                    if gpu.mode == GpuMode::Mig {
+                        return Err(over(&format!("GPU {} is in MIG mode", gpu.index)));
+                    }
+                    let total = milli.entry(gpu.index).or_default();
+                    *total += want;
+                    if *total > gpu.free_milli() {
+                        return Err(over(&format!("GPU {}", gpu.index)));
+                    }
+                }
+                Grant::Mig { class, start, .. } => {
+                    let exists = gpu.mig.as_ref().is_some_and(|l| l.instances().contains(&Instance { class, start }));
+                    if !exists {
+                        return Err(over(&format!("GPU {}: no such MIG instance at {start}", gpu.index)));
+                    }
+                    let mask = starts.entry(gpu.index).or_default();
+                    if gpu.instance_busy(start) || *mask & (1 << start) != 0 {
+                        return Err(over(&format!("GPU {}: MIG instance at {start}", gpu.index)));
+                    }
+                    *mask |= 1 << start;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_usage(&mut self, ni: usize, alloc: &Allocation) {
+        let node = &mut self.nodes[ni];
+        node.used_cpu_milli += alloc.cpu_milli;
+        node.used_memory_mib += alloc.memory_mib;
+        for g in &alloc.grants {
+            let Some(gpu) = node.gpus.iter_mut().find(|x| x.index == g.gpu()) else {
+                continue;
+            };
+            match *g {
+                Grant::Whole { .. } => gpu.used_milli += MILLI_PER_GPU,
+                Grant::Share { milli, .. } => gpu.used_milli += milli,
+                Grant::Mig { start, .. } => gpu.mig_busy |= 1 << start,
+            }
+        }
+    }
+
+    fn remove_usage(&mut self, ni: usize, alloc: &Allocation) {
+        let node = &mut self.nodes[ni];
+        node.used_cpu_milli -= alloc.cpu_milli;
+        node.used_memory_mib -= alloc.memory_mib;
+        for g in &alloc.grants {
+            let Some(gpu) = node.gpus.iter_mut().find(|x| x.index == g.gpu()) else {
+                continue;
+            };
+            match *g {
+                Grant::Whole { .. } => gpu.used_milli -= MILLI_PER_GPU,
+                Grant::Share { milli, .. } => gpu.used_milli -= milli,
+                Grant::Mig { start, .. } => gpu.mig_busy &= !(1 << start),
+            }
+        }
+    }
+
+    /// Releases a pod's allocation and returns it.
+    pub fn release(&mut self, pod: &PodKey) -> Result<Allocation, Error> {
+        let alloc = self.allocations.remove(pod).ok_or_else(|| Error::UnknownPod(pod.clone()))?;
+        if let Some(ni) = self.node_index(&alloc.node) {
+            self.remove_usage(ni, &alloc);
+        }
+        self.record(Undo::Released(Box::new(alloc.clone())));
+        Ok(alloc)
+    }
+
+    /// Marks a reserved allocation as bound (no longer lapsing).
+    pub fn confirm(&mut self, pod: &PodKey) -> Result<(), Error> {
+        let alloc = self.allocations.get(pod).ok_or_else(|| Error::UnknownPod(pod.clone()))?.clone();
+        if alloc.reserved_until_ms.is_none() {
+            return Ok(());
+        }
+        self.release(pod)?;
+        self.allocate(Allocation { reserved_until_ms: None, ..alloc })
+    }
+
+    fn record(&mut self, undo: Undo) {
+        if self.open > 0 {
+            self.journal.push(undo);
+        }
+    }
+
+    /// Opens a checkpoint; every change after it can be undone with [`Snapshot::rollback`].
+    /// Checkpoints nest; close them innermost first.
+    pub fn checkpoint(&mut self) -> Checkpoint {
+        self.open += 1;
+        Checkpoint { mark: self.journal.len(), depth: self.open }
+    }
+
+    /// Undoes every change since `cp` and closes it.
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        debug_assert_eq!(cp.depth, self.open, "checkpoints closed out of order");
+        while self.journal.len() > cp.mark {
+            let Some(undo) = self.journal.pop() else {
+                break;
+            };
+            self.undo(undo);
+        }
+        self.close();
+    }
+
+    /// Keeps every change since `cp` and closes it.
+    pub fn commit(&mut self, cp: Checkpoint) {
+        debug_assert_eq!(cp.depth, self.open, "checkpoints closed out of order");
+        self.close();
+    }
+
+    fn close(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            self.journal.clear();
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        // Inverses of changes that were checked when made; they cannot fail on the state the
+        // journal leads back through, so errors here would be a core bug.
+        let result = match undo {
+            Undo::Allocated(pod) => match self.allocations.remove(&pod) {
+                Some(alloc) => {
+                    if let Some(ni) = self.node_index(&alloc.node) {
+                        self.remove_usage(ni, &alloc);
+                    }
+                    Ok(())
+                }
+                None => Err(Error::UnknownPod(pod)),
+            },
+            Undo::Released(alloc) => match self.node_index(&alloc.node) {
+                Some(ni) => {
+                    self.add_usage(ni, &alloc);
+                    self.allocations.insert(alloc.pod.clone(), *alloc);
+                    Ok(())
+                }
+                None => Err(Error::UnknownNode(alloc.node)),
+            },
+            Undo::Applied { node, inverse, reconfigs_before } => {
+                let r = self.apply_at(node, inverse);
+                self.reconfigs = reconfigs_before;
+                r
+            }
+            Undo::NodeAdded(name) => match self.node_index(&name) {
+                Some(i) => {
+                    self.nodes.remove(i);
+                    self.reindex();
+                    Ok(())
+                }
+                None => Err(Error::UnknownNode(name)),
+            },
+            Undo::NodeRemoved(node) => {
+                let pos = self.nodes.partition_point(|n| n.name < node.name);
+                self.nodes.insert(pos, *node);
+                self.reindex();
+                Ok(())
+            }
+        };
+        debug_assert!(result.is_ok(), "undo failed: {result:?}");
+    }
+
+    /// Sum over live allocations of what they hold, recomputed from scratch; equals the
+    /// per-GPU counters whenever the snapshot is consistent.
+    pub fn audit(&self) -> Result<(), Error> {
+        let mut expect = self.clone();
+        for n in &mut expect.nodes {
+            n.used_cpu_milli = 0;
+            n.used_memory_mib = 0;
+            for g in &mut n.gpus {
+                g.used_milli = 0;
+                g.mig_busy = 0;
+            }
+        }
+        for a in self.allocations.values() {
+            let ni = expect.require_node(&a.node)?;
+            expect.check_allocation(ni, a)?;
+            expect.add_usage(ni, a);
+        }
+        for (n, e) in self.nodes.iter().zip(&expect.nodes) {
+            if n != e {
+                return Err(Error::Invalid(format!("node {} counters disagree with allocations", n.name)));
+            }
+            for g in &n.gpus {
+                if let Some(l) = &g.mig {
+                    MigLayout::from_instances(l.product(), l.instances()).map_err(|reason| Error::Mig {
+                        node: n.name.clone(),
+                        gpu: g.index,
+                        reason,
+                    })?;
+                    if g.mode != GpuMode::Mig {
+                        return Err(Error::Invalid(format!(
+                            "node {} GPU {} has a layout outside MIG mode",
+                            n.name, g.index
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
