@@ -189,6 +189,8 @@ pub struct Node {
     pub topology: Arc<Topology>,
     pub(crate) used_cpu_milli: u64,
     pub(crate) used_memory_mib: u64,
+    /// Pods holding allocations here, sorted.
+    pub(crate) pods: Vec<PodKey>,
 }
 
 impl Node {
@@ -204,7 +206,13 @@ impl Node {
             topology: Arc::new(Topology::unconnected(n)),
             used_cpu_milli: 0,
             used_memory_mib: 0,
+            pods: Vec::new(),
         }
+    }
+
+    /// Pods holding allocations on this node, in key order.
+    pub fn pods(&self) -> &[PodKey] {
+        &self.pods
     }
 
     pub fn free_cpu_milli(&self) -> u64 {
@@ -377,7 +385,7 @@ impl Snapshot {
         if self.index.contains_key(&node.name) {
             return Err(Error::DuplicateNode(node.name));
         }
-        if node.used_cpu_milli != 0 || node.gpus.iter().any(|g| !g.is_unused()) {
+        if node.used_cpu_milli != 0 || !node.pods.is_empty() || node.gpus.iter().any(|g| !g.is_unused()) {
             return Err(Error::Invalid(format!("node {} is added with allocations", node.name)));
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -558,6 +566,9 @@ impl Snapshot {
         let node = &mut self.nodes[ni];
         node.used_cpu_milli += alloc.cpu_milli;
         node.used_memory_mib += alloc.memory_mib;
+        if let Err(pos) = node.pods.binary_search(&alloc.pod) {
+            node.pods.insert(pos, alloc.pod.clone());
+        }
         for g in &alloc.grants {
             let Some(gpu) = node.gpus.iter_mut().find(|x| x.index == g.gpu()) else {
                 continue;
@@ -574,6 +585,9 @@ impl Snapshot {
         let node = &mut self.nodes[ni];
         node.used_cpu_milli -= alloc.cpu_milli;
         node.used_memory_mib -= alloc.memory_mib;
+        if let Ok(pos) = node.pods.binary_search(&alloc.pod) {
+            node.pods.remove(pos);
+        }
         for g in &alloc.grants {
             let Some(gpu) = node.gpus.iter_mut().find(|x| x.index == g.gpu()) else {
                 continue;
@@ -695,6 +709,7 @@ impl Snapshot {
         for n in &mut expect.nodes {
             n.used_cpu_milli = 0;
             n.used_memory_mib = 0;
+            n.pods.clear();
             for g in &mut n.gpus {
                 g.used_milli = 0;
                 g.mig_busy = 0;

@@ -8,12 +8,20 @@
 //! - [`cluster`]: [`cluster::Node`], [`cluster::Gpu`], [`cluster::Allocation`] and the
 //!   [`cluster::Snapshot`] with checkpoint / rollback / commit.
 //! - [`demand`]: what a pod asks for ([`demand::Demand`], [`demand::GpuDemand`]).
+//! - [`placement`]: feasibility — every [`placement::Candidate`] for a demand on a node, or a
+//!   [`placement::Rejection`] that says why not (now, or never).
+//! - [`policy`]: the [`policy::Policy`] trait, `tessera` and the baselines, and the entry points
+//!   [`policy::place`] and [`policy::evaluate`].
+//! - [`metrics`]: packing metrics and FGD's fragmentation measure, extended to MIG.
 //! - [`testing`] (feature `testing`): builders and [`testing::synth_cluster`].
 
 pub mod cluster;
 pub mod demand;
 pub mod error;
+pub mod metrics;
 pub mod mig;
+pub mod placement;
+pub mod policy;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topology;
@@ -21,3 +29,5 @@ pub mod topology;
 pub use cluster::{Allocation, Checkpoint, Gpu, GpuMode, Grant, MigOp, Node, NodeName, PodKey, Snapshot};
 pub use demand::{Demand, GangRef, GpuDemand};
 pub use error::{Error, Result};
+pub use placement::{Candidate, Placement, Rejection};
+pub use policy::{Context, Policy, Workload, place};

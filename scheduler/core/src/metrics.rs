@@ -1,0 +1,333 @@
+//! Packing metrics: allocation ratio, FGD's fragmentation measure (extended to MIG), stranded
+//! capacity, largest placeable profile per GPU, MIG reconfigurations.
+//!
+//! Fragmentation follows the FGD paper: for a node `n` and an expected demand class `m`, the
+//! fragment `F_n(m)` is the free GPU capacity that `m` cannot use; the node's fragmentation is
+//! `Σ_m p_m · F_n(m)` over the workload's popularity `p`. tessera extends "can use" to MIG: a
+//! MIG GPU's free compute is usable by a MIG class when the class has a free instance or a
+//! legal new placement there.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Gpu, GpuMode, MILLI_PER_GPU, Node, Snapshot};
+use crate::demand::{GpuDemand, smallest_fitting_profile};
+use crate::mig::{Instance, MigProduct, Profile, ProfileClass};
+use crate::policy::{Workload, WorkloadClass};
+
+/// A light, copyable view of one GPU's free state, so a candidate's effect can be evaluated
+/// without cloning the node.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuView<'a> {
+    pub product: Option<MigProduct>,
+    pub mode: GpuMode,
+    pub healthy: bool,
+    pub memory_mib: u64,
+    /// Full/Shared: free milli-GPU.
+    pub free_milli: u32,
+    /// Mig: occupied memory slices, allocated instance starts, instances.
+    pub mig_mask: u8,
+    pub busy: u8,
+    pub instances: &'a [Instance],
+    /// An instance a candidate would create (not yet in `instances`).
+    pub extra: Option<Instance>,
+}
+
+impl<'a> GpuView<'a> {
+    pub fn of(g: &'a Gpu) -> Self {
+        let layout = g.mig_layout();
+        Self {
+            product: g.mig_product(),
+            mode: g.mode(),
+            healthy: g.healthy,
+            memory_mib: g.memory_mib,
+            free_milli: if g.mode() == GpuMode::Mig { 0 } else { MILLI_PER_GPU - g.used_milli() },
+            mig_mask: layout.map_or(0, |l| l.used_mask()),
+            busy: g.mig_busy,
+            instances: layout.map_or(&[], |l| l.instances()),
+            extra: None,
+        }
+    }
+
+    fn instance_iter(&self) -> impl Iterator<Item = Instance> + '_ {
+        self.instances.iter().copied().chain(self.extra)
+    }
+
+    /// Free capacity in milli-GPU: shares as is; MIG by compute slices not held by pods.
+    pub fn free(&self) -> u32 {
+        if !self.healthy {
+            return 0;
+        }
+        match (self.mode, self.product) {
+            (GpuMode::Mig, Some(p)) => {
+                let geom = p.geometry();
+                let held: u32 = self
+                    .instance_iter()
+                    .filter(|i| self.busy & (1 << i.start) != 0)
+                    .filter_map(|i| geom.profile(i.class))
+                    .map(|p| u32::from(p.compute_slices))
+                    .sum();
+                (u32::from(geom.compute_slices).saturating_sub(held)) * MILLI_PER_GPU / u32::from(geom.compute_slices)
+            }
+            _ => self.free_milli,
+        }
+    }
+
+    /// No pod on it and, in MIG mode, no instances: it can be taken whole or repartitioned.
+    pub fn idle(&self) -> bool {
+        match self.mode {
+            GpuMode::Mig => self.busy == 0 && self.instances.is_empty() && self.extra.is_none(),
+            _ => self.free_milli == MILLI_PER_GPU,
+        }
+    }
+
+    /// Whether a MIG profile could be served now: a free instance of its class, or a legal
+    /// new placement (memory-slice overlap and the instance limit).
+    pub fn mig_usable(&self, p: &Profile) -> bool {
+        match self.mode {
+            GpuMode::Mig => {
+                if self.instance_iter().any(|i| i.class == p.class && self.busy & (1 << i.start) == 0) {
+                    return true;
+                }
+                let count = self.instance_iter().count();
+                let max = self.product.map_or(7, |pr| pr.geometry().max_instances as usize);
+                count < max && p.starts.iter().any(|&s| p.mask_at(s) & self.mig_mask == 0)
+            }
+            _ => self.idle(),
+        }
+    }
+
+    /// Largest profile that could still be created (ignoring media variants).
+    pub fn largest_placeable(&self) -> Option<&'static Profile> {
+        let geom = self.product?.geometry();
+        if self.mode != GpuMode::Mig {
+            return if self.idle() { geom.profiles.last() } else { None };
+        }
+        geom.profiles.iter().rev().filter(|p| !p.class.has_media()).find(|p| {
+            p.starts.iter().any(|&s| p.mask_at(s) & self.mig_mask == 0)
+                && self.instance_iter().count() < geom.max_instances as usize
+        })
+    }
+}
+
+/// Whether free capacity on this GPU is usable by one more pod of class `m`.
+pub fn gpu_usable_by(v: &GpuView<'_>, m: &GpuDemand) -> bool {
+    if !v.healthy {
+        return false;
+    }
+    match m {
+        GpuDemand::None => false,
+        GpuDemand::Share { milli } => v.mode == GpuMode::Shared && v.free_milli >= *milli,
+        GpuDemand::Whole { .. } => v.idle(),
+        GpuDemand::Mig { .. } | GpuDemand::Model { .. } => gpu_unusable(v, m) < v.free(),
+    }
+}
+
+/// The MIG profile a class would take on this GPU, if it takes a MIG instance at all.
+fn mig_profile_for(v: &GpuView<'_>, m: &GpuDemand) -> Option<&'static Profile> {
+    let geom = v.product?.geometry();
+    match m {
+        GpuDemand::Mig { profile } => geom.profile_by_name(profile),
+        GpuDemand::Model { memory_mib, compute_slices } => smallest_fitting_profile(geom, *memory_mib, *compute_slices),
+        _ => None,
+    }
+}
+
+/// How many more instances of `p` fit on a layout with occupied `mask` and `existing`
+/// instances (`of_class` of them of `p`'s class): greedy lowest start, which is optimal for
+/// equal-length intervals.
+fn max_new_instances(p: &Profile, mut mask: u8, existing: usize, of_class: usize, max_instances: usize) -> usize {
+    let mut room = max_instances.saturating_sub(existing).min((p.max_count as usize).saturating_sub(of_class));
+    let mut n = 0;
+    for &s in p.starts {
+        if room == 0 {
+            break;
+        }
+        let m = p.mask_at(s);
+        if m & mask == 0 {
+            mask |= m;
+            n += 1;
+            room -= 1;
+        }
+    }
+    n
+}
+
+/// Free capacity (milli-GPU) on this GPU that class `m` cannot use: for shares and whole GPUs
+/// as FGD defines it (all or nothing per GPU); for MIG classes, the free compute left over
+/// after filling the GPU with as many instances of the class as still fit.
+pub fn gpu_unusable(v: &GpuView<'_>, m: &GpuDemand) -> u32 {
+    let free = v.free();
+    if free == 0 {
+        return 0;
+    }
+    let usable = match m {
+        GpuDemand::None => false,
+        GpuDemand::Share { milli } => v.mode == GpuMode::Shared && v.free_milli >= *milli,
+        GpuDemand::Whole { .. } => v.idle(),
+        GpuDemand::Mig { .. } | GpuDemand::Model { .. } => {
+            let Some(p) = mig_profile_for(v, m) else {
+                // No sub-GPU profile: a model that needs a whole GPU uses an idle one.
+                return match m {
+                    GpuDemand::Model { memory_mib, .. } if *memory_mib <= v.memory_mib && v.idle() => 0,
+                    _ => free,
+                };
+            };
+            let geom = v.product.map(|p| p.geometry());
+            let compute = geom.map_or(7, |g| u32::from(g.compute_slices));
+            let max_inst = geom.map_or(7, |g| g.max_instances as usize);
+            let count = match v.mode {
+                GpuMode::Mig => {
+                    let insts: Vec<Instance> = v.instance_iter().collect();
+                    let free_of_class =
+                        insts.iter().filter(|i| i.class == p.class && v.busy & (1 << i.start) == 0).count();
+                    let of_class = insts.iter().filter(|i| i.class == p.class).count();
+                    free_of_class + max_new_instances(p, v.mig_mask, insts.len(), of_class, max_inst)
+                }
+                _ if v.idle() => max_new_instances(p, 0, 0, 0, max_inst),
+                _ => 0,
+            };
+            let usable = (count as u32 * u32::from(p.compute_slices) * MILLI_PER_GPU / compute).min(free);
+            return free - usable;
+        }
+    };
+    if usable { 0 } else { free }
+}
+
+/// `F_n(m)`: free GPU capacity (milli-GPU) on the node that class `m` cannot use.
+/// `views` are the node's GPUs (possibly after a hypothetical placement) and `free_cpu` its
+/// free cpu.
+pub fn node_fragment(views: &[GpuView<'_>], free_cpu_milli: u64, m: &WorkloadClass) -> f64 {
+    let total: u32 = views.iter().map(|v| v.free()).sum();
+    if total == 0 {
+        return 0.0;
+    }
+    // A class that cannot run on this node at all strands every free GPU here (FGD's Q-I),
+    // and so does a class that asks for no GPU.
+    if m.cpu_milli > free_cpu_milli || m.gpu == GpuDemand::None {
+        return f64::from(total);
+    }
+    if let GpuDemand::Whole { count } = &m.gpu {
+        let usable = views.iter().filter(|v| v.idle() && v.free() > 0).count() as u32;
+        if usable < *count {
+            return f64::from(total);
+        }
+    }
+    f64::from(views.iter().map(|v| gpu_unusable(v, &m.gpu)).sum::<u32>())
+}
+
+/// `F_n(M) = Σ_m p_m F_n(m)`.
+pub fn node_fragmentation(views: &[GpuView<'_>], free_cpu_milli: u64, workload: &Workload) -> f64 {
+    workload.classes.iter().map(|m| m.weight * node_fragment(views, free_cpu_milli, m)).sum()
+}
+
+/// Views of every GPU on a node.
+pub fn views(node: &Node) -> Vec<GpuView<'_>> {
+    node.gpus.iter().map(GpuView::of).collect()
+}
+
+/// Packing state of a set of nodes (a pool, or the whole cluster).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Packing {
+    pub nodes: u32,
+    pub gpus: u32,
+    /// Allocated milli-GPU over total milli-GPU (MIG instances count by compute slices).
+    pub allocation_ratio: f64,
+    pub allocated_milli: u64,
+    pub total_milli: u64,
+    /// FGD fragmentation of the free capacity for the workload, in milli-GPU.
+    pub fragmentation_milli: f64,
+    /// Free MIG compute slices that no known demand class can use right now.
+    pub stranded_slices: u32,
+    /// MIG create/destroy operations applied so far.
+    pub reconfigs: u64,
+    /// GPUs whose free slices can still hold each profile size (`7g`, `4g`, ... `none`).
+    pub largest_placeable: std::collections::BTreeMap<String, u32>,
+}
+
+/// Computes packing metrics over the nodes `filter` keeps.
+pub fn packing(snap: &Snapshot, workload: &Workload, filter: impl Fn(&Node) -> bool) -> Packing {
+    let mut p = Packing { reconfigs: snap.reconfigs(), ..Default::default() };
+    let mig_classes: Vec<&WorkloadClass> =
+        workload.classes.iter().filter(|c| matches!(c.gpu, GpuDemand::Mig { .. } | GpuDemand::Model { .. })).collect();
+    for node in snap.nodes().iter().filter(|n| filter(n)) {
+        p.nodes += 1;
+        let vs = views(node);
+        for (g, v) in node.gpus.iter().zip(&vs) {
+            p.gpus += 1;
+            p.total_milli += u64::from(MILLI_PER_GPU);
+            p.allocated_milli += u64::from(g.allocated_milli());
+            if let Some(l) = g.mig_layout() {
+                let free_slices = u32::from(l.geometry().compute_slices) - u32::from(l.used_compute());
+                let usable = mig_classes.iter().any(|m| gpu_usable_by(v, &m.gpu));
+                if free_slices > 0 && !usable {
+                    p.stranded_slices += free_slices;
+                }
+            }
+            let key = match v.largest_placeable() {
+                Some(pr) => short_class(pr.class).to_owned(),
+                None if g.mig_capable() => "none".to_owned(),
+                None => continue,
+            };
+            *p.largest_placeable.entry(key).or_default() += 1;
+        }
+        p.fragmentation_milli += node_fragmentation(&vs, node.free_cpu_milli(), workload);
+    }
+    if p.total_milli > 0 {
+        p.allocation_ratio = p.allocated_milli as f64 / p.total_milli as f64;
+    }
+    p
+}
+
+fn short_class(c: ProfileClass) -> &'static str {
+    match c {
+        ProfileClass::G1 | ProfileClass::G1Me => "1g",
+        ProfileClass::G1X2 => "1g.2x",
+        ProfileClass::G2 | ProfileClass::G2Me => "2g",
+        ProfileClass::G3 => "3g",
+        ProfileClass::G4 => "4g",
+        ProfileClass::G7 => "7g",
+    }
+}
+
+/// The node's GPU views after a candidate's MIG steps and grants.
+pub fn views_after<'a>(node: &'a Node, cand: &crate::placement::Candidate) -> Vec<GpuView<'a>> {
+    let mut vs = views(node);
+    apply_candidate(&mut vs, node, cand);
+    vs
+}
+
+/// Applies a candidate to views of `node`'s GPUs (same order as `node.gpus`).
+pub fn apply_candidate(vs: &mut [GpuView<'_>], node: &Node, cand: &crate::placement::Candidate) {
+    use crate::cluster::{Grant, MigOp};
+    let pos = |gpu: u32| node.gpus.iter().position(|g| g.index == gpu);
+    for op in &cand.ops {
+        match *op {
+            MigOp::SetMode { gpu, mode } => {
+                if let Some(v) = pos(gpu).map(|i| &mut vs[i]) {
+                    v.mode = mode;
+                    v.instances = &[];
+                    v.extra = None;
+                    v.mig_mask = 0;
+                    v.busy = 0;
+                    v.free_milli = if mode == GpuMode::Mig { 0 } else { MILLI_PER_GPU };
+                }
+            }
+            MigOp::Create { gpu, class, start } => {
+                if let Some(v) = pos(gpu).map(|i| &mut vs[i]) {
+                    let mask = v.product.and_then(|p| p.geometry().profile(class)).map_or(0, |p| p.mask_at(start));
+                    v.mig_mask |= mask;
+                    v.extra = Some(Instance { class, start });
+                }
+            }
+            MigOp::Destroy { .. } => {}
+        }
+    }
+    for g in &cand.grants {
+        let Some(v) = pos(g.gpu()).map(|i| &mut vs[i]) else { continue };
+        match *g {
+            Grant::Whole { .. } => v.free_milli = 0,
+            Grant::Share { milli, .. } => v.free_milli = v.free_milli.saturating_sub(milli),
+            Grant::Mig { start, .. } => v.busy |= 1 << start,
+        }
+    }
+}

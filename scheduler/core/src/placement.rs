@@ -1,0 +1,430 @@
+//! Feasibility: every concrete way a [`Demand`] can sit on a node, or why it cannot.
+//!
+//! A [`Candidate`] is one option on one node: the grants (whole GPUs, shares, MIG instances)
+//! plus the MIG steps needed first (switch mode, create an instance). Policies only rank
+//! candidates; they never invent one, so no policy can return an infeasible placement.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Gpu, GpuMode, Grant, MILLI_PER_GPU, MigOp, Node, NodeName, Snapshot};
+use crate::demand::{Demand, GpuDemand, smallest_fitting_profile};
+use crate::mig::{Instance, Profile};
+
+/// Why a demand does not fit. `Unschedulable` may change as pods come and go; `Unresolvable`
+/// will not (maps to the extender's `FailedAndUnresolvableNodes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "reason", rename_all = "kebab-case")]
+pub enum Rejection {
+    Unschedulable(String),
+    Unresolvable(String),
+}
+
+impl Rejection {
+    pub fn reason(&self) -> &str {
+        match self {
+            Rejection::Unschedulable(r) | Rejection::Unresolvable(r) => r,
+        }
+    }
+
+    pub fn is_unresolvable(&self) -> bool {
+        matches!(self, Rejection::Unresolvable(_))
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+/// One feasible option on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Index of the node in [`Snapshot::nodes`].
+    pub node: usize,
+    pub grants: Vec<Grant>,
+    /// MIG steps to apply (in order) before the grants exist.
+    pub ops: Vec<MigOp>,
+}
+
+fn unsched(node: &Node, why: impl fmt::Display) -> Rejection {
+    Rejection::Unschedulable(format!("node {}: {why}", node.name))
+}
+
+fn never(node: &Node, why: impl fmt::Display) -> Rejection {
+    Rejection::Unresolvable(format!("node {}: {why}", node.name))
+}
+
+/// Checks the node-level constraints that do not depend on GPUs.
+pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
+    if !node.schedulable {
+        return Err(unsched(node, "not schedulable (cordoned, not ready or tainted)"));
+    }
+    for (k, v) in &demand.node_selector {
+        if node.labels.get(k) != Some(v) {
+            return Err(never(node, format_args!("label {k}={v} does not match")));
+        }
+    }
+    if demand.cpu_milli > node.cpu_milli {
+        return Err(never(node, format_args!("{}m cpu requested, node has {}m", demand.cpu_milli, node.cpu_milli)));
+    }
+    if demand.memory_mib > node.memory_mib {
+        return Err(never(
+            node,
+            format_args!("{} MiB memory requested, node has {} MiB", demand.memory_mib, node.memory_mib),
+        ));
+    }
+    if demand.cpu_milli > node.free_cpu_milli() {
+        return Err(unsched(
+            node,
+            format_args!("{}m cpu requested, {}m free", demand.cpu_milli, node.free_cpu_milli()),
+        ));
+    }
+    if demand.memory_mib > node.free_memory_mib() {
+        return Err(unsched(
+            node,
+            format_args!("{} MiB memory requested, {} MiB free", demand.memory_mib, node.free_memory_mib()),
+        ));
+    }
+    Ok(())
+}
+
+/// Appends every candidate for `demand` on node `ni` to `out`, or says why there is none.
+pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Vec<Candidate>) -> Result<(), Rejection> {
+    let node = &snap.nodes()[ni];
+    check_node(node, demand)?;
+    let start = out.len();
+    let gpus: Vec<&Gpu> = node.gpus.iter().filter(|g| demand.allows_model(&g.model)).collect();
+    if demand.gpu != GpuDemand::None && gpus.is_empty() {
+        let models: Vec<&str> = node.gpus.iter().map(|g| g.model.as_str()).collect();
+        return Err(if models.is_empty() {
+            never(node, "has no GPUs")
+        } else {
+            never(node, format_args!("GPU model {} is not in {}", models[0], demand.gpu_models.join("|")))
+        });
+    }
+    match &demand.gpu {
+        GpuDemand::None => out.push(Candidate { node: ni, grants: Vec::new(), ops: Vec::new() }),
+        GpuDemand::Share { milli } => share(node, ni, &gpus, *milli, out)?,
+        GpuDemand::Whole { count } => whole(node, ni, &gpus, *count, out)?,
+        GpuDemand::Mig { profile } => {
+            let mut any_product = false;
+            for g in &gpus {
+                if let Some(p) = g.mig_product().and_then(|p| p.geometry().profile_by_name(profile)) {
+                    any_product = true;
+                    mig_on_gpu(g, ni, p, out);
+                }
+            }
+            if !any_product {
+                return Err(never(node, format_args!("no GPU offers MIG profile {profile}")));
+            }
+            if out.len() == start {
+                return Err(mig_near_miss(node, &gpus, |g| {
+                    g.mig_product().and_then(|p| p.geometry().profile_by_name(profile))
+                }));
+            }
+        }
+        GpuDemand::Model { memory_mib, compute_slices } => {
+            model(node, ni, &gpus, *memory_mib, *compute_slices, out)?;
+        }
+    }
+    if out.len() == start {
+        return Err(unsched(node, format_args!("no free capacity for {}", demand.gpu)));
+    }
+    Ok(())
+}
+
+fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candidate>) -> Result<(), Rejection> {
+    let shared: Vec<&&Gpu> = gpus.iter().filter(|g| g.mode() == GpuMode::Shared).collect();
+    if shared.is_empty() {
+        return Err(never(node, "no GPU is in shared (time-sliced) mode"));
+    }
+    for g in &shared {
+        if g.healthy && g.free_milli() >= milli {
+            out.push(Candidate { node: ni, grants: vec![Grant::Share { gpu: g.index, milli }], ops: Vec::new() });
+        }
+    }
+    if out.iter().all(|c| c.node != ni) {
+        let best = shared.iter().map(|g| g.free_milli()).max().unwrap_or(0);
+        return Err(unsched(node, format_args!("largest free share is {best} milli-GPU, {milli} requested")));
+    }
+    Ok(())
+}
+
+/// A GPU that can be handed out whole: free non-MIG, or MIG with no instances (it is switched
+/// back to full mode first).
+fn whole_ready(g: &Gpu) -> Option<Vec<MigOp>> {
+    if !g.healthy {
+        return None;
+    }
+    match g.mode() {
+        GpuMode::Full | GpuMode::Shared if g.used_milli() == 0 => Some(Vec::new()),
+        GpuMode::Mig if g.is_idle() => Some(vec![MigOp::SetMode { gpu: g.index, mode: GpuMode::Full }]),
+        _ => None,
+    }
+}
+
+fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candidate>) -> Result<(), Rejection> {
+    let k = count as usize;
+    if gpus.len() < k {
+        return Err(never(node, format_args!("needs {count} whole GPUs, node has {}", gpus.len())));
+    }
+    let ready: Vec<(u32, Vec<MigOp>)> = gpus.iter().filter_map(|g| whole_ready(g).map(|ops| (g.index, ops))).collect();
+    if ready.len() < k {
+        return Err(unsched(node, format_args!("needs {count} whole GPUs, {} free", ready.len())));
+    }
+    let emit = |set: &[u32], out: &mut Vec<Candidate>| {
+        let mut ops = Vec::new();
+        for g in set {
+            if let Some((_, o)) = ready.iter().find(|(i, _)| i == g) {
+                ops.extend(o.iter().copied());
+            }
+        }
+        let grants = set.iter().map(|&gpu| Grant::Whole { gpu }).collect();
+        out.push(Candidate { node: ni, grants, ops });
+    };
+    if k == 1 {
+        for (g, _) in &ready {
+            emit(&[*g], out);
+        }
+        return Ok(());
+    }
+    // Multi-GPU: the best-connected set overall, plus the best set inside each NVLink island
+    // that can hold the demand (so a policy can choose which island to spend).
+    let free: Vec<u32> = ready.iter().map(|(g, _)| *g).collect();
+    let mut sets: Vec<Vec<u32>> = Vec::new();
+    for island in node.topology.nvlink_islands() {
+        let in_island: Vec<u32> = free.iter().copied().filter(|g| island.contains(g)).collect();
+        if let Some(s) = node.topology.best_set(&in_island, k) {
+            sets.push(s);
+        }
+    }
+    if let Some(s) = node.topology.best_set(&free, k) {
+        sets.push(s);
+    }
+    sets.sort();
+    sets.dedup();
+    for s in &sets {
+        emit(s, out);
+    }
+    Ok(())
+}
+
+/// Existing free instances of the profile's class, then every legal new placement (switching
+/// an idle full-mode GPU to MIG when needed).
+fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
+    if !g.healthy {
+        return;
+    }
+    match g.mode() {
+        GpuMode::Mig => {
+            for inst in g.free_instances().filter(|i| i.class == p.class) {
+                out.push(Candidate {
+                    node: ni,
+                    grants: vec![Grant::Mig { gpu: g.index, class: inst.class, start: inst.start }],
+                    ops: Vec::new(),
+                });
+            }
+            if let Some(layout) = g.mig_layout() {
+                for start in layout.placements(p.class) {
+                    out.push(Candidate {
+                        node: ni,
+                        grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }],
+                        ops: vec![MigOp::Create { gpu: g.index, class: p.class, start }],
+                    });
+                }
+            }
+        }
+        GpuMode::Full | GpuMode::Shared if g.used_milli() == 0 => {
+            for &start in p.starts {
+                out.push(Candidate {
+                    node: ni,
+                    grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }],
+                    ops: vec![
+                        MigOp::SetMode { gpu: g.index, mode: GpuMode::Mig },
+                        MigOp::Create { gpu: g.index, class: p.class, start },
+                    ],
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+fn model(
+    node: &Node,
+    ni: usize,
+    gpus: &[&Gpu],
+    memory_mib: u64,
+    compute: Option<u8>,
+    out: &mut Vec<Candidate>,
+) -> Result<(), Rejection> {
+    let start = out.len();
+    let mut fits_somewhere = false;
+    for g in gpus {
+        let sub = g.mig_product().and_then(|p| smallest_fitting_profile(p.geometry(), memory_mib, compute));
+        match sub {
+            Some(p) => {
+                fits_somewhere = true;
+                mig_on_gpu(g, ni, p, out);
+                // A larger free instance that already exists also serves (no reconfiguration).
+                if g.mode() == GpuMode::Mig
+                    && let Some(geom) = g.mig_product().map(|p| p.geometry())
+                {
+                    for inst in g.free_instances() {
+                        let Some(ip) = geom.profile(inst.class) else { continue };
+                        if inst.class != p.class && fits_instance(ip, memory_mib, compute) {
+                            out.push(Candidate {
+                                node: ni,
+                                grants: vec![Grant::Mig { gpu: g.index, class: inst.class, start: inst.start }],
+                                ops: Vec::new(),
+                            });
+                        }
+                    }
+                }
+            }
+            None if memory_mib <= g.memory_mib => {
+                fits_somewhere = true;
+                // Larger than any sub-GPU profile (or no MIG): a whole exclusive GPU.
+                if g.mode() != GpuMode::Shared
+                    && let Some(ops) = whole_ready(g)
+                {
+                    out.push(Candidate { node: ni, grants: vec![Grant::Whole { gpu: g.index }], ops });
+                }
+            }
+            None => {}
+        }
+    }
+    if !fits_somewhere {
+        let biggest = gpus.iter().map(|g| g.memory_mib).max().unwrap_or(0);
+        return Err(never(
+            node,
+            format_args!(
+                "model needs {memory_mib} MiB on one GPU, largest GPU has {biggest} MiB (set tessera.dev/gpus for tensor parallelism)"
+            ),
+        ));
+    }
+    if out.len() == start {
+        return Err(mig_near_miss(node, gpus, |g| {
+            g.mig_product().and_then(|p| smallest_fitting_profile(p.geometry(), memory_mib, compute))
+        }));
+    }
+    Ok(())
+}
+
+fn fits_instance(p: &Profile, memory_mib: u64, compute: Option<u8>) -> bool {
+    p.memory_mib >= memory_mib && compute.is_none_or(|c| p.compute_slices >= c)
+}
+
+/// The most useful explanation of why no GPU on the node can take the profile: the GPU with
+/// the most free memory slices, and what the profile would need.
+fn mig_near_miss(node: &Node, gpus: &[&Gpu], profile_of: impl Fn(&Gpu) -> Option<&'static Profile>) -> Rejection {
+    let mut best: Option<(u8, String)> = None;
+    for g in gpus {
+        let Some(p) = profile_of(g) else { continue };
+        let (free, why) = match (g.mode(), g.mig_layout()) {
+            (GpuMode::Mig, Some(layout)) => {
+                let free_mask = !layout.used_mask() & layout.geometry().full_mask();
+                let free = free_mask.count_ones() as u8;
+                let slices: Vec<String> = (0..8).filter(|b| free_mask & (1 << b) != 0).map(|b| b.to_string()).collect();
+                let starts: Vec<String> = p.starts.iter().map(|s| s.to_string()).collect();
+                let msg = if free == 0 {
+                    format!("GPU {} has no free memory slices", g.index)
+                } else {
+                    format!(
+                        "GPU {} has {free} free memory slices ({}) but {} needs {} starting at {}",
+                        g.index,
+                        slices.join(","),
+                        p.name,
+                        p.memory_slices,
+                        starts.join(" or ")
+                    )
+                };
+                (free, msg)
+            }
+            _ => (0, format!("GPU {} is in use in {} mode", g.index, mode_name(g.mode()))),
+        };
+        if best.as_ref().is_none_or(|(f, _)| free > *f) {
+            best = Some((free, why));
+        }
+    }
+    match best {
+        Some((_, why)) => unsched(node, why),
+        None => unsched(node, "no GPU can host the requested MIG profile"),
+    }
+}
+
+fn mode_name(m: GpuMode) -> &'static str {
+    match m {
+        GpuMode::Full => "full",
+        GpuMode::Shared => "shared",
+        GpuMode::Mig => "MIG",
+    }
+}
+
+/// A decision: where the demand goes and what must happen first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub node: NodeName,
+    pub grants: Vec<Grant>,
+    pub ops: Vec<MigOp>,
+    /// The policy's score of the chosen candidate (higher is better).
+    pub score: f64,
+}
+
+impl Placement {
+    /// Applies the MIG steps and records the allocation in the snapshot.
+    pub fn apply(&self, snap: &mut Snapshot, demand: &Demand, reserved_until_ms: Option<u64>) -> crate::Result<()> {
+        let cp = snap.checkpoint();
+        let result = (|| {
+            for op in &self.ops {
+                snap.apply(&self.node, *op)?;
+            }
+            snap.allocate(crate::cluster::Allocation {
+                pod: demand.pod.clone(),
+                node: self.node.clone(),
+                cpu_milli: demand.cpu_milli,
+                memory_mib: demand.memory_mib,
+                grants: self.grants.clone(),
+                priority: demand.priority,
+                gang: demand.gang.as_ref().map(|g| g.name.clone()),
+                reserved_until_ms,
+            })
+        })();
+        match result {
+            Ok(()) => snap.commit(cp),
+            Err(_) => snap.rollback(cp),
+        }
+        result
+    }
+}
+
+/// MIG instances a candidate creates, for accounting.
+pub fn created_instances(c: &Candidate) -> impl Iterator<Item = (u32, Instance)> + '_ {
+    c.ops.iter().filter_map(|op| match *op {
+        MigOp::Create { gpu, class, start } => Some((gpu, Instance { class, start })),
+        _ => None,
+    })
+}
+
+/// Milli-GPU a candidate takes from each GPU it touches (MIG by compute slices).
+pub fn candidate_milli(node: &Node, c: &Candidate) -> u32 {
+    c.grants
+        .iter()
+        .map(|g| match *g {
+            Grant::Whole { .. } => MILLI_PER_GPU,
+            Grant::Share { milli, .. } => milli,
+            Grant::Mig { gpu, class, .. } => node
+                .gpu(gpu)
+                .and_then(|g| g.mig_product())
+                .and_then(|p| {
+                    let geom = p.geometry();
+                    geom.profile(class)
+                        .map(|pr| u32::from(pr.compute_slices) * MILLI_PER_GPU / u32::from(geom.compute_slices))
+                })
+                .unwrap_or(0),
+        })
+        .sum()
+}

@@ -1,0 +1,225 @@
+//! The baselines tessera is compared against, as the FGD paper (ATC '23) and its simulator
+//! define them, plus first-fit (what MIG-capable schedulers do today).
+//!
+//! The FGD artifact scores nodes with integers in 0..=100 and lets kube-scheduler pick at
+//! random among the best; the integer truncation is kept here (`floor`) because it decides how
+//! often that random pick happens, and so the numbers the baselines reach.
+
+use super::{Context, Policy, Score, hash_str, mix};
+use crate::cluster::{GpuMode, Grant, MILLI_PER_GPU, Node, Snapshot};
+use crate::demand::{Demand, GpuDemand};
+use crate::placement::{Candidate, candidate_milli};
+
+/// kube-scheduler's `MaxNodeScore`.
+pub(crate) const MAX_NODE_SCORE: f64 = 100.0;
+
+pub(crate) fn node_of<'a>(snap: &'a Snapshot, c: &Candidate) -> &'a Node {
+    &snap.nodes()[c.node]
+}
+
+/// Free milli-GPU of the GPU a single-GPU candidate uses (before placement).
+pub(crate) fn gpu_free_milli(node: &Node, c: &Candidate) -> u32 {
+    c.grants.first().and_then(|g| node.gpu(g.gpu())).map_or(0, |g| g.free_milli())
+}
+
+/// Sum of free milli-GPU on a node (non-MIG GPUs by shares; MIG GPUs by free compute).
+pub(crate) fn node_free_milli(node: &Node) -> u32 {
+    node.gpus.iter().filter(|g| g.healthy).map(|g| MILLI_PER_GPU - g.allocated_milli().min(MILLI_PER_GPU)).sum()
+}
+
+/// Device tie-break shared by the baselines: the fullest GPU that fits (least free after),
+/// then the lowest index and start.
+pub(crate) fn best_fit_device(node: &Node, c: &Candidate) -> f64 {
+    let free = gpu_free_milli(node, c) as f64;
+    let pos = first_fit_position(c) as f64;
+    -free * 1000.0 - pos - c.ops.len() as f64 * 1e7
+}
+
+/// Lowest GPU index, then lowest slice start.
+pub(crate) fn first_fit_position(c: &Candidate) -> u32 {
+    c.grants
+        .first()
+        .map(|g| match *g {
+            Grant::Mig { gpu, start, .. } => gpu * 8 + u32::from(start),
+            other => other.gpu() * 8,
+        })
+        .unwrap_or(0)
+}
+
+/// Lowest node, lowest GPU index, lowest start; existing instances before new ones at the same
+/// position.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FirstFit;
+
+impl Policy for FirstFit {
+    fn name(&self) -> &'static str {
+        "first-fit"
+    }
+    fn score(&self, _snap: &Snapshot, _d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
+        Score::new(-(c.node as f64), -(first_fit_position(c) as f64) - c.ops.len() as f64 * 0.1)
+    }
+}
+
+/// A seeded random node and device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Random;
+
+impl Policy for Random {
+    fn name(&self) -> &'static str {
+        "random"
+    }
+    fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
+        let salt = hash_str(ctx.seed, &d.pod.0);
+        let node = hash_str(salt, &node_of(snap, c).name.0);
+        let dev = mix(node ^ u64::from(first_fit_position(c)));
+        // Every node scores equal; `choose` breaks the tie with the same seeded hash.
+        let _ = node;
+        Score::new(0.0, (dev >> 11) as f64)
+    }
+}
+
+/// Best fit over (cpu, GPU): the node whose free resources, after placement, are smallest
+/// relative to the largest node (weights 0.5/0.5).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BestFit;
+
+impl Policy for BestFit {
+    fn name(&self) -> &'static str {
+        "bestfit"
+    }
+    fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
+        let node = node_of(snap, c);
+        let spec = MaxSpec::of(snap);
+        let free_cpu = node.free_cpu_milli() as f64 - d.cpu_milli as f64;
+        let free_gpu = node_free_milli(node) as f64 - candidate_milli(node, c) as f64;
+        let s = 0.5 * free_cpu / spec.cpu + 0.5 * free_gpu / spec.gpu;
+        Score::new(((1.0 - s) * MAX_NODE_SCORE).floor(), best_fit_device(node, c))
+    }
+}
+
+/// Largest node capacities in the cluster, to normalise resource vectors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaxSpec {
+    pub cpu: f64,
+    pub gpu: f64,
+}
+
+impl MaxSpec {
+    pub fn of(snap: &Snapshot) -> Self {
+        let cpu = snap.nodes().iter().map(|n| n.cpu_milli).max().unwrap_or(1).max(1) as f64;
+        let gpu = snap.nodes().iter().map(|n| n.gpus.len()).max().unwrap_or(1).max(1) as f64 * MILLI_PER_GPU as f64;
+        Self { cpu, gpu }
+    }
+}
+
+/// GPU packing: prefer GPUs already shared, then free GPUs on used nodes, then empty nodes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuPacking;
+
+impl Policy for GpuPacking {
+    fn name(&self) -> &'static str {
+        "gpu-packing"
+    }
+    fn score(&self, snap: &Snapshot, _d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
+        let node = node_of(snap, c);
+        let dev = best_fit_device(node, c);
+        if c.grants.is_empty() {
+            return Score::new(0.0, dev);
+        }
+        let fully_free = node.gpus.iter().filter(|g| g.is_unused()).count() as f64;
+        if fully_free as usize == node.gpus.len() {
+            return Score::new((MAX_NODE_SCORE / 3.0).floor() - fully_free, dev);
+        }
+        let uses_free = c.grants.iter().filter(|g| node.gpu(g.gpu()).is_some_and(|x| x.is_unused())).count() as f64;
+        if uses_free > 0.0 {
+            return Score::new(((MAX_NODE_SCORE / 2.0).floor() - uses_free).max((MAX_NODE_SCORE / 3.0).floor()), dev);
+        }
+        let free_pct: f64 = c
+            .grants
+            .iter()
+            .filter_map(|g| node.gpu(g.gpu()))
+            .map(|g| (u64::from(g.free_milli()) * 100 / u64::from(MILLI_PER_GPU)) as f64)
+            .sum();
+        Score::new((MAX_NODE_SCORE - (free_pct / 10.0).floor()).max((MAX_NODE_SCORE / 2.0).floor()), dev)
+    }
+}
+
+/// GPU clustering: put pods with the same GPU request shape together.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuClustering;
+
+/// The affinity tag of a demand: its per-GPU milli request (the artifact's `gpu-affinity`).
+fn affinity_tag(gpu: &GpuDemand) -> Option<String> {
+    match gpu {
+        GpuDemand::None => None,
+        GpuDemand::Share { milli } => Some(format!("share-{milli}")),
+        GpuDemand::Whole { count } => Some(format!("whole-{count}")),
+        GpuDemand::Mig { profile } => Some(format!("mig-{profile}")),
+        GpuDemand::Model { memory_mib, .. } => Some(format!("model-{memory_mib}")),
+    }
+}
+
+fn grant_tag(snap: &Snapshot, pod: &crate::cluster::PodKey) -> Option<String> {
+    let a = snap.allocation(pod)?;
+    match a.grants.as_slice() {
+        [] => None,
+        [Grant::Share { milli, .. }] => Some(format!("share-{milli}")),
+        [Grant::Mig { .. }] => Some("mig".to_owned()),
+        many => Some(format!("whole-{}", many.len())),
+    }
+}
+
+impl Policy for GpuClustering {
+    fn name(&self) -> &'static str {
+        "gpu-clustering"
+    }
+    fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
+        let node = node_of(snap, c);
+        let dev = best_fit_device(node, c);
+        let Some(tag) = affinity_tag(&d.gpu) else { return Score::new(0.0, dev) };
+        let spec_gpu = MaxSpec::of(snap).gpu;
+        let used = (spec_gpu - node_free_milli(node) as f64).max(0.0);
+        let quarter = MAX_NODE_SCORE / 4.0;
+        let fill = (quarter * used / spec_gpu).floor();
+        let tags: std::collections::BTreeSet<String> = node.pods().iter().filter_map(|p| grant_tag(snap, p)).collect();
+        let band = match (tags.contains(&tag), tags.len()) {
+            (true, 1) => 3.0,
+            (true, _) => 2.0,
+            (false, 0) => 1.0,
+            (false, _) => 0.0,
+        };
+        Score::new(fill + band * quarter, dev)
+    }
+}
+
+/// Tetris-style alignment: the smallest dot product between the node's free resources and the
+/// request (both normalised by the node's capacity), per GPU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DotProd;
+
+impl Policy for DotProd {
+    fn name(&self) -> &'static str {
+        "dotprod"
+    }
+    fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
+        let node = node_of(snap, c);
+        let cpu_cap = node.cpu_milli.max(1) as f64;
+        let gpu_cap = (node.gpus.len().max(1) as u32 * MILLI_PER_GPU) as f64;
+        let free_cpu = node.free_cpu_milli() as f64 / cpu_cap;
+        let req_cpu = d.cpu_milli as f64 / cpu_cap;
+        let (free_gpu, req_gpu) = match c.grants.as_slice() {
+            [g] if !matches!(g, Grant::Whole { .. }) || node.gpus.len() == 1 => {
+                let gpu = node.gpu(g.gpu());
+                let free = gpu.map_or(0, |g| match g.mode() {
+                    GpuMode::Mig => MILLI_PER_GPU - g.allocated_milli().min(MILLI_PER_GPU),
+                    _ => g.free_milli(),
+                });
+                (free as f64 / MILLI_PER_GPU as f64, candidate_milli(node, c) as f64 / MILLI_PER_GPU as f64)
+            }
+            _ => (node_free_milli(node) as f64 / gpu_cap, candidate_milli(node, c) as f64 / gpu_cap),
+        };
+        let dot = (free_cpu * req_cpu + free_gpu * req_gpu) / 2.0;
+        let s = 1.0 - dot;
+        Score::new((MAX_NODE_SCORE * s).floor(), s * 1e6 + best_fit_device(node, c) * 1e-9)
+    }
+}

@@ -1,0 +1,37 @@
+//! FGD (Fragmentation Gradient Descent, Weng et al., ATC '23): place where the expected
+//! fragmentation of the target workload grows least. Node score
+//! `floor(100 · sigmoid((F_before − F_after) / 1000))`, as the artifact computes it; inside
+//! the node, the GPU with the best (integer) score, lowest index first.
+
+use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
+use super::{Context, Policy, Score};
+use crate::cluster::Snapshot;
+use crate::demand::Demand;
+use crate::metrics::{node_fragmentation, views, views_after};
+use crate::placement::Candidate;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fgd;
+
+pub(crate) fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `F_before − F_after` for a candidate, in milli-GPU (positive = less fragmentation).
+pub(crate) fn frag_gain(snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> f64 {
+    let node = node_of(snap, c);
+    let before = node_fragmentation(&views(node), node.free_cpu_milli(), ctx.workload);
+    let after_cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
+    let after = node_fragmentation(&views_after(node, c), after_cpu, ctx.workload);
+    before - after
+}
+
+impl Policy for Fgd {
+    fn name(&self) -> &'static str {
+        "fgd"
+    }
+    fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
+        let s = (sigmoid(frag_gain(snap, d, c, ctx) / 1000.0) * MAX_NODE_SCORE).floor();
+        Score::new(s, s * 1000.0 - first_fit_position(c) as f64)
+    }
+}

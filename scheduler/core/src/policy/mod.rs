@@ -1,0 +1,228 @@
+//! Placement policies behind one trait, and the pure entry points that use them.
+//!
+//! A policy only ranks [`Candidate`]s produced by [`crate::placement`]; the fixed pipeline here
+//! filters nodes, asks the policy for a [`Score`] per candidate, keeps each node's best, picks
+//! the best node (ties broken by a seeded hash, like kube-scheduler's random pick among equals),
+//! and returns data.
+
+mod baselines;
+mod fgd;
+mod tessera;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{NodeName, Snapshot};
+use crate::demand::{Demand, GpuDemand};
+use crate::placement::{Candidate, Placement, Rejection, node_candidates};
+
+pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
+pub use fgd::Fgd;
+pub use tessera::Tessera;
+
+/// Every policy name, ours first.
+pub const NAMES: &[&str] =
+    &["tessera", "fgd", "bestfit", "gpu-packing", "gpu-clustering", "dotprod", "random", "first-fit"];
+
+/// Looks a policy up by name.
+pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
+    Some(match name {
+        "tessera" => Box::new(Tessera),
+        "fgd" => Box::new(Fgd),
+        "bestfit" => Box::new(BestFit),
+        "gpu-packing" => Box::new(GpuPacking),
+        "gpu-clustering" => Box::new(GpuClustering),
+        "dotprod" => Box::new(DotProd),
+        "random" => Box::new(Random),
+        "first-fit" => Box::new(FirstFit),
+        _ => return None,
+    })
+}
+
+/// How a policy ranks one candidate. Nodes are compared by `node` (the best of their
+/// candidates); inside the chosen node, candidates are compared by `(node, device)`.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Default, Serialize, Deserialize)]
+pub struct Score {
+    pub node: f64,
+    pub device: f64,
+}
+
+impl Score {
+    pub fn new(node: f64, device: f64) -> Self {
+        Self { node, device }
+    }
+}
+
+/// One shape of demand and how often it is expected.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadClass {
+    pub cpu_milli: u64,
+    pub gpu: GpuDemand,
+    /// Fraction of expected demand (the classes' weights sum to 1).
+    pub weight: f64,
+}
+
+/// The expected demand mix (FGD's "target workload"): popularity of recent demand shapes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub classes: Vec<WorkloadClass>,
+}
+
+impl Workload {
+    /// Popularity of `(cpu, gpu)` shapes among `demands`, most popular first.
+    pub fn from_demands<'a>(demands: impl IntoIterator<Item = &'a Demand>) -> Self {
+        let mut counts: std::collections::BTreeMap<(u64, String), (GpuDemand, u64)> = Default::default();
+        let mut total = 0u64;
+        for d in demands {
+            let key = (d.cpu_milli, format!("{:?}", d.gpu));
+            counts.entry(key).or_insert_with(|| (d.gpu.clone(), 0)).1 += 1;
+            total += 1;
+        }
+        let mut classes: Vec<WorkloadClass> = counts
+            .into_iter()
+            .map(|((cpu_milli, _), (gpu, n))| WorkloadClass { cpu_milli, gpu, weight: n as f64 / total as f64 })
+            .collect();
+        classes.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+        Self { classes }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+}
+
+/// Inputs a decision may use besides the snapshot: the expected workload and a seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    pub workload: &'a Workload,
+    pub seed: u64,
+}
+
+/// A placement policy: ranks feasible candidates, higher is better.
+pub trait Policy: fmt::Debug + Send + Sync {
+    fn name(&self) -> &'static str;
+    fn score(&self, snap: &Snapshot, demand: &Demand, cand: &Candidate, ctx: &Context<'_>) -> Score;
+}
+
+/// A node's verdict for one demand.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeVerdict {
+    pub node: NodeName,
+    pub outcome: Result<(Candidate, Score), Rejection>,
+}
+
+/// Filters and scores every node (or the named ones), in node-name order.
+pub fn evaluate(
+    snap: &Snapshot,
+    demand: &Demand,
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    only: Option<&[NodeName]>,
+) -> Result<Vec<NodeVerdict>, crate::Error> {
+    demand.validate()?;
+    let mut out = Vec::new();
+    let mut cands = Vec::new();
+    let mut visit = |ni: usize, out: &mut Vec<NodeVerdict>| {
+        cands.clear();
+        let node = &snap.nodes()[ni];
+        let outcome = node_candidates(snap, ni, demand, &mut cands).map(|()| {
+            let mut best: Option<(usize, Score)> = None;
+            for (i, c) in cands.iter().enumerate() {
+                let s = policy.score(snap, demand, c, ctx);
+                if best.is_none_or(|(_, b)| (s.node, s.device) > (b.node, b.device)) {
+                    best = Some((i, s));
+                }
+            }
+            let (i, s) = best.unwrap_or((0, Score::default()));
+            (cands.swap_remove(i), s)
+        });
+        out.push(NodeVerdict { node: node.name.clone(), outcome });
+    };
+    match only {
+        None => (0..snap.nodes().len()).for_each(|ni| visit(ni, &mut out)),
+        Some(names) => {
+            for name in names {
+                match snap.node_index(name) {
+                    Some(ni) => visit(ni, &mut out),
+                    None => out.push(NodeVerdict {
+                        node: name.clone(),
+                        outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
+                    }),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A 64-bit mix for seeded tie-breaks (SplitMix64 finaliser).
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+pub(crate) fn hash_str(seed: u64, s: &str) -> u64 {
+    s.bytes().fold(mix(seed), |h, b| mix(h ^ u64::from(b)))
+}
+
+/// Picks the best verdict: highest node score; equal scores go to a seeded pseudo-random pick.
+pub fn choose<'a>(verdicts: &'a [NodeVerdict], demand: &Demand, ctx: &Context<'_>) -> Option<&'a NodeVerdict> {
+    let salt = hash_str(ctx.seed, &demand.pod.0);
+    verdicts
+        .iter()
+        .filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v, s.node)))
+        .max_by(|(a, sa), (b, sb)| {
+            sa.total_cmp(sb).then_with(|| hash_str(salt, &a.node.0).cmp(&hash_str(salt, &b.node.0)))
+        })
+        .map(|(v, _)| v)
+}
+
+/// Places one demand: the best candidate over all nodes, or one rejection that explains why
+/// none fits.
+pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
+    let verdicts = evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+    match choose(&verdicts, demand, ctx) {
+        Some(NodeVerdict { node, outcome: Ok((c, s)) }) => {
+            Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node })
+        }
+        _ => Err(summarize(demand, &verdicts)),
+    }
+}
+
+/// One rejection for the whole cluster, kube-scheduler style: "0/N nodes fit ...".
+pub fn summarize(demand: &Demand, verdicts: &[NodeVerdict]) -> Rejection {
+    let rejections: Vec<&Rejection> = verdicts.iter().filter_map(|v| v.outcome.as_ref().err()).collect();
+    let mut msg = format!("0/{} nodes can host {} ({})", verdicts.len(), demand.pod, demand.gpu);
+    for r in rejections.iter().take(3) {
+        msg.push_str("; ");
+        msg.push_str(r.reason());
+    }
+    if rejections.len() > 3 {
+        msg.push_str(&format!("; and {} more", rejections.len() - 3));
+    }
+    if !rejections.is_empty() && rejections.iter().all(|r| r.is_unresolvable()) {
+        Rejection::Unresolvable(msg)
+    } else {
+        Rejection::Unschedulable(msg)
+    }
+}
+
+/// Maps node scores to kube-scheduler's extender range 0..=10 (min-max over the feasible
+/// nodes; all-equal scores give 10).
+pub fn extender_scores(verdicts: &[NodeVerdict]) -> Vec<(NodeName, i64)> {
+    let scores: Vec<(NodeName, f64)> =
+        verdicts.iter().filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v.node.clone(), s.node))).collect();
+    let (lo, hi) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, s)| (lo.min(*s), hi.max(*s)));
+    scores
+        .into_iter()
+        .map(|(n, s)| {
+            let v = if hi - lo < 1e-12 { 10.0 } else { 10.0 * (s - lo) / (hi - lo) };
+            (n, v.round().clamp(0.0, 10.0) as i64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
