@@ -335,6 +335,9 @@ pub struct Snapshot {
     reconfigs: u64,
     journal: Vec<Undo>,
     open: usize,
+    /// Largest node cpu and GPU count, kept for policies that normalise by them.
+    max_cpu_milli: u64,
+    max_gpus: usize,
 }
 
 impl PartialEq for Snapshot {
@@ -423,6 +426,18 @@ impl Snapshot {
 
     fn reindex(&mut self) {
         self.index = self.nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+        self.max_cpu_milli = self.nodes.iter().map(|n| n.cpu_milli).max().unwrap_or(0);
+        self.max_gpus = self.nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0);
+    }
+
+    /// The largest node's cpu capacity.
+    pub fn max_node_cpu_milli(&self) -> u64 {
+        self.max_cpu_milli
+    }
+
+    /// The most GPUs any node has.
+    pub fn max_node_gpus(&self) -> usize {
+        self.max_gpus
     }
 
     fn require_node(&self, name: &NodeName) -> Result<usize, Error> {

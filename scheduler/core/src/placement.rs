@@ -141,8 +141,11 @@ fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candid
     if shared.is_empty() {
         return Err(never(node, "no GPU is in shared (time-sliced) mode"));
     }
+    // GPUs with the same free share are interchangeable for a share: keep the lowest index.
+    let mut seen: Vec<u32> = Vec::with_capacity(shared.len());
     for g in &shared {
-        if g.healthy && g.free_milli() >= milli {
+        if g.healthy && g.free_milli() >= milli && !seen.contains(&g.free_milli()) {
+            seen.push(g.free_milli());
             out.push(Candidate { node: ni, grants: vec![Grant::Share { gpu: g.index, milli }], ops: Vec::new() });
         }
     }
@@ -186,7 +189,18 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
         out.push(Candidate { node: ni, grants, ops });
     };
     if k == 1 {
-        for (g, _) in &ready {
+        // Without NVLink, idle GPUs of one mode are interchangeable: offer the lowest index of
+        // each (mode, needs-reconfiguration) kind; with NVLink the choice of island matters.
+        let flat = !node.topology.has_nvlink();
+        let mut kinds: Vec<(GpuMode, usize)> = Vec::new();
+        for (g, ops) in &ready {
+            if flat {
+                let mode = node.gpu(*g).map_or(GpuMode::Full, |x| x.mode());
+                if kinds.contains(&(mode, ops.len())) {
+                    continue;
+                }
+                kinds.push((mode, ops.len()));
+            }
             emit(&[*g], out);
         }
         return Ok(());

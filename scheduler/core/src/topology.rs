@@ -156,6 +156,11 @@ impl Topology {
         self.graph.edge_weight(a, b).copied().unwrap_or(Link::CrossSocket)
     }
 
+    /// Whether any pair of GPUs is NVLink/NVSwitch-connected.
+    pub fn has_nvlink(&self) -> bool {
+        self.graph.all_edges().any(|(_, _, l)| l.is_nvlink())
+    }
+
     /// Connected components over NVLink/NVSwitch edges, each sorted, ordered by first GPU.
     /// A GPU with no NVLink is an island of one.
     pub fn nvlink_islands(&self) -> Vec<Vec<u32>> {

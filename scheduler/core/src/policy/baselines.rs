@@ -6,7 +6,7 @@
 //! often that random pick happens, and so the numbers the baselines reach.
 
 use super::{Context, Policy, Score, hash_str, mix};
-use crate::cluster::{GpuMode, Grant, MILLI_PER_GPU, Node, Snapshot};
+use crate::cluster::{Grant, MILLI_PER_GPU, Node, Snapshot};
 use crate::demand::{Demand, GpuDemand};
 use crate::placement::{Candidate, candidate_milli};
 
@@ -69,12 +69,11 @@ impl Policy for Random {
         "random"
     }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
+        // A fresh uniform pick per pod: node and device from a seeded hash of (pod, node, GPU).
         let salt = hash_str(ctx.seed, &d.pod.0);
         let node = hash_str(salt, &node_of(snap, c).name.0);
         let dev = mix(node ^ u64::from(first_fit_position(c)));
-        // Every node scores equal; `choose` breaks the tie with the same seeded hash.
-        let _ = node;
-        Score::new(0.0, (dev >> 11) as f64)
+        Score::new((node >> 11) as f64, (dev >> 11) as f64)
     }
 }
 
@@ -106,8 +105,8 @@ pub(crate) struct MaxSpec {
 
 impl MaxSpec {
     pub fn of(snap: &Snapshot) -> Self {
-        let cpu = snap.nodes().iter().map(|n| n.cpu_milli).max().unwrap_or(1).max(1) as f64;
-        let gpu = snap.nodes().iter().map(|n| n.gpus.len()).max().unwrap_or(1).max(1) as f64 * MILLI_PER_GPU as f64;
+        let cpu = snap.max_node_cpu_milli().max(1) as f64;
+        let gpu = snap.max_node_gpus().max(1) as f64 * MILLI_PER_GPU as f64;
         Self { cpu, gpu }
     }
 }
@@ -128,7 +127,7 @@ impl Policy for GpuPacking {
         }
         let fully_free = node.gpus.iter().filter(|g| g.is_unused()).count() as f64;
         if fully_free as usize == node.gpus.len() {
-            return Score::new((MAX_NODE_SCORE / 3.0).floor() - fully_free, dev);
+            return Score::new(((MAX_NODE_SCORE / 3.0).floor() - fully_free).max(fully_free), dev);
         }
         let uses_free = c.grants.iter().filter(|g| node.gpu(g.gpu()).is_some_and(|x| x.is_unused())).count() as f64;
         if uses_free > 0.0 {
@@ -148,14 +147,13 @@ impl Policy for GpuPacking {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GpuClustering;
 
-/// The affinity tag of a demand: its per-GPU milli request (the artifact's `gpu-affinity`).
+/// The affinity tag of a demand, as the artifact's `gpu-affinity`: `share-gpu` for any
+/// fractional request, `<n>-gpu` for whole GPUs (MIG counts as sharing).
 fn affinity_tag(gpu: &GpuDemand) -> Option<String> {
     match gpu {
         GpuDemand::None => None,
-        GpuDemand::Share { milli } => Some(format!("share-{milli}")),
-        GpuDemand::Whole { count } => Some(format!("whole-{count}")),
-        GpuDemand::Mig { profile } => Some(format!("mig-{profile}")),
-        GpuDemand::Model { memory_mib, .. } => Some(format!("model-{memory_mib}")),
+        GpuDemand::Share { .. } | GpuDemand::Mig { .. } | GpuDemand::Model { .. } => Some("share-gpu".to_owned()),
+        GpuDemand::Whole { count } => Some(format!("{count}-gpu")),
     }
 }
 
@@ -163,9 +161,8 @@ fn grant_tag(snap: &Snapshot, pod: &crate::cluster::PodKey) -> Option<String> {
     let a = snap.allocation(pod)?;
     match a.grants.as_slice() {
         [] => None,
-        [Grant::Share { milli, .. }] => Some(format!("share-{milli}")),
-        [Grant::Mig { .. }] => Some("mig".to_owned()),
-        many => Some(format!("whole-{}", many.len())),
+        [Grant::Share { .. }] | [Grant::Mig { .. }] => Some("share-gpu".to_owned()),
+        many => Some(format!("{}-gpu", many.len())),
     }
 }
 
@@ -180,6 +177,7 @@ impl Policy for GpuClustering {
         let spec_gpu = MaxSpec::of(snap).gpu;
         let used = (spec_gpu - node_free_milli(node) as f64).max(0.0);
         let quarter = MAX_NODE_SCORE / 4.0;
+        // The artifact's integer arithmetic: 25 * (8000 - left) / 8000, truncated.
         let fill = (quarter * used / spec_gpu).floor();
         let tags: std::collections::BTreeSet<String> = node.pods().iter().filter_map(|p| grant_tag(snap, p)).collect();
         let band = match (tags.contains(&tag), tags.len()) {
@@ -203,23 +201,12 @@ impl Policy for DotProd {
     }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, _ctx: &Context<'_>) -> Score {
         let node = node_of(snap, c);
-        let cpu_cap = node.cpu_milli.max(1) as f64;
-        let gpu_cap = (node.gpus.len().max(1) as u32 * MILLI_PER_GPU) as f64;
-        let free_cpu = node.free_cpu_milli() as f64 / cpu_cap;
-        let req_cpu = d.cpu_milli as f64 / cpu_cap;
-        let (free_gpu, req_gpu) = match c.grants.as_slice() {
-            [g] if !matches!(g, Grant::Whole { .. }) || node.gpus.len() == 1 => {
-                let gpu = node.gpu(g.gpu());
-                let free = gpu.map_or(0, |g| match g.mode() {
-                    GpuMode::Mig => MILLI_PER_GPU - g.allocated_milli().min(MILLI_PER_GPU),
-                    _ => g.free_milli(),
-                });
-                (free as f64 / MILLI_PER_GPU as f64, candidate_milli(node, c) as f64 / MILLI_PER_GPU as f64)
-            }
-            _ => (node_free_milli(node) as f64 / gpu_cap, candidate_milli(node, c) as f64 / gpu_cap),
-        };
-        let dot = (free_cpu * req_cpu + free_gpu * req_gpu) / 2.0;
-        let s = 1.0 - dot;
-        Score::new((MAX_NODE_SCORE * s).floor(), s * 1e6 + best_fit_device(node, c) * 1e-9)
+        let spec = MaxSpec::of(snap);
+        // The paper's configuration: one merged (cpu, total GPU) vector, normalised by the
+        // largest node; the smaller the dot product, the higher the score.
+        let nv = [node.free_cpu_milli() as f64 / spec.cpu, node_free_milli(node) as f64 / spec.gpu];
+        let pv = [d.cpu_milli as f64 / spec.cpu, candidate_milli(node, c) as f64 / spec.gpu];
+        let dot = (nv[0] * pv[0] + nv[1] * pv[1]) / 2.0;
+        Score::new((MAX_NODE_SCORE * (1.0 - dot)).floor(), best_fit_device(node, c))
     }
 }

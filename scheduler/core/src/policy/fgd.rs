@@ -7,7 +7,7 @@ use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
 use super::{Context, Policy, Score};
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
-use crate::metrics::{node_fragmentation, views, views_after};
+use crate::metrics::{node_fragmentation, node_model, views, views_after};
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,12 +17,17 @@ pub(crate) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `F_before − F_after` for a candidate, in milli-GPU (positive = less fragmentation).
-pub(crate) fn frag_gain(snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> f64 {
+/// The node's fragmentation before any candidate (all candidates of one call share a node).
+pub(crate) fn frag_before(snap: &Snapshot, c: &Candidate, ctx: &Context<'_>) -> f64 {
     let node = node_of(snap, c);
-    let before = node_fragmentation(&views(node), node.free_cpu_milli(), ctx.workload);
+    node_fragmentation(&views(node), node.free_cpu_milli(), node_model(node), ctx.workload)
+}
+
+/// `F_before − F_after` for a candidate, in milli-GPU (positive = less fragmentation).
+pub(crate) fn frag_gain(snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> f64 {
+    let node = node_of(snap, c);
     let after_cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
-    let after = node_fragmentation(&views_after(node, c), after_cpu, ctx.workload);
+    let after = node_fragmentation(&views_after(node, c), after_cpu, node_model(node), ctx.workload);
     before - after
 }
 
@@ -31,7 +36,19 @@ impl Policy for Fgd {
         "fgd"
     }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        let s = (sigmoid(frag_gain(snap, d, c, ctx) / 1000.0) * MAX_NODE_SCORE).floor();
+        self.score_with(snap, d, c, ctx, frag_before(snap, c, ctx))
+    }
+
+    fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
+        let Some(first) = cands.first() else { return };
+        let before = frag_before(snap, first, ctx);
+        out.extend(cands.iter().map(|c| self.score_with(snap, d, c, ctx, before)));
+    }
+}
+
+impl Fgd {
+    fn score_with(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> Score {
+        let s = (sigmoid(frag_gain(snap, d, c, ctx, before) / 1000.0) * MAX_NODE_SCORE).floor();
         Score::new(s, s * 1000.0 - first_fit_position(c) as f64)
     }
 }

@@ -59,6 +59,9 @@ impl Score {
 pub struct WorkloadClass {
     pub cpu_milli: u64,
     pub gpu: GpuDemand,
+    /// Allowed GPU models (empty = any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_models: Vec<String>,
     /// Fraction of expected demand (the classes' weights sum to 1).
     pub weight: f64,
 }
@@ -70,20 +73,49 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Popularity of `(cpu, gpu)` shapes among `demands`, most popular first.
+    /// Popularity of `(cpu, gpu, models)` shapes among `demands`, most popular first (equal
+    /// counts: larger shape first).
     pub fn from_demands<'a>(demands: impl IntoIterator<Item = &'a Demand>) -> Self {
-        let mut counts: std::collections::BTreeMap<(u64, String), (GpuDemand, u64)> = Default::default();
+        Self::from_demands_top(demands, 1.0)
+    }
+
+    /// Like [`Workload::from_demands`], keeping only the most popular shapes that together
+    /// cover `coverage` (0..=1) of the demands, weights renormalised (FGD keeps 95%).
+    pub fn from_demands_top<'a>(demands: impl IntoIterator<Item = &'a Demand>, coverage: f64) -> Self {
+        type Key = (u64, GpuDemand, Vec<String>);
+        let mut counts: std::collections::HashMap<Key, u64> = Default::default();
         let mut total = 0u64;
         for d in demands {
-            let key = (d.cpu_milli, format!("{:?}", d.gpu));
-            counts.entry(key).or_insert_with(|| (d.gpu.clone(), 0)).1 += 1;
+            *counts.entry((d.cpu_milli, d.gpu.clone(), d.gpu_models.clone())).or_default() += 1;
             total += 1;
         }
-        let mut classes: Vec<WorkloadClass> = counts
+        let mut ranked: Vec<(Key, u64)> = counts.into_iter().collect();
+        ranked.sort_by(|(ka, a), (kb, b)| {
+            b.cmp(a)
+                .then_with(|| kb.0.cmp(&ka.0))
+                .then_with(|| kb.1.nominal_milli().cmp(&ka.1.nominal_milli()))
+                .then_with(|| kb.2.cmp(&ka.2))
+                .then_with(|| format!("{:?}", kb.1).cmp(&format!("{:?}", ka.1)))
+        });
+        let need = (coverage.clamp(0.0, 1.0) * total as f64).ceil() as u64;
+        let mut kept = Vec::new();
+        let mut sum = 0u64;
+        for (k, n) in ranked {
+            if sum >= need && !kept.is_empty() {
+                break;
+            }
+            sum += n;
+            kept.push((k, n));
+        }
+        let classes = kept
             .into_iter()
-            .map(|((cpu_milli, _), (gpu, n))| WorkloadClass { cpu_milli, gpu, weight: n as f64 / total as f64 })
+            .map(|((cpu_milli, gpu, gpu_models), n)| WorkloadClass {
+                cpu_milli,
+                gpu,
+                gpu_models,
+                weight: n as f64 / sum as f64,
+            })
             .collect();
-        classes.sort_by(|a, b| b.weight.total_cmp(&a.weight));
         Self { classes }
     }
 
@@ -103,6 +135,19 @@ pub struct Context<'a> {
 pub trait Policy: fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
     fn score(&self, snap: &Snapshot, demand: &Demand, cand: &Candidate, ctx: &Context<'_>) -> Score;
+
+    /// Scores all candidates of one node into `out` (same order). Policies whose score has a
+    /// per-node part override this to compute it once.
+    fn score_node(
+        &self,
+        snap: &Snapshot,
+        demand: &Demand,
+        cands: &[Candidate],
+        ctx: &Context<'_>,
+        out: &mut Vec<Score>,
+    ) {
+        out.extend(cands.iter().map(|c| self.score(snap, demand, c, ctx)));
+    }
 }
 
 /// A node's verdict for one demand.
@@ -123,13 +168,15 @@ pub fn evaluate(
     demand.validate()?;
     let mut out = Vec::new();
     let mut cands = Vec::new();
+    let mut scores = Vec::new();
     let mut visit = |ni: usize, out: &mut Vec<NodeVerdict>| {
         cands.clear();
+        scores.clear();
         let node = &snap.nodes()[ni];
         let outcome = node_candidates(snap, ni, demand, &mut cands).map(|()| {
+            policy.score_node(snap, demand, &cands, ctx, &mut scores);
             let mut best: Option<(usize, Score)> = None;
-            for (i, c) in cands.iter().enumerate() {
-                let s = policy.score(snap, demand, c, ctx);
+            for (i, &s) in scores.iter().enumerate() {
                 if best.is_none_or(|(_, b)| (s.node, s.device) > (b.node, b.device)) {
                     best = Some((i, s));
                 }
@@ -167,9 +214,12 @@ pub(crate) fn hash_str(seed: u64, s: &str) -> u64 {
     s.bytes().fold(mix(seed), |h, b| mix(h ^ u64::from(b)))
 }
 
-/// Picks the best verdict: highest node score; equal scores go to a seeded pseudo-random pick.
-pub fn choose<'a>(verdicts: &'a [NodeVerdict], demand: &Demand, ctx: &Context<'_>) -> Option<&'a NodeVerdict> {
-    let salt = hash_str(ctx.seed, &demand.pod.0);
+/// Picks the best verdict: highest node score. Equal scores go to the first node of a fixed,
+/// seeded permutation of node names, so ties keep landing on the same nodes (which packs)
+/// rather than being spread at random: the behaviour of the FGD paper's simulator, whose
+/// nodes are listed in a seeded random order.
+pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a NodeVerdict> {
+    let salt = mix(ctx.seed);
     verdicts
         .iter()
         .filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v, s.node)))
@@ -183,7 +233,7 @@ pub fn choose<'a>(verdicts: &'a [NodeVerdict], demand: &Demand, ctx: &Context<'_
 /// none fits.
 pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
     let verdicts = evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?;
-    match choose(&verdicts, demand, ctx) {
+    match choose(&verdicts, ctx) {
         Some(NodeVerdict { node, outcome: Ok((c, s)) }) => {
             Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node })
         }

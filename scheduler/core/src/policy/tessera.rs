@@ -7,7 +7,7 @@
 //! demands. See `docs/algorithms.md`.
 
 use super::baselines::{first_fit_position, node_of};
-use super::fgd::frag_gain;
+use super::fgd::{frag_before, frag_gain};
 use super::{Context, Policy, Score};
 use crate::cluster::{MILLI_PER_GPU, MigOp, Snapshot};
 use crate::demand::Demand;
@@ -28,8 +28,21 @@ impl Policy for Tessera {
         "tessera"
     }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
+        let before = if ctx.workload.is_empty() { 0.0 } else { frag_before(snap, c, ctx) };
+        self.score_with(snap, d, c, ctx, before)
+    }
+
+    fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
+        let Some(first) = cands.first() else { return };
+        let before = if ctx.workload.is_empty() { 0.0 } else { frag_before(snap, first, ctx) };
+        out.extend(cands.iter().map(|c| self.score_with(snap, d, c, ctx, before)));
+    }
+}
+
+impl Tessera {
+    fn score_with(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> Score {
         let node = node_of(snap, c);
-        let gain = if ctx.workload.is_empty() { 0.0 } else { frag_gain(snap, d, c, ctx) };
+        let gain = if ctx.workload.is_empty() { 0.0 } else { frag_gain(snap, d, c, ctx, before) };
         let steps = c.ops.iter().filter(|op| !matches!(op, MigOp::Destroy { .. })).count() as f64;
         let before: Vec<GpuView<'_>> = views(node);
         let after = views_after(node, c);

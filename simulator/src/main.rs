@@ -1,0 +1,238 @@
+//! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
+
+mod compare;
+mod openb;
+mod trace;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "tessera-sim", version, about = "What-if GPU packing with tessera's placement core")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay an Alibaba openb trace like the FGD paper (one pod at a time, never deleted).
+    Openb(OpenbArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OpenbArgs {
+    /// Node list CSV (`openb_node_list_gpu_node.csv`).
+    #[arg(long)]
+    nodes: PathBuf,
+    /// Pod list CSV (`openb_pod_list_*.csv`).
+    #[arg(long)]
+    pods: PathBuf,
+    /// Policy name, or `all` for every policy side by side.
+    #[arg(long, default_value = "tessera")]
+    policy: String,
+    /// Seeds: `42`, `42-51` or `1,5,9`.
+    #[arg(long, default_value = "42-51")]
+    seeds: String,
+    /// Total GPU request as a multiple of cluster capacity.
+    #[arg(long, default_value_t = 1.3)]
+    tune: f64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The FGD authors' `analysis_allo_discrete.csv`, to print their numbers beside ours.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+}
+
+fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+            if a > b {
+                bail!("seed range {part} is empty");
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().with_context(|| format!("seed {part:?} is not a number"))?);
+        }
+    }
+    if out.is_empty() {
+        bail!("no seeds given");
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct PolicyReport {
+    policy: String,
+    trace: String,
+    tune: f64,
+    runs: Vec<openb::Run>,
+    mean_allocation_ratio: f64,
+    elapsed_seconds: f64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openb(args) => run_openb(args),
+    }
+}
+
+fn run_openb(args: OpenbArgs) -> Result<()> {
+    let seeds = parse_seeds(&args.seeds)?;
+    let policies: Vec<String> = if args.policy == "all" {
+        tessera_core::policy::NAMES.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        if tessera_core::policy::by_name(&args.policy).is_none() {
+            bail!("unknown policy {:?}; known: {}", args.policy, tessera_core::policy::NAMES.join(", "));
+        }
+        vec![args.policy.clone()]
+    };
+    if !(args.tune > 0.0 && args.tune <= 10.0) {
+        bail!("--tune {} is outside (0, 10]", args.tune);
+    }
+    let nodes = trace::load_nodes(&args.nodes)?;
+    let pods = trace::load_pods(&args.pods)?;
+    let trace_name = args.pods.file_stem().and_then(|s| s.to_str()).unwrap_or("trace").to_owned();
+    let gpus: usize = nodes.iter().map(|n| n.gpus.len()).sum();
+    println!(
+        "trace {trace_name}: {} nodes, {gpus} GPUs, {} pods; tune {}; seeds {}",
+        nodes.len(),
+        pods.len(),
+        args.tune,
+        args.seeds
+    );
+    let tty = std::io::stderr().is_terminal();
+    let mut reports = Vec::new();
+    for name in &policies {
+        let policy = tessera_core::policy::by_name(name).context("policy vanished")?;
+        let started = std::time::Instant::now();
+        // Seeds are independent: run them on all cores, each with its own progress bar.
+        let bars = indicatif::MultiProgress::new();
+        if !tty {
+            bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len()).max(1);
+        let chunks: Vec<Vec<u64>> =
+            (0..threads).map(|t| seeds.iter().copied().skip(t).step_by(threads).collect()).collect();
+        let results: Vec<Result<Vec<openb::Run>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|chunk| {
+                    let (nodes, pods, policy, bars) = (&nodes, &pods, policy.as_ref(), &bars);
+                    scope.spawn(move || -> Result<Vec<openb::Run>> {
+                        let mut out = Vec::new();
+                        for &seed in chunk {
+                            let bar = bars.add(indicatif::ProgressBar::new(1));
+                            bar.set_style(
+                                indicatif::ProgressStyle::with_template(
+                                    "{prefix:>22} {bar:40} {pos}/{len} pods {elapsed}",
+                                )
+                                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                            );
+                            bar.set_prefix(format!("{name} seed {seed}"));
+                            let progress = |done: u64, total: u64| {
+                                bar.set_length(total);
+                                bar.set_position(done);
+                            };
+                            out.push(openb::replay(nodes, pods, policy, args.tune, seed, &progress)?);
+                            bar.finish_and_clear();
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a replay thread panicked"))))
+                .collect()
+        });
+        let mut runs = Vec::new();
+        for r in results {
+            runs.extend(r?);
+        }
+        runs.sort_by_key(|r| r.seed);
+        let mean = runs.iter().map(|r| r.allocation_ratio).sum::<f64>() / runs.len() as f64;
+        reports.push(PolicyReport {
+            policy: name.clone(),
+            trace: trace_name.clone(),
+            tune: args.tune,
+            runs,
+            mean_allocation_ratio: mean,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let expected = match &args.compare {
+        Some(p) => Some(compare::load_expected(p)?),
+        None => None,
+    };
+    print_table(&reports, expected.as_ref());
+    if let Some(path) = &args.json {
+        let body = if reports.len() == 1 {
+            serde_json::to_string_pretty(&reports[0])?
+        } else {
+            serde_json::to_string_pretty(&reports)?
+        };
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_table(reports: &[PolicyReport], expected: Option<&compare::Expected>) {
+    println!();
+    print!(
+        "{:<16} {:>10} {:>11} {:>10} {:>9} {:>9} {:>10}",
+        "policy", "alloc %", "unalloc GPU", "failed", "frag %", "s/run", "total s"
+    );
+    if expected.is_some() {
+        print!(" {:>12} {:>10}", "paper alloc%", "paper pol.");
+    }
+    println!();
+    for r in reports {
+        let n = r.runs.len() as f64;
+        let unalloc = r.runs.iter().map(|x| x.unallocated_gpus).sum::<f64>() / n;
+        let failed = r.runs.iter().map(|x| x.failed_pods as f64).sum::<f64>() / n;
+        let frag = r.runs.iter().map(|x| x.fragmentation_pct).sum::<f64>() / n;
+        let per_run = r.runs.iter().map(|x| x.elapsed_seconds).sum::<f64>() / n;
+        print!(
+            "{:<16} {:>10.2} {:>11.1} {:>10.1} {:>9.2} {:>9.2} {:>10.1}",
+            r.policy,
+            100.0 * r.mean_allocation_ratio,
+            unalloc,
+            failed,
+            frag,
+            per_run,
+            r.elapsed_seconds
+        );
+        if let Some(e) = expected {
+            let seeds: Vec<u64> = r.runs.iter().map(|x| x.seed).collect();
+            match compare::paper_policy(&r.policy).and_then(|p| e.mean_final(&r.trace, p, &seeds).map(|v| (p, v))) {
+                Some((p, v)) => print!(" {v:>12.2} {p:>10}"),
+                None => print!(" {:>12} {:>10}", "-", "-"),
+            }
+        }
+        println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_parse_as_ranges_and_lists() {
+        assert_eq!(parse_seeds("42-44").ok(), Some(vec![42, 43, 44]));
+        assert_eq!(parse_seeds("1, 5,9").ok(), Some(vec![1, 5, 9]));
+        assert!(parse_seeds("9-1").is_err());
+        assert!(parse_seeds("x").is_err());
+        assert!(parse_seeds("").is_err());
+    }
+}

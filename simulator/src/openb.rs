@@ -1,0 +1,200 @@
+//! openb replay, as the FGD paper's simulator does it.
+//!
+//! Pods are sorted by name, shuffled with the seed, then "tuned": random copies of the original
+//! pods (with replacement) are appended until the GPU request reaches `tune` × capacity. Each
+//! pod is placed once, in order, through `tessera_core::policy::place` (the extender's entry
+//! point); pods never leave, and a pod that fits nowhere is recorded as failed and dropped.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tessera_core::cluster::{Node, Snapshot};
+use tessera_core::demand::Demand;
+use tessera_core::metrics::packing;
+use tessera_core::policy::{Context, Policy, Workload, place};
+
+use crate::trace::PodRow;
+
+/// The replay order for one seed: shuffled originals followed by tuned copies.
+pub fn tuned_order(pods: &[PodRow], capacity_milli: u64, tune: f64, seed: u64) -> Vec<PodRow> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut sorted: Vec<PodRow> = pods.to_vec();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut order = sorted.clone();
+    order.shuffle(&mut rng);
+    let target = (tune * capacity_milli as f64) as u64;
+    let mut total: u64 = order.iter().map(PodRow::gpu_request_milli).sum();
+    if total > target {
+        while total > target && !order.is_empty() {
+            let i = rng.random_range(0..order.len());
+            total -= order.remove(i).gpu_request_milli();
+        }
+    } else {
+        // Like the artifact: sample with replacement from the name-sorted originals and stop at
+        // the first sample whose per-GPU request would overflow the target.
+        let mut j = 0;
+        loop {
+            let mut q = sorted[rng.random_range(0..sorted.len())].clone();
+            let per_gpu = if q.num_gpu == 0 { 0 } else { u64::from(q.gpu_milli) };
+            if total + per_gpu > target {
+                break;
+            }
+            total += q.gpu_request_milli();
+            q.name = format!("{}-tuned-{j}", q.name);
+            order.push(q);
+            j += 1;
+        }
+    }
+    order
+}
+
+/// One seed's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub seed: u64,
+    /// Allocated / total GPU at the end (fraction).
+    pub allocation_ratio: f64,
+    /// Total GPUs minus allocated GPUs at the end (in GPUs, fractional).
+    pub unallocated_gpus: f64,
+    pub failed_pods: u64,
+    pub pods: u64,
+    /// Failed pods by the kind of demand that failed.
+    pub failed_by_reason: BTreeMap<String, u64>,
+    /// `[arrived %, allocated %]` for arrived = 0..=130 (the paper's discretisation).
+    pub curve: Vec<(u32, f64)>,
+    /// FGD fragmentation at the end, % of cluster GPU.
+    pub fragmentation_pct: f64,
+    pub elapsed_seconds: f64,
+}
+
+/// Replays one trace under one policy and seed. `now` is only used for timing the run.
+pub fn replay(
+    nodes: &[Node],
+    pods: &[PodRow],
+    policy: &dyn Policy,
+    tune: f64,
+    seed: u64,
+    progress: &dyn Fn(u64, u64),
+) -> anyhow::Result<Run> {
+    let started = std::time::Instant::now();
+    let mut snap = Snapshot::new(nodes.iter().cloned())?;
+    let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
+    let capacity = total_gpus * 1000;
+    // FGD's target workload: the original pods' shapes covering 95% of them.
+    let originals: Vec<Demand> = pods.iter().map(|p| p.demand(p.name.clone())).collect();
+    let workload = Workload::from_demands_top(originals.iter(), 0.95);
+    let ctx = Context { workload: &workload, seed };
+    let order = tuned_order(pods, capacity, tune, seed);
+    let mut arrived: u64 = 0;
+    let mut allocated: u64 = 0;
+    let mut failed = 0u64;
+    let mut failed_by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    // Per event: (arrived %, allocated %), discretised below.
+    let mut events: Vec<(i64, f64)> = Vec::with_capacity(order.len());
+    let n = order.len() as u64;
+    for (i, pod) in order.iter().enumerate() {
+        let demand = pod.demand(format!("openb/{}#{i}", pod.name));
+        arrived += pod.gpu_request_milli();
+        match place(&snap, &demand, policy, &ctx) {
+            Ok(p) => {
+                p.apply(&mut snap, &demand, None)?;
+                allocated += pod.gpu_request_milli();
+            }
+            Err(_) => {
+                failed += 1;
+                let kind = match pod.num_gpu {
+                    0 => "cpu-only".to_owned(),
+                    1 if pod.gpu_milli < 1000 => "gpu-share".to_owned(),
+                    k => format!("{k}-gpu"),
+                };
+                *failed_by_reason.entry(kind).or_default() += 1;
+            }
+        }
+        let arrive_pct = round_half_even(arrived as f64 / total_gpus as f64 / 10.0);
+        events.push((arrive_pct, allocated as f64 / total_gpus as f64 / 10.0));
+        if i % 256 == 0 {
+            progress(i as u64, n);
+        }
+    }
+    progress(n, n);
+    let curve = discretise(&events, 130);
+    let pack = packing(&snap, &workload, |_| true);
+    debug_assert_eq!(pack.allocated_milli, allocated);
+    Ok(Run {
+        seed,
+        allocation_ratio: allocated as f64 / capacity as f64,
+        unallocated_gpus: (capacity - allocated) as f64 / 1000.0,
+        failed_pods: failed,
+        pods: n,
+        failed_by_reason,
+        curve,
+        fragmentation_pct: 100.0 * pack.fragmentation_milli / capacity as f64,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Python's `round` (half to even), used by the paper's analysis scripts.
+fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 { (r - x.signum()) as i64 } else { r as i64 }
+}
+
+/// Column `x` = mean allocation % over events whose rounded arrival % is `x`; empty buckets
+/// borrow from `x±1`; still-empty buckets are omitted.
+pub fn discretise(events: &[(i64, f64)], max: u32) -> Vec<(u32, f64)> {
+    let mut out = Vec::new();
+    for x in 0..=max {
+        let xi = i64::from(x);
+        let mut vals: Vec<f64> = events.iter().filter(|(a, _)| *a == xi).map(|(_, v)| *v).collect();
+        if vals.is_empty() {
+            vals = events.iter().filter(|(a, _)| (xi - 1..=xi + 1).contains(a)).map(|(_, v)| *v).collect();
+        }
+        if !vals.is_empty() {
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            out.push((x, (mean * 100.0).round() / 100.0));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, num_gpu: u32, gpu_milli: u32) -> PodRow {
+        PodRow { name: name.into(), cpu_milli: 1000, memory_mib: 1024, num_gpu, gpu_milli, gpu_spec: String::new() }
+    }
+
+    #[test]
+    fn tuning_appends_copies_until_the_target_and_is_seeded() {
+        let pods = vec![pod("a", 1, 500), pod("b", 2, 1000), pod("c", 0, 0)];
+        let order = tuned_order(&pods, 10_000, 1.3, 42);
+        let total: u64 = order.iter().map(PodRow::gpu_request_milli).sum();
+        assert!(total <= 13_000 + 1000, "{total}");
+        assert!(total > 13_000 - 2000, "{total}");
+        // Originals first (a permutation), then tuned copies.
+        let mut first: Vec<&str> = order[..3].iter().map(|p| p.name.as_str()).collect();
+        first.sort();
+        assert_eq!(first, ["a", "b", "c"]);
+        assert!(order[3..].iter().all(|p| p.name.contains("-tuned-")));
+        assert_eq!(order, tuned_order(&pods, 10_000, 1.3, 42));
+        assert_ne!(order, tuned_order(&pods, 10_000, 1.3, 43));
+        // Too much demand is tuned down.
+        let many: Vec<PodRow> = (0..40).map(|i| pod(&format!("p{i:02}"), 1, 1000)).collect();
+        let down = tuned_order(&many, 10_000, 1.3, 1);
+        assert_eq!(down.iter().map(PodRow::gpu_request_milli).sum::<u64>(), 13_000);
+    }
+
+    #[test]
+    fn discretisation_averages_buckets_and_borrows_neighbours() {
+        let ev = vec![(0, 0.0), (1, 1.0), (1, 2.0), (3, 3.0)];
+        let c = discretise(&ev, 4);
+        assert_eq!(c, vec![(0, 0.0), (1, 1.5), (2, 2.0), (3, 3.0), (4, 3.0)]);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.5), 4);
+        assert_eq!(round_half_even(3.4), 3);
+    }
+}
