@@ -194,14 +194,14 @@ impl FakeGpus {
             let (class, start) = {
                 let s = self.lock();
                 let g = s.gpus.iter().find(|g| g.info.index == gpu).ok_or(GpuError::NoSuchGpu(gpu))?;
-                let layout = g.layout.as_ref().ok_or_else(|| GpuError::Unsupported {
-                    gpu,
-                    what: "MIG instances outside MIG mode".into(),
-                })?;
-                let profile = layout.geometry().profile_by_name(name).ok_or_else(|| GpuError::Unsupported {
-                    gpu,
-                    what: format!("profile {name}"),
-                })?;
+                let layout = g
+                    .layout
+                    .as_ref()
+                    .ok_or_else(|| GpuError::Unsupported { gpu, what: "MIG instances outside MIG mode".into() })?;
+                let profile = layout
+                    .geometry()
+                    .profile_by_name(name)
+                    .ok_or_else(|| GpuError::Unsupported { gpu, what: format!("profile {name}") })?;
                 let start = *layout.placements(profile.class).first().ok_or_else(|| GpuError::Refused {
                     gpu,
                     reason: tessera_core::mig::MigError::InstanceLimit { max: layout.geometry().max_instances },
@@ -377,11 +377,8 @@ impl GpuBackend for FakeGpus {
     fn sample(&self, gpu: u32) -> Result<Sample, GpuError> {
         let s = self.lock();
         let g = s.gpus.iter().find(|g| g.info.index == gpu && g.present).ok_or(GpuError::NoSuchGpu(gpu))?;
-        let busy_mig: Vec<(String, u64)> = g
-            .uuids
-            .iter()
-            .map(|(_, u)| (u.clone(), if s.busy.contains(u) { 1024 } else { 0 }))
-            .collect();
+        let busy_mig: Vec<(String, u64)> =
+            g.uuids.iter().map(|(_, u)| (u.clone(), if s.busy.contains(u) { 1024 } else { 0 })).collect();
         let busy = s.busy.contains(&g.info.uuid) || busy_mig.iter().any(|(_, m)| *m > 0);
         Ok(Sample {
             utilization_pct: Some(if busy { 50 } else { 0 }),
@@ -474,7 +471,10 @@ mod tests {
         f.recover();
         f.remove_gpu(1);
         assert_eq!(f.devices().unwrap().len(), 1);
-        assert_eq!(f.apply(&MigOp::Create { gpu: 1, class: ProfileClass::G1, start: 0 }).unwrap_err().kind(), "no_such_gpu");
+        assert_eq!(
+            f.apply(&MigOp::Create { gpu: 1, class: ProfileClass::G1, start: 0 }).unwrap_err().kind(),
+            "no_such_gpu"
+        );
         f.restore_gpu(1);
         assert_eq!(f.devices().unwrap().len(), 2);
     }

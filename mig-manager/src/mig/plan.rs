@@ -118,7 +118,12 @@ fn in_use_on(gpu: &ObservedGpu, in_use: &BTreeSet<String>) -> Vec<String> {
         .collect()
 }
 
-fn plan_gpu(spec: &GpuSpec, gpu: &ObservedGpu, in_use: &BTreeSet<String>, ops: &mut Vec<MigOp>) -> Result<(), BlockReason> {
+fn plan_gpu(
+    spec: &GpuSpec,
+    gpu: &ObservedGpu,
+    in_use: &BTreeSet<String>,
+    ops: &mut Vec<MigOp>,
+) -> Result<(), BlockReason> {
     let index = gpu.info.index;
     if gpu.info.pending_mode.is_some_and(|p| p != gpu.info.mode) {
         return Err(BlockReason::ModePending);
@@ -155,7 +160,12 @@ fn plan_gpu(spec: &GpuSpec, gpu: &ObservedGpu, in_use: &BTreeSet<String>, ops: &
     }
 }
 
-fn plan_mig_diff(gpu: &ObservedGpu, want: &MigLayout, in_use: &BTreeSet<String>, ops: &mut Vec<MigOp>) -> Result<(), BlockReason> {
+fn plan_mig_diff(
+    gpu: &ObservedGpu,
+    want: &MigLayout,
+    in_use: &BTreeSet<String>,
+    ops: &mut Vec<MigOp>,
+) -> Result<(), BlockReason> {
     let index = gpu.info.index;
     let wanted = |i: &Instance| want.instances().contains(i);
     let mut kept_busy = Vec::new();

@@ -184,7 +184,10 @@ mod tests {
             std::fs::write(CRD_PATH, &want).unwrap();
         }
         let have = std::fs::read_to_string(CRD_PATH).unwrap_or_default();
-        assert!(have == want, "manifests/crds/gpunodes.tessera.dev.yaml is stale; run TESSERA_BLESS=1 cargo test -p tessera-api");
+        assert!(
+            have == want,
+            "manifests/crds/gpunodes.tessera.dev.yaml is stale; run TESSERA_BLESS=1 cargo test -p tessera-api"
+        );
     }
 
     #[test]
