@@ -3,9 +3,15 @@
 //!
 //! - [`gpu`]: the [`gpu::GpuBackend`] seam (nvml, fake, null).
 //! - [`mig`]: the pure planner and the executor.
+//! - [`pods`]: who holds which device (assignment annotations).
+//! - [`device_plugin`]: kubelet device plugin for `tessera.dev/gpu`.
+//! - [`metrics`]: the `tessera_node_*` series.
 
+pub mod device_plugin;
 pub mod error;
 pub mod gpu;
+pub mod metrics;
 pub mod mig;
+pub mod pods;
 
 pub use error::{Error, Result};
