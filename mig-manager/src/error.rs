@@ -50,6 +50,8 @@ pub enum Error {
     },
     #[error("serving the device plugin")]
     Serve(#[source] tonic::transport::Error),
+    #[error("reading spec file {path}: {why}")]
+    SpecFile { path: String, why: String },
     #[error("background task failed: {0}")]
     Task(String),
 }
@@ -67,6 +69,7 @@ impl Error {
             Error::KubeletConnect { .. } => "kubelet_connect",
             Error::Register { .. } => "register",
             Error::Serve(_) => "serve",
+            Error::SpecFile { .. } => "spec_file",
             Error::Task(_) => "task",
         }
     }

@@ -13,5 +13,6 @@ pub mod gpu;
 pub mod metrics;
 pub mod mig;
 pub mod pods;
+pub mod status;
 
 pub use error::{Error, Result};
