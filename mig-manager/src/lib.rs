@@ -7,9 +7,11 @@
 //! - [`device_plugin`]: kubelet device plugin for `tessera.dev/gpu`.
 //! - [`metrics`]: the `tessera_node_*` series.
 
+pub mod agent;
 pub mod device_plugin;
 pub mod error;
 pub mod gpu;
+pub mod http;
 pub mod metrics;
 pub mod mig;
 pub mod pods;

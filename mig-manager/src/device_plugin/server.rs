@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Endpoint, Server, Uri};
 use tower::service_fn;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::v1beta1::device_plugin_server::DevicePluginServer;
 use super::v1beta1::registration_client::RegistrationClient;
@@ -90,6 +90,7 @@ pub async fn run(cfg: PluginConfig, plugin: Plugin, registered: watch::Sender<bo
         info!(socket = %socket.display(), resource = %cfg.resource, "Device plugin serving");
 
         // Register, retrying until kubelet answers (or our socket is wiped).
+        let mut attempts: u32 = 0;
         let kubelet_id = loop {
             if file_id(&socket).is_none() {
                 break None;
@@ -103,7 +104,13 @@ pub async fn run(cfg: PluginConfig, plugin: Plugin, registered: watch::Sender<bo
                 }
                 Err(error) => {
                     registered.send_replace(false);
-                    warn!(%error, "Registration with kubelet failed; will retry");
+                    // Loud on the first failure and then once a minute or so; quiet in between.
+                    if attempts % 60 == 0 {
+                        warn!(%error, attempts, "Registration with kubelet failed; will retry");
+                    } else {
+                        debug!(%error, attempts, "Registration with kubelet failed; will retry");
+                    }
+                    attempts = attempts.saturating_add(1);
                     tokio::time::sleep(cfg.poll).await;
                 }
             }
