@@ -105,7 +105,7 @@ pub async fn run(cfg: PluginConfig, plugin: Plugin, registered: watch::Sender<bo
                 Err(error) => {
                     registered.send_replace(false);
                     // Loud on the first failure and then once a minute or so; quiet in between.
-                    if attempts % 60 == 0 {
+                    if attempts.is_multiple_of(60) {
                         warn!(%error, attempts, "Registration with kubelet failed; will retry");
                     } else {
                         debug!(%error, attempts, "Registration with kubelet failed; will retry");
