@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tessera_api::GpuNodeStatus;
 use tessera_api::gpunode::Condition;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info_span, warn};
 
 use crate::device_plugin::Allocations;
@@ -176,12 +176,16 @@ impl Agent {
         published
     }
 
-    /// Runs passes forever, one every `period`.
-    pub async fn run(mut self, period: Duration) {
+    /// Runs passes forever: one every `period`, and one as soon as `trigger` is notified
+    /// (the GpuNode spec changed).
+    pub async fn run(mut self, period: Duration, trigger: Arc<Notify>) {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = trigger.notified() => {}
+            }
             let span = info_span!("mig_reconcile", node = %self.node);
             self.pass().instrument(span).await;
         }
@@ -269,6 +273,38 @@ mod tests {
         assert_eq!(status.gpus[0].instances[0].profile, "7g.80gb");
         assert_eq!(cond(&status, condition::RECONCILED).reason, "Converged");
         assert_eq!(cond(&status, condition::NVML_READY).status, "True");
+    }
+
+    #[tokio::test]
+    async fn a_spec_change_notification_runs_a_pass_before_the_period() {
+        let fake = Arc::new(FakeGpus::new(MigProduct::H100_80GB, 1, true));
+        let dir = tempfile::tempdir().unwrap();
+        let spec_path = dir.path().join("spec.json");
+        std::fs::write(&spec_path, r#"{"gpus":[]}"#).unwrap();
+        let (agent, api) = agent(fake.clone(), Some(spec_path.clone()), Arc::default());
+        let trigger = Arc::new(Notify::new());
+        let task = tokio::spawn(agent.run(Duration::from_secs(3600), trigger.clone()));
+        let wait_for = |want: usize| {
+            let api = api.clone();
+            async move {
+                for _ in 0..200 {
+                    if api.last().is_some_and(|s| s.gpus[0].instances.len() == want) {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        assert!(wait_for(0).await, "first pass at start");
+        std::fs::write(
+            &spec_path,
+            r#"{"gpus":[{"index":0,"mode":"mig","instances":[{"profile":"1g.10gb","start":6}]}]}"#,
+        )
+        .unwrap();
+        trigger.notify_one();
+        assert!(wait_for(1).await, "notified pass applied the new spec long before the hour");
+        task.abort();
     }
 
     #[tokio::test]

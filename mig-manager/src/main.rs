@@ -15,9 +15,9 @@ use tessera_mig_manager::gpu::null::NullBackend;
 use tessera_mig_manager::gpu::nvml::NvmlBackend;
 use tessera_mig_manager::gpu::{GpuBackend, Observed};
 use tessera_mig_manager::pods::{KubePods, PodSource, StaticPods};
-use tessera_mig_manager::status::{KubeNodeApi, LocalNodeApi, NodeApi};
+use tessera_mig_manager::status::{KubeNodeApi, LocalNodeApi, NodeApi, watch_spec};
 use tessera_mig_manager::{http, metrics};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -108,10 +108,12 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(metrics);
     let allocations = Arc::new(Allocations::default());
     let local = cli.standalone.then(|| Arc::new(LocalNodeApi::new(cli.spec_file.clone())));
+    let mut kube_client = None;
     let (node_api, pods): (Arc<dyn NodeApi>, Arc<dyn PodSource>) = match &local {
         Some(l) => (l.clone(), Arc::new(StaticPods::default())),
         None => {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            kube_client = Some(client.clone());
             (
                 Arc::new(KubeNodeApi::new(client.clone(), &cli.node_name)),
                 Arc::new(KubePods::new(client, &cli.node_name)),
@@ -157,7 +159,11 @@ async fn main() -> anyhow::Result<()> {
         registered: registered_rx,
         metrics,
     });
-    let agent_task = tokio::spawn(agent.run(Duration::from_secs(cli.resync_secs.max(1))));
+    let trigger = Arc::new(Notify::new());
+    if let Some(client) = kube_client {
+        tokio::spawn(watch_spec(client, cli.node_name.clone(), trigger.clone()));
+    }
+    let agent_task = tokio::spawn(agent.run(Duration::from_secs(cli.resync_secs.max(1)), trigger));
 
     let plugin_done = async {
         match plugin_task {

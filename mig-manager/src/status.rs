@@ -201,6 +201,31 @@ impl NodeApi for KubeNodeApi {
     }
 }
 
+/// Watches this node's GpuNode and notifies `trigger` whenever its spec generation changes.
+/// Status writes do not change the generation, so the agent's own patches do not loop.
+pub async fn watch_spec(client: kube::Client, node: String, trigger: std::sync::Arc<tokio::sync::Notify>) {
+    use kube::runtime::watcher;
+    use tokio_stream::StreamExt;
+
+    let api: Api<GpuNode> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut last: Option<i64> = None;
+    let mut events = std::pin::pin!(watcher::watcher(api, cfg));
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                let generation = obj.metadata.generation;
+                if generation != last {
+                    last = generation;
+                    trigger.notify_one();
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "GpuNode watch error; the watcher retries"),
+        }
+    }
+}
+
 /// `--standalone`: the spec comes from an optional JSON file (a `GpuNodeSpec`), re-read every
 /// pass; the last status is kept in memory and served on `/status`.
 #[derive(Debug, Default)]

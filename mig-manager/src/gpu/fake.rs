@@ -277,7 +277,7 @@ impl FakeGpus {
         self.lock().log.clone()
     }
 
-    /// UUIDs of MIG devices that ever existed and were destroyed.
+    /// UUIDs of the MIG devices that exist now, on present and vanished GPUs alike.
     pub fn all_mig_uuids(&self) -> Vec<String> {
         self.lock().gpus.iter().flat_map(|g| g.uuids.iter().map(|(_, u)| u.clone())).collect()
     }
