@@ -39,8 +39,13 @@ pub struct NvmlBackend {
 }
 
 fn nv(call: &'static str) -> impl Fn(NvmlError) -> GpuError {
+    move |e| GpuError::Nvml { call, message: e.to_string() }
+}
+
+/// Like [`nv`], but NVML's "in use" becomes [`GpuError::InUse`] on `gpu` (destroy, mode change).
+fn nv_on(gpu: u32, call: &'static str) -> impl Fn(NvmlError) -> GpuError {
     move |e| match e {
-        NvmlError::InUse => GpuError::InUse { gpu: u32::MAX, what: call.to_owned() },
+        NvmlError::InUse => GpuError::InUse { gpu, what: format!("{call}: a process still uses it") },
         other => GpuError::Nvml { call, message: other.to_string() },
     }
 }
@@ -249,19 +254,12 @@ impl NvmlBackend {
                     continue;
                 }
                 for &ci in buf.iter().take(count as usize) {
-                    nvml_try(destroy_ci(ci)).map_err(|e| in_use_on(gpu, nv("nvmlComputeInstanceDestroy")(e)))?;
+                    nvml_try(destroy_ci(ci)).map_err(nv_on(gpu, "nvmlComputeInstanceDestroy"))?;
                 }
             }
-            nvml_try(destroy_gi(gi)).map_err(|e| in_use_on(gpu, nv("nvmlGpuInstanceDestroy")(e)))?;
+            nvml_try(destroy_gi(gi)).map_err(nv_on(gpu, "nvmlGpuInstanceDestroy"))?;
         }
         Ok(())
-    }
-}
-
-fn in_use_on(gpu: u32, e: GpuError) -> GpuError {
-    match e {
-        GpuError::InUse { what, .. } => GpuError::InUse { gpu, what },
-        other => other,
     }
 }
 
@@ -279,8 +277,14 @@ impl GpuBackend for NvmlBackend {
                 Err(GpuError::NoSuchGpu(_)) => continue,
                 Err(e) => return Err(e),
             };
-            let uuid = d.uuid().map_err(nv("nvmlDeviceGetUUID"))?;
-            let name = d.name().map_err(nv("nvmlDeviceGetName"))?;
+            // A GPU that cannot even name itself is skipped (and so reported missing).
+            let (uuid, name) = match (d.uuid(), d.name()) {
+                (Ok(u), Ok(n)) => (u, n),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(gpu = index, error = %e, "GPU does not answer; skipping it");
+                    continue;
+                }
+            };
             let mem = d.memory_info();
             let memory_mib = mem.as_ref().map_or(0, |m| m.total / (1024 * 1024));
             let product = product_from_name(&name, memory_mib);
@@ -451,7 +455,7 @@ impl GpuBackend for NvmlBackend {
         match *op {
             MigOp::SetMode { gpu, mode } => {
                 let d = self.device(gpu)?;
-                d.set_mig_mode(mode == GpuMode::Mig).map_err(|e| in_use_on(gpu, nv("nvmlDeviceSetMigMode")(e)))?;
+                d.set_mig_mode(mode == GpuMode::Mig).map_err(nv_on(gpu, "nvmlDeviceSetMigMode"))?;
                 Ok(())
             }
             MigOp::Create { gpu, class, start } => self.create(gpu, class, start),
