@@ -1,0 +1,21 @@
+//! Annotation and resource names.
+
+/// The scheduler's device choice for a pod, as [`crate::Assignment`] JSON.
+pub const ASSIGNMENT: &str = "tessera.dev/assignment";
+/// Device memory the model needs, e.g. `18Gi`.
+pub const GPU_MEMORY: &str = "tessera.dev/gpu-memory";
+/// Compute slices (sevenths of a GPU) the model needs.
+pub const GPU_COMPUTE: &str = "tessera.dev/gpu-compute";
+/// Whole GPUs for tensor parallelism.
+pub const GPUS: &str = "tessera.dev/gpus";
+/// A time-sliced share in milli-GPU.
+pub const GPU_SHARE: &str = "tessera.dev/gpu-share";
+/// Allowed GPU products, `|`-separated.
+pub const GPU_MODELS: &str = "tessera.dev/gpu-models";
+/// Gang name (annotation-only gangs).
+pub const GANG_NAME: &str = "tessera.dev/gang-name";
+/// Gang size (annotation-only gangs).
+pub const GANG_SIZE: &str = "tessera.dev/gang-size";
+
+/// The extended resource the tessera device plugin serves.
+pub const RESOURCE_GPU: &str = "tessera.dev/gpu";
