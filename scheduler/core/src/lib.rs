@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod demand;
 pub mod error;
+pub mod gang;
 pub mod metrics;
 pub mod mig;
 pub mod placement;

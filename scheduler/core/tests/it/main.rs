@@ -1,3 +1,4 @@
 //! Integration tests of tessera-core: one binary, a module per topic.
 
+mod gang_model;
 mod snapshot_model;
