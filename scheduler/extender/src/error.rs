@@ -25,6 +25,8 @@ pub enum Error {
     UnknownPod(PodKey),
     #[error("pod {pod}: {reason}")]
     Unplaceable { pod: PodKey, reason: String },
+    #[error("gang {gang}: {why}")]
+    Gang { gang: String, why: String },
     #[error("this replica is not the leader; only the leader binds")]
     NotLeader,
     #[error("binding pod {pod} to {node}")]
@@ -57,6 +59,7 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::UnknownPod(_) => "unknown_pod",
             Error::Unplaceable { .. } => "unplaceable",
+            Error::Gang { .. } => "gang",
             Error::NotLeader => "not_leader",
             Error::Bind { .. } => "bind",
             Error::PatchGpuNode { .. } => "patch_gpunode",

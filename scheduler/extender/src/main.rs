@@ -74,6 +74,15 @@ async fn main() -> anyhow::Result<()> {
         }
         s
     };
+    // Gang reservations lapse on their deadline even when no request comes in.
+    let ticker = scheduler.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            ticker.tick();
+        }
+    });
     let limits = Limits { max_body_bytes: cfg.max_body_bytes, timeout: cfg.request_timeout };
     let verbs_surface = if cfg.read_listen.is_none() { Surface::ALL } else { Surface::VERBS };
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;

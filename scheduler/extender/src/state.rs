@@ -7,7 +7,7 @@
 //! ([`Scheduler::replace_base`]) and the assume cache is laid over it, so a pod being bound
 //! counts at once and is never counted twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -20,9 +20,13 @@ use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode};
 use tessera_api::pod::{self as podparse, PodError};
 use tessera_api::podgroup::PodGroupSpec;
 use tessera_api::{AssignedDevice, Assignment};
+use tessera_core::gang::{self, GangPlan};
 use tessera_core::metrics::{Packing, packing};
 use tessera_core::policy::{self, NodeVerdict, Workload};
-use tessera_core::{Allocation, Context, Demand, GpuMode, Grant, MigOp, NodeName, Placement, PodKey, Policy, Snapshot};
+use tessera_core::{
+    Allocation, Context, Demand, GangRef, GpuMode, Grant, MigOp, NodeName, Placement, PodKey, Policy, Rejection,
+    Snapshot,
+};
 
 use crate::binder::{BindRequest, Binder, WantedInstance};
 use crate::error::Error;
@@ -126,6 +130,46 @@ impl<V> Bounded<V> {
     }
 }
 
+/// Where a planned gang's held binds stand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Barrier {
+    /// Some planned members have not reached bind yet.
+    Waiting,
+    /// Every planned member reached bind: each goes ahead.
+    Open,
+    /// The plan was dropped (deadline or an error); every held bind fails with this.
+    Failed(String),
+}
+
+/// One gang: members seen at filter, the reserved plan, and the bind barrier.
+#[derive(Debug)]
+struct GangState {
+    min_member: u32,
+    timeout_ms: u64,
+    /// Pending members and when filter last saw each (ms).
+    members: BTreeMap<PodKey, (Demand, u64)>,
+    plan: Option<GangPlan>,
+    arrived: BTreeSet<PodKey>,
+    barrier: tokio::sync::watch::Sender<Barrier>,
+}
+
+impl GangState {
+    fn new(g: &GangRef) -> Self {
+        Self {
+            min_member: g.min_member,
+            timeout_ms: g.timeout_ms,
+            members: BTreeMap::new(),
+            plan: None,
+            arrived: BTreeSet::new(),
+            barrier: tokio::sync::watch::channel(Barrier::Waiting).0,
+        }
+    }
+
+    fn planned(&self, pod: &PodKey) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.members.iter().any(|(k, _)| k == pod))
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     snap: Snapshot,
@@ -140,6 +184,37 @@ struct Inner {
     mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     base_reconfigs: u64,
+    gangs: BTreeMap<String, GangState>,
+}
+
+impl Inner {
+    /// Drops a gang's plan: releases its members still reserved (bound ones stay) and fails
+    /// every held bind with `why`.
+    fn fail_gang(&mut self, name: &str, why: &str) -> Vec<PodKey> {
+        let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
+        let mut released = Vec::new();
+        if let Some(plan) = st.plan.take() {
+            for (pod, _) in &plan.members {
+                if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
+                    && self.snap.release(pod).is_ok()
+                {
+                    released.push(pod.clone());
+                }
+            }
+        }
+        st.arrived.clear();
+        st.barrier.send_replace(Barrier::Failed(why.to_owned()));
+        // Later plans get a fresh barrier; waiters of this one already hold its receiver.
+        st.barrier = tokio::sync::watch::channel(Barrier::Waiting).0;
+        if !released.is_empty() {
+            self.generation += 1;
+        }
+        released
+    }
+
+    fn gang_of(&self, pod: &PodKey) -> Option<String> {
+        self.gangs.iter().find(|(_, st)| st.planned(pod)).map(|(n, _)| n.clone())
+    }
 }
 
 /// The scheduler: state plus the extender verbs.
@@ -207,6 +282,7 @@ impl Scheduler {
                 assumed: BTreeMap::new(),
                 mig_uuids: HashMap::new(),
                 base_reconfigs,
+                gangs: BTreeMap::new(),
             }),
             policy,
             binder,
@@ -366,39 +442,13 @@ impl Scheduler {
         }
         if let Some(a) = inner.snap.allocation(&demand.pod) {
             // Already assumed or reserved: only its node.
-            let here = a.node.clone();
-            return names
-                .iter()
-                .map(|n| NodeVerdict {
-                    node: n.clone(),
-                    outcome: if *n == here {
-                        Ok((
-                            tessera_core::Candidate { node: 0, grants: a.grants.clone(), ops: Vec::new() },
-                            policy::Score::default(),
-                        ))
-                    } else {
-                        Err(tessera_core::Rejection::Unschedulable(format!(
-                            "node {n}: pod {} already holds devices on {here}",
-                            demand.pod
-                        )))
-                    },
-                })
-                .collect();
+            let (here, grants) = (a.node.clone(), a.grants.clone());
+            return self.pinned(inner, demand, &here, grants, names);
         }
-        if let Some(g) = demand.gang.as_ref().filter(|g| g.min_member > 1) {
-            // Gang planning is not wired into the extender: refusing is the only answer that
-            // keeps all-or-nothing (placing members one by one could strand a partial gang).
-            let reason = format!(
-                "pod {}: gang {} (minMember {}) needs all-or-nothing planning, which this tessera-scheduler build does not do yet",
-                demand.pod, g.name, g.min_member
-            );
-            return names
-                .iter()
-                .map(|n| NodeVerdict {
-                    node: n.clone(),
-                    outcome: Err(tessera_core::Rejection::Unschedulable(reason.clone())),
-                })
-                .collect();
+        if let Some(g) = &demand.gang
+            && let Some(v) = self.gang_verdicts(inner, demand, g, names)
+        {
+            return v;
         }
         let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
         match policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(names)) {
@@ -411,6 +461,142 @@ impl Scheduler {
                 })
                 .collect(),
         }
+    }
+
+    /// Verdicts for a pod that already holds devices on `here`: that node fits; every other
+    /// node is refused, keeping "never fits" where the core says so.
+    fn pinned(
+        &self,
+        inner: &Inner,
+        demand: &Demand,
+        here: &NodeName,
+        grants: Vec<Grant>,
+        names: &[NodeName],
+    ) -> Vec<NodeVerdict> {
+        let others: Vec<NodeName> = names.iter().filter(|n| *n != here).cloned().collect();
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        let mut never: HashMap<NodeName, Rejection> = HashMap::new();
+        if let Ok(vs) = policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(&others)) {
+            for v in vs {
+                if let Err(r) = v.outcome
+                    && r.is_unresolvable()
+                {
+                    never.insert(v.node, r);
+                }
+            }
+        }
+        let held = match &demand.gang {
+            Some(g) => format!("gang {} placed pod {} on {here}", g.name, demand.pod),
+            None => format!("pod {} already holds devices on {here}", demand.pod),
+        };
+        names
+            .iter()
+            .map(|n| NodeVerdict {
+                node: n.clone(),
+                outcome: if n == here {
+                    Ok((
+                        tessera_core::Candidate { node: 0, grants: grants.clone(), ops: Vec::new() },
+                        policy::Score::default(),
+                    ))
+                } else if let Some(r) = never.remove(n) {
+                    Err(r)
+                } else {
+                    Err(Rejection::Unschedulable(format!("node {n}: {held}")))
+                },
+            })
+            .collect()
+    }
+
+    /// A gang member's verdicts: wait for `minMember` members, then plan and reserve the whole
+    /// gang at once; a planned member is offered only its node. `None`: the gang is already
+    /// planned without this pod (a member beyond `minMember`), which is placed like any pod.
+    fn gang_verdicts(
+        &self,
+        inner: &mut Inner,
+        demand: &Demand,
+        g: &GangRef,
+        names: &[NodeName],
+    ) -> Option<Vec<NodeVerdict>> {
+        let now = self.now_ms();
+        let st = inner.gangs.entry(g.name.clone()).or_insert_with(|| GangState::new(g));
+        st.min_member = g.min_member;
+        st.timeout_ms = g.timeout_ms;
+        st.members.insert(demand.pod.clone(), (demand.clone(), now));
+        // Members not filtered for a while are gone (kube-scheduler retries pending pods
+        // every few seconds).
+        let keep_ms = g.timeout_ms.max(30_000);
+        st.members.retain(|_, (_, seen)| now.saturating_sub(*seen) <= keep_ms);
+        if st.plan.is_some() {
+            if !st.planned(&demand.pod) {
+                return None;
+            }
+            // Planned, yet the pod holds nothing (its reservation was released): replan.
+            inner.fail_gang(&g.name, "the plan lost a member's reservation; replanning");
+        }
+        let st = inner.gangs.get(&g.name)?;
+        let members: Vec<Demand> = st
+            .members
+            .values()
+            .filter(|(d, _)| inner.snap.allocation(&d.pod).is_none())
+            .map(|(d, _)| d.clone())
+            .collect();
+        let all =
+            |r: Rejection| names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect();
+        if (members.len() as u64) < u64::from(st.min_member) {
+            return Some(all(Rejection::Unschedulable(format!(
+                "gang {}: {} of {} members pending; waiting for the rest before planning",
+                g.name,
+                members.len(),
+                st.min_member
+            ))));
+        }
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        match gang::plan_gang(&mut inner.snap, &members, self.policy.as_ref(), &ctx, now) {
+            Ok(plan) => {
+                tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
+                inner.generation += 1;
+                if let Some(st) = inner.gangs.get_mut(&g.name) {
+                    st.plan = Some(plan);
+                    st.arrived.clear();
+                    st.barrier.send_replace(Barrier::Waiting);
+                }
+                match inner.snap.allocation(&demand.pod).map(|a| (a.node.clone(), a.grants.clone())) {
+                    Some((here, grants)) => Some(self.pinned(inner, demand, &here, grants, names)),
+                    None => Some(all(Rejection::Unschedulable(format!(
+                        "gang {}: pod {} is not in the plan",
+                        g.name, demand.pod
+                    )))),
+                }
+            }
+            Err(r) => Some(all(r)),
+        }
+    }
+
+    /// Releases lapsed gang reservations (failing their held binds) and refreshes the gang
+    /// gauges. Run about once a second.
+    pub fn tick(&self) {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let expired = gang::expire(&mut inner.snap, now);
+        if !expired.is_empty() {
+            inner.generation += 1;
+            let names: Vec<String> = inner
+                .gangs
+                .iter()
+                .filter(|(_, st)| expired.iter().any(|p| st.planned(p)))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in names {
+                tracing::warn!(gang = %n, "Gang reservation lapsed before every member was bound; released");
+                inner.fail_gang(&n, "the gang's reservation deadline passed before every member reached bind");
+            }
+        }
+        let stale = 2 * 60_000;
+        inner.gangs.retain(|_, st| {
+            st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
+        });
+        let pending = inner.gangs.values().filter(|st| st.plan.is_none()).count();
+        self.metrics.pending_gangs.set(pending as i64);
     }
 
     // ---- prioritize --------------------------------------------------------------------
@@ -467,7 +653,16 @@ impl Scheduler {
         }
         let key = PodKey::new(&args.pod_namespace, &args.pod_name);
         let node = NodeName(args.node.clone());
-        let prepared = self.reserve(&key, &node, &args.pod_uid)?;
+        let gang = self.hold_for_gang(&key).await?;
+        let prepared = match self.reserve(&key, &node, &args.pod_uid) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(g) = &gang {
+                    self.lock().fail_gang(g, &e.chain());
+                }
+                return Err(e);
+            }
+        };
         match self.effect(args, &key, &prepared).await {
             Ok(mig_uuids) => {
                 let mut inner = self.lock();
@@ -476,6 +671,17 @@ impl Scheduler {
                 }
                 inner.snap.confirm(&key)?;
                 inner.generation += 1;
+                if let Some(g) = &gang {
+                    // Every planned member bound: the gang is done.
+                    let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
+                        p.members
+                            .iter()
+                            .all(|(k, _)| inner.snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
+                    });
+                    if done {
+                        inner.gangs.remove(g);
+                    }
+                }
                 self.metrics.reservations.set(inner.assumed.len() as i64);
                 Ok(())
             }
@@ -484,9 +690,46 @@ impl Scheduler {
                 if inner.snap.release(&key).is_ok() {
                     inner.generation += 1;
                 }
+                if let Some(g) = &gang {
+                    inner.fail_gang(g, &e.chain());
+                }
                 inner.assumed.remove(&key);
                 self.metrics.reservations.set(inner.assumed.len() as i64);
                 Err(e)
+            }
+        }
+    }
+
+    /// Holds a planned gang member's bind until every planned member has reached bind (or the
+    /// plan's deadline passes, which fails them all). Returns the gang's name for members.
+    async fn hold_for_gang(&self, key: &PodKey) -> Result<Option<String>, Error> {
+        let (name, mut rx, deadline_ms) = {
+            let mut inner = self.lock();
+            let Some(name) = inner.gang_of(key) else { return Ok(None) };
+            let Some(st) = inner.gangs.get_mut(&name) else { return Ok(None) };
+            st.arrived.insert(key.clone());
+            let (all_in, deadline_ms) = match &st.plan {
+                Some(p) => (p.members.iter().all(|(k, _)| st.arrived.contains(k)), p.deadline_ms),
+                None => (false, 0),
+            };
+            if all_in {
+                tracing::info!(gang = %name, "Every gang member reached bind; binding all");
+                st.barrier.send_replace(Barrier::Open);
+            }
+            (name, st.barrier.subscribe(), deadline_ms)
+        };
+        let deadline = self.origin + Duration::from_millis(deadline_ms);
+        let outcome = tokio::time::timeout_at(deadline, rx.wait_for(|b| *b != Barrier::Waiting)).await;
+        match outcome {
+            Ok(Ok(b)) => match &*b {
+                Barrier::Failed(why) => Err(Error::Gang { gang: name, why: why.clone() }),
+                _ => Ok(Some(name)),
+            },
+            Ok(Err(_)) => Err(Error::Gang { gang: name, why: "the plan was dropped".into() }),
+            Err(_) => {
+                let why = "the reservation deadline passed before every member reached bind";
+                self.lock().fail_gang(&name, why);
+                Err(Error::Gang { gang: name, why: why.into() })
             }
         }
     }
@@ -526,8 +769,8 @@ impl Scheduler {
             None => self.place_on(&inner, &demand, node)?,
         };
         if inner.snap.allocation(key).is_none() {
-            let until = self.now_ms() + u64::try_from(self.settings.mig_timeout.as_millis()).unwrap_or(u64::MAX) * 2;
-            placement.apply(&mut inner.snap, &demand, Some(until))?;
+            // Assumed, not lapsing: the bind itself releases it if anything fails.
+            placement.apply(&mut inner.snap, &demand, None)?;
             inner.generation += 1;
         }
         let at_ms = self.now_ms();
@@ -651,6 +894,42 @@ impl Scheduler {
             };
         let mut inner = self.lock();
         let mut accepted = BTreeMap::new();
+        // First the core's choice: the cheapest whole units (single pods or whole gangs)
+        // cluster-wide, offered on every candidate node that holds all of them on that node.
+        let members: Vec<Demand> = match &demand.gang {
+            Some(g) => inner
+                .gangs
+                .get(&g.name)
+                .map(|st| {
+                    st.members
+                        .values()
+                        .map(|(d, _)| d.clone())
+                        .filter(|d| inner.snap.allocation(&d.pod).is_none())
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![demand.clone()]),
+            None => vec![demand.clone()],
+        };
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        let core = gang::preemption_victims(&inner.snap, &members, self.policy.as_ref(), &ctx).unwrap_or_default();
+        let by_key: HashMap<&PodKey, &String> = inner.uids.iter().map(|(u, k)| (k, u)).collect();
+        for (node, (uids, pdb)) in &candidates {
+            let name = NodeName(node.clone());
+            let here: Vec<&PodKey> =
+                core.iter().filter(|k| inner.snap.allocation(k).is_some_and(|a| a.node == name)).collect();
+            let all_here = !here.is_empty() && here.len() == core.len();
+            let offered = here.iter().all(|k| by_key.get(k).is_some_and(|u| uids.contains(u)));
+            if all_here && offered {
+                let pods = here.iter().filter_map(|k| by_key.get(k)).map(|u| MetaPod { uid: (*u).clone() }).collect();
+                accepted.insert(node.clone(), MetaVictims { pods: Some(pods), num_pdb_violations: *pdb });
+            }
+        }
+        if !accepted.is_empty() {
+            self.metrics.decision("preempt", "victims");
+            return Ok(ExtenderPreemptionResult { node_name_to_meta_victims: Some(accepted) });
+        }
+        // Otherwise per candidate node: the fewest of kube-scheduler's proposed victims that
+        // let the pod fit there, whole gangs only.
         for (node, (uids, pdb)) in candidates {
             let name = NodeName(node.clone());
             let Some(chosen) = self.victims_on(&mut inner, &demand, &name, &uids) else {
@@ -760,6 +1039,42 @@ impl Scheduler {
         }
         inner.assumed = keep;
         inner.snap = snap;
+        // Gang reservations exist only here: lay them over the rebuilt state again.
+        let mut broken = Vec::new();
+        let plans: Vec<(String, GangPlan)> =
+            inner.gangs.iter().filter_map(|(n, st)| st.plan.clone().map(|p| (n.clone(), p))).collect();
+        for (name, plan) in plans {
+            for (pod, placement) in &plan.members {
+                if inner.snap.allocation(pod).is_some() {
+                    continue;
+                }
+                let Some(demand) = inner.gangs.get(&name).and_then(|st| st.members.get(pod)).map(|(d, _)| d.clone())
+                else {
+                    broken.push(name.clone());
+                    break;
+                };
+                let alloc = Allocation {
+                    pod: pod.clone(),
+                    node: placement.node.clone(),
+                    cpu_milli: demand.cpu_milli,
+                    memory_mib: demand.memory_mib,
+                    grants: placement.grants.clone(),
+                    priority: demand.priority,
+                    gang: Some(name.clone()),
+                    reserved_until_ms: Some(plan.deadline_ms),
+                };
+                let ok = inner.snap.allocate(alloc).is_ok()
+                    || placement.apply(&mut inner.snap, &demand, Some(plan.deadline_ms)).is_ok();
+                if !ok {
+                    broken.push(name.clone());
+                    break;
+                }
+            }
+        }
+        for name in broken {
+            tracing::warn!(gang = %name, "Gang plan no longer fits the observed state; dropped");
+            inner.fail_gang(&name, "the cluster changed under the plan; replanning");
+        }
         inner.base_reconfigs = base_reconfigs;
         inner.uids = uids;
         inner.mig_uuids = mig_uuids;

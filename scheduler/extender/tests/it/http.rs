@@ -48,7 +48,13 @@ async fn filter_fixture_keeps_the_mig_nodes_and_explains_the_l4_node() {
     let (status, v) = call(&app, Method::POST, "/filter", fixture("filter-args.json")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(v["Error"], "");
-    assert_eq!(names(&v), ["gpu-node-a", "gpu-node-b"]);
+    // The pod is the only member of its PodGroup: the gang is planned and the pod is offered
+    // the one node it was reserved on.
+    let kept = names(&v);
+    assert_eq!(kept.len(), 1, "{v}");
+    assert!(kept[0] == "gpu-node-a" || kept[0] == "gpu-node-b");
+    let other = if kept[0] == "gpu-node-a" { "gpu-node-b" } else { "gpu-node-a" };
+    assert!(v["FailedNodes"][other].as_str().unwrap().contains("gang ml/train-job-7 placed pod"), "{v}");
     assert!(v["Nodes"].is_null());
     let why = v["FailedAndUnresolvableNodes"]["gpu-node-c"].as_str().unwrap();
     assert!(why.contains("1g.10gb"), "{why}");
@@ -128,7 +134,7 @@ async fn unknown_nodes_are_unresolvable_and_known_ones_get_reasons() {
 }
 
 #[tokio::test]
-async fn gang_larger_than_one_is_refused_until_gang_planning_is_wired() {
+async fn annotation_gang_waits_for_its_members() {
     let (_, _, app) = demo();
     let p = pod(
         "ml",
@@ -139,7 +145,7 @@ async fn gang_larger_than_one_is_refused_until_gang_planning_is_wired() {
     );
     let (_, v) = call(&app, Method::POST, "/filter", args(p, &["gpu-node-e"])).await;
     assert!(names(&v).is_empty());
-    assert!(v["FailedNodes"]["gpu-node-e"].as_str().unwrap().contains("all-or-nothing"));
+    assert!(v["FailedNodes"]["gpu-node-e"].as_str().unwrap().contains("1 of 2 members pending"), "{v}");
 }
 
 #[tokio::test]
@@ -178,30 +184,34 @@ async fn prioritize_bad_inputs_answer_400_with_a_reason() {
 async fn bind_reserves_exact_devices_and_writes_the_assignment() {
     let (sched, binder, app) = demo();
     let (_, v) = call(&app, Method::POST, "/filter", fixture("filter-args.json")).await;
-    assert_eq!(names(&v), ["gpu-node-a", "gpu-node-b"]);
-    let (status, r) = call(&app, Method::POST, "/bind", fixture("bind-args.json")).await;
+    assert_eq!(names(&v).len(), 1);
+    // kube-scheduler binds to the node the filter kept; the fixture names gpu-node-b.
+    let mut bind = fixture_json("bind-args.json");
+    bind["Node"] = json!(names(&v)[0]);
+    let node = names(&v)[0].clone();
+    let (status, r) = call(&app, Method::POST, "/bind", bind.to_string()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r, json!({"Error": ""}));
     let bound = binder.bound();
     assert_eq!(bound.len(), 1);
-    assert_eq!(bound[0].node, "gpu-node-b");
+    assert_eq!(bound[0].node, node);
     assert_eq!(bound[0].uid, "6f1c2b7e-3a4d-4c1e-9b8a-2f0d5e7c9a11");
     let a = tessera_api::Assignment::from_annotation(&bound[0].annotations["tessera.dev/assignment"]).unwrap();
-    assert_eq!(a.node, "gpu-node-b");
+    assert_eq!(a.node, node);
     assert_eq!(a.devices.len(), 1);
     assert_eq!(a.devices[0].profile.as_deref(), Some("1g.10gb"));
-    assert!(a.devices[0].gpu.starts_with("GPU-gpu-node-b-"));
+    assert!(a.devices[0].gpu.starts_with(&format!("GPU-{node}-")));
     // It counts at once, on exactly those devices.
     let key = PodKey::new("ml", "train-worker-0");
     let alloc = sched.with_snapshot(|s| s.allocation(&key).cloned()).unwrap();
-    assert_eq!(alloc.node.0, "gpu-node-b");
+    assert_eq!(alloc.node.0, node);
     assert_eq!(alloc.reserved_until_ms, None);
     assert!(
         matches!(alloc.grants[0], Grant::Mig { gpu, start, .. } if gpu == a.devices[0].index && Some(start) == a.devices[0].start)
     );
     sched.with_snapshot(|s| s.audit()).unwrap();
     let (_, e) = call(&app, Method::GET, "/api/v1/explain/ml/train-worker-0", "").await;
-    assert_eq!(e["allocation"]["node"], "gpu-node-b");
+    assert_eq!(e["allocation"]["node"], node.as_str());
 }
 
 #[tokio::test]

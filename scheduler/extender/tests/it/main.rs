@@ -3,6 +3,7 @@
 
 //mod e2e;
 mod fixtures;
+mod gang;
 mod http;
 //mod kube_api;
 //mod loopback;
