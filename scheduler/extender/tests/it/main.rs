@@ -5,6 +5,6 @@
 mod fixtures;
 mod gang;
 mod http;
-//mod kube_api;
-//mod loopback;
+mod kube_api;
+mod loopback;
 mod wire;
