@@ -42,7 +42,7 @@ pub struct Metrics {
     pub packing_fragmentation_milli: Family<PoolLabels, FGauge>,
     pub packing_stranded_slices: Family<PoolLabels, Gauge>,
     pub packing_gpus: Family<PoolLabels, Gauge>,
-    pub packing_mig_reconfigs: Family<PoolLabels, Gauge>,
+    pub mig_reconfigs: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -70,7 +70,7 @@ impl Metrics {
             packing_fragmentation_milli: Family::default(),
             packing_stranded_slices: Family::default(),
             packing_gpus: Family::default(),
-            packing_mig_reconfigs: Family::default(),
+            mig_reconfigs: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -108,9 +108,9 @@ impl Metrics {
         );
         registry.register("packing_gpus", "GPUs per pool", m.packing_gpus.clone());
         registry.register(
-            "packing_mig_reconfigs",
-            "MIG instances created or destroyed by tessera since start",
-            m.packing_mig_reconfigs.clone(),
+            "mig_reconfigs",
+            "MIG instances created or destroyed in the scheduler's state since start",
+            m.mig_reconfigs.clone(),
         );
         Self { registry, ..m }
     }
@@ -124,13 +124,12 @@ impl Metrics {
     }
 
     /// Sets the packing gauges of one pool.
-    pub fn set_packing(&self, pool: &str, p: &Packing, reconfigs_since_start: u64) {
+    pub fn set_packing(&self, pool: &str, p: &Packing) {
         let l = PoolLabels { pool: pool.into() };
         self.packing_allocation_ratio.get_or_create(&l).set(p.allocation_ratio);
         self.packing_fragmentation_milli.get_or_create(&l).set(p.fragmentation_milli);
         self.packing_stranded_slices.get_or_create(&l).set(i64::from(p.stranded_slices));
         self.packing_gpus.get_or_create(&l).set(i64::from(p.gpus));
-        self.packing_mig_reconfigs.get_or_create(&l).set(i64::try_from(reconfigs_since_start).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

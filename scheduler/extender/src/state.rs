@@ -77,11 +77,19 @@ pub struct Settings {
     pub seed: u64,
     /// How long an assumed pod waits to be seen bound before it is forgotten.
     pub assume_ttl: Duration,
+    /// Threads one filter may use to evaluate a long node list.
+    pub threads: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { mode: "demo", mig_timeout: Duration::from_secs(30), seed: 0, assume_ttl: Duration::from_secs(300) }
+        Self {
+            mode: "demo",
+            mig_timeout: Duration::from_secs(30),
+            seed: 0,
+            assume_ttl: Duration::from_secs(300),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 }
 
@@ -172,11 +180,13 @@ impl GangState {
 
 #[derive(Debug)]
 struct Inner {
-    snap: Snapshot,
+    /// Shared with filters evaluating outside the lock; writers copy on write.
+    snap: Arc<Snapshot>,
     /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
     generation: u64,
-    workload: Workload,
+    workload: Arc<Workload>,
     recent: VecDeque<Demand>,
+    filtered: u64,
     seen: Bounded<Seen>,
     uids: HashMap<String, PodKey>,
     assumed: BTreeMap<PodKey, Assumed>,
@@ -196,7 +206,7 @@ impl Inner {
         if let Some(plan) = st.plan.take() {
             for (pod, _) in &plan.members {
                 if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
-                    && self.snap.release(pod).is_ok()
+                    && Arc::make_mut(&mut self.snap).release(pod).is_ok()
                 {
                     released.push(pod.clone());
                 }
@@ -237,7 +247,9 @@ impl fmt::Debug for Scheduler {
 }
 
 const RECENT_DEMANDS: usize = 512;
-const SEEN_PODS: usize = 4096;
+/// Pods whose last filter verdicts are kept (for prioritize and explain). Each holds one
+/// verdict per offered node, so this bounds memory on large clusters.
+const SEEN_PODS: usize = 256;
 
 fn verdict_kind(v: &NodeVerdict) -> &'static str {
     match &v.outcome {
@@ -271,12 +283,13 @@ impl Scheduler {
         settings: Settings,
     ) -> Self {
         let base_reconfigs = snap.reconfigs();
-        Self {
+        let s = Self {
             inner: Mutex::new(Inner {
-                snap,
+                snap: Arc::new(snap),
                 generation: 1,
-                workload: Workload::default(),
+                workload: Arc::new(Workload::default()),
                 recent: VecDeque::new(),
+                filtered: 0,
                 seen: Bounded::new(SEEN_PODS),
                 uids: HashMap::new(),
                 assumed: BTreeMap::new(),
@@ -292,7 +305,9 @@ impl Scheduler {
             origin: tokio::time::Instant::now(),
             leader: AtomicBool::new(true),
             synced: AtomicBool::new(true),
-        }
+        };
+        s.metrics.leader.set(1);
+        s
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -329,7 +344,7 @@ impl Scheduler {
 
     /// Seeds the expected workload (demo mode: the placed model mix).
     pub fn set_workload(&self, workload: Workload) {
-        self.lock().workload = workload;
+        self.lock().workload = Arc::new(workload);
     }
 
     /// Registers a pod UID (victims in preempt arrive by UID).
@@ -374,23 +389,32 @@ impl Scheduler {
         };
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let demand = self.demand_of(&pod);
-        let mut inner = self.lock();
-        if !uid.is_empty() {
-            inner.uids.insert(uid.clone(), key.clone());
-        }
-        let verdicts = match &demand {
-            Ok(d) => self.verdicts(&mut inner, d, &names),
-            Err(e) => {
-                let reason = format!("pod {key}: {e}");
-                let outcome = |_: &NodeName| {
-                    Err(if e.is_permanent() {
-                        tessera_core::Rejection::Unresolvable(reason.clone())
-                    } else {
-                        tessera_core::Rejection::Unschedulable(reason.clone())
-                    })
-                };
-                names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: outcome(n) }).collect()
+        let (plan, generation) = {
+            let mut inner = self.lock();
+            if !uid.is_empty() {
+                inner.uids.insert(uid.clone(), key.clone());
             }
+            let plan = match &demand {
+                Ok(d) => self.prepare(&mut inner, d, &names),
+                Err(e) => {
+                    let reason = format!("pod {key}: {e}");
+                    let r = if e.is_permanent() {
+                        Rejection::Unresolvable(reason)
+                    } else {
+                        Rejection::Unschedulable(reason)
+                    };
+                    Verdicts::Done(
+                        names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect(),
+                    )
+                }
+            };
+            (plan, inner.generation)
+        };
+        // The expensive part runs without the lock, on the snapshot as it was.
+        let verdicts = match (plan, &demand) {
+            (Verdicts::Evaluate { snap, workload }, Ok(d)) => self.evaluate(&snap, &workload, d, &names),
+            (Verdicts::Evaluate { .. }, Err(_)) => Vec::new(),
+            (Verdicts::Done(v), _) => v,
         };
         let mut out = ExtenderFilterResult {
             failed_nodes: Some(FailedNodesMap::new()),
@@ -415,10 +439,10 @@ impl Scheduler {
         }
         let result = if pass.is_empty() { "unschedulable" } else { "fits" };
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
-        let generation = inner.generation;
         let at_ms = self.now_ms();
-        inner.seen.insert(key, Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts });
-        drop(inner);
+        self.lock()
+            .seen
+            .insert(key, Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts });
         match args.nodes {
             // Not nodeCacheCapable: answer with the Node objects that pass.
             Some(mut list) if args.node_names.is_none() => {
@@ -430,34 +454,62 @@ impl Scheduler {
         out
     }
 
-    /// Per-node verdicts for a demand on the offered nodes.
-    fn verdicts(&self, inner: &mut Inner, demand: &Demand, names: &[NodeName]) -> Vec<NodeVerdict> {
+    /// Decides under the lock what a demand's verdicts need: answered already (held devices,
+    /// gangs: they change the snapshot) or a plain evaluation, done by the caller unlocked.
+    fn prepare(&self, inner: &mut Inner, demand: &Demand, names: &[NodeName]) -> Verdicts {
         inner.recent.push_back(demand.clone());
         if inner.recent.len() > RECENT_DEMANDS {
             inner.recent.pop_front();
         }
+        inner.filtered += 1;
         // FGD's target workload: the popular shapes among recent demands (95% coverage).
-        if inner.recent.len() % 64 == 1 || inner.workload.is_empty() {
-            inner.workload = Workload::from_demands_top(inner.recent.iter(), 0.95);
+        if inner.filtered % 64 == 1 || inner.workload.is_empty() {
+            inner.workload = Arc::new(Workload::from_demands_top(inner.recent.iter(), 0.95));
         }
         if let Some(a) = inner.snap.allocation(&demand.pod) {
             // Already assumed or reserved: only its node.
             let (here, grants) = (a.node.clone(), a.grants.clone());
-            return self.pinned(inner, demand, &here, grants, names);
+            return Verdicts::Done(self.pinned(inner, demand, &here, grants, names));
         }
         if let Some(g) = &demand.gang
             && let Some(v) = self.gang_verdicts(inner, demand, g, names)
         {
-            return v;
+            return Verdicts::Done(v);
         }
-        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
-        match policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(names)) {
+        Verdicts::Evaluate { snap: inner.snap.clone(), workload: inner.workload.clone() }
+    }
+
+    /// The core's verdicts on the offered nodes, split across threads for long node lists
+    /// (nodes are independent, so the result is the same as one call).
+    fn evaluate(&self, snap: &Snapshot, workload: &Workload, demand: &Demand, names: &[NodeName]) -> Vec<NodeVerdict> {
+        let ctx = Context { workload, seed: self.settings.seed };
+        let run = |chunk: &[NodeName]| policy::evaluate(snap, demand, self.policy.as_ref(), &ctx, Some(chunk));
+        let parts = self.settings.threads.max(1).min(names.len() / PARALLEL_MIN_NODES).max(1);
+        let result = if parts == 1 {
+            run(names)
+        } else {
+            let size = names.len().div_ceil(parts);
+            std::thread::scope(|scope| {
+                let mut chunks = names.chunks(size);
+                let first = chunks.next().unwrap_or(&[]);
+                let handles: Vec<_> = chunks.map(|c| scope.spawn(move || run(c))).collect();
+                let mut out = run(first)?;
+                for h in handles {
+                    match h.join() {
+                        Ok(v) => out.extend(v?),
+                        Err(_) => return Err(tessera_core::Error::Invalid("evaluation thread panicked".into())),
+                    }
+                }
+                Ok(out)
+            })
+        };
+        match result {
             Ok(v) => v,
             Err(e) => names
                 .iter()
                 .map(|n| NodeVerdict {
                     node: n.clone(),
-                    outcome: Err(tessera_core::Rejection::Unresolvable(format!("pod {}: {e}", demand.pod))),
+                    outcome: Err(Rejection::Unresolvable(format!("pod {}: {e}", demand.pod))),
                 })
                 .collect(),
         }
@@ -551,7 +603,7 @@ impl Scheduler {
             ))));
         }
         let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
-        match gang::plan_gang(&mut inner.snap, &members, self.policy.as_ref(), &ctx, now) {
+        match gang::plan_gang(Arc::make_mut(&mut inner.snap), &members, self.policy.as_ref(), &ctx, now) {
             Ok(plan) => {
                 tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
                 inner.generation += 1;
@@ -577,7 +629,7 @@ impl Scheduler {
     pub fn tick(&self) {
         let now = self.now_ms();
         let mut inner = self.lock();
-        let expired = gang::expire(&mut inner.snap, now);
+        let expired = gang::expire(Arc::make_mut(&mut inner.snap), now);
         if !expired.is_empty() {
             inner.generation += 1;
             let names: Vec<String> = inner
@@ -605,19 +657,24 @@ impl Scheduler {
         let names = offered(&args.nodes, &args.node_names).map_err(Error::BadRequest)?;
         let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
         let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let mut inner = self.lock();
-        let cached = inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
-            let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
-            names.iter().map(|n| by_node.get(n).map(|v| (*v).clone())).collect::<Option<Vec<_>>>()
-        });
+        let cached = {
+            let inner = self.lock();
+            inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
+                let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
+                names.iter().map(|n| by_node.get(n).map(|v| (*v).clone())).collect::<Option<Vec<_>>>()
+            })
+        };
         let verdicts = match cached {
             Some(v) => v,
             None => {
                 let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
-                self.verdicts(&mut inner, &demand, &names)
+                let plan = self.prepare(&mut self.lock(), &demand, &names);
+                match plan {
+                    Verdicts::Done(v) => v,
+                    Verdicts::Evaluate { snap, workload } => self.evaluate(&snap, &workload, &demand, &names),
+                }
             }
         };
-        drop(inner);
         let scores: HashMap<NodeName, i64> = policy::extender_scores(&verdicts).into_iter().collect();
         self.metrics.decision("prioritize", "scored");
         Ok(names
@@ -669,7 +726,7 @@ impl Scheduler {
                 for ((gpu, start), uuid) in mig_uuids {
                     inner.mig_uuids.insert((node.clone(), gpu, start), uuid);
                 }
-                inner.snap.confirm(&key)?;
+                Arc::make_mut(&mut inner.snap).confirm(&key)?;
                 inner.generation += 1;
                 if let Some(g) = &gang {
                     // Every planned member bound: the gang is done.
@@ -687,7 +744,7 @@ impl Scheduler {
             }
             Err(e) => {
                 let mut inner = self.lock();
-                if inner.snap.release(&key).is_ok() {
+                if Arc::make_mut(&mut inner.snap).release(&key).is_ok() {
                     inner.generation += 1;
                 }
                 if let Some(g) = &gang {
@@ -760,7 +817,7 @@ impl Scheduler {
             }
             Some(a) => {
                 // kube-scheduler chose another node than the one held for the pod: move it.
-                inner.snap.release(key)?;
+                Arc::make_mut(&mut inner.snap).release(key)?;
                 inner.assumed.remove(key);
                 inner.generation += 1;
                 tracing::info!(pod = %key, from = %a.node, to = %node, "Moving held devices to the bound node");
@@ -770,7 +827,7 @@ impl Scheduler {
         };
         if inner.snap.allocation(key).is_none() {
             // Assumed, not lapsing: the bind itself releases it if anything fails.
-            placement.apply(&mut inner.snap, &demand, None)?;
+            placement.apply(Arc::make_mut(&mut inner.snap), &demand, None)?;
             inner.generation += 1;
         }
         let at_ms = self.now_ms();
@@ -981,7 +1038,7 @@ impl Scheduler {
             ok
         };
         let mut keep: Vec<usize> = (0..victims.len()).collect();
-        if !fits(&mut inner.snap, &keep.iter().map(|&i| &victims[i].1).collect::<Vec<_>>()) {
+        if !fits(Arc::make_mut(&mut inner.snap), &keep.iter().map(|&i| &victims[i].1).collect::<Vec<_>>()) {
             return None;
         }
         // Spare the highest-priority victims first, as long as the pod still fits; gang members
@@ -993,7 +1050,7 @@ impl Scheduler {
                 continue;
             }
             let trial: Vec<usize> = keep.iter().copied().filter(|&j| j != i).collect();
-            if fits(&mut inner.snap, &trial.iter().map(|&j| &victims[j].1).collect::<Vec<_>>()) {
+            if fits(Arc::make_mut(&mut inner.snap), &trial.iter().map(|&j| &victims[j].1).collect::<Vec<_>>()) {
                 keep = trial;
             }
         }
@@ -1038,7 +1095,7 @@ impl Scheduler {
             }
         }
         inner.assumed = keep;
-        inner.snap = snap;
+        inner.snap = Arc::new(snap);
         // Gang reservations exist only here: lay them over the rebuilt state again.
         let mut broken = Vec::new();
         let plans: Vec<(String, GangPlan)> =
@@ -1063,8 +1120,8 @@ impl Scheduler {
                     gang: Some(name.clone()),
                     reserved_until_ms: Some(plan.deadline_ms),
                 };
-                let ok = inner.snap.allocate(alloc).is_ok()
-                    || placement.apply(&mut inner.snap, &demand, Some(plan.deadline_ms)).is_ok();
+                let ok = Arc::make_mut(&mut inner.snap).allocate(alloc).is_ok()
+                    || placement.apply(Arc::make_mut(&mut inner.snap), &demand, Some(plan.deadline_ms)).is_ok();
                 if !ok {
                     broken.push(name.clone());
                     break;
@@ -1093,10 +1150,23 @@ impl Scheduler {
             inner.snap.nodes().iter().map(|n| n.pool().to_owned()).collect();
         for pool in names {
             let p = packing(&inner.snap, &inner.workload, |n| n.pool() == pool);
-            self.metrics.set_packing(&pool, &p, reconfigs);
+            self.metrics.set_packing(&pool, &p);
             pools.insert(pool, p);
         }
-        let all = packing(&inner.snap, &inner.workload, |_| true);
+        self.metrics.mig_reconfigs.set(i64::try_from(reconfigs).unwrap_or(i64::MAX));
+        let mut all = packing(&inner.snap, &inner.workload, |_| true);
+        // Report reconfigurations tessera caused, not the layouts that existed when it started.
+        all.reconfigs = reconfigs;
+        for p in pools.values_mut() {
+            p.reconfigs = reconfigs;
+        }
+        let reserved = inner
+            .snap
+            .allocations()
+            .values()
+            .filter(|a| a.reserved_until_ms.is_some() || inner.assumed.contains_key(&a.pod))
+            .count();
+        self.metrics.reservations.set(reserved as i64);
         (all, pools)
     }
 
@@ -1244,6 +1314,15 @@ impl Scheduler {
         })
     }
 }
+
+/// What a filter or prioritize still has to do after the locked part.
+enum Verdicts {
+    Done(Vec<NodeVerdict>),
+    Evaluate { snap: Arc<Snapshot>, workload: Arc<Workload> },
+}
+
+/// Below this many offered nodes per thread, splitting an evaluation costs more than it saves.
+const PARALLEL_MIN_NODES: usize = 128;
 
 /// What a bind must do on the cluster.
 #[derive(Debug)]

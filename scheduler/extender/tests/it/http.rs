@@ -439,3 +439,32 @@ async fn oversized_bodies_are_refused_in_each_verbs_shape() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(v["Error"].as_str().unwrap().contains("64"));
 }
+
+#[tokio::test]
+async fn splitting_a_long_node_list_across_threads_gives_the_same_answer() {
+    let snap = tessera_core::testing::synth_cluster(3, 600);
+    let all: Vec<String> = snap.nodes().iter().map(|n| n.name.0.clone()).collect();
+    let app_with = |threads: usize| {
+        let sched = Arc::new(Scheduler::new(
+            snap.clone(),
+            tessera_core::policy::by_name("tessera").unwrap(),
+            Arc::new(MemoryBinder::default()),
+            Arc::new(MemoryLookup::default()),
+            Settings { threads, ..Settings::default() },
+        ));
+        App::new(sched, Surface::ALL)
+    };
+    let (one, four) = (app_with(1), app_with(4));
+    for (i, limits) in [json!({"nvidia.com/mig-1g.10gb": "1"}), json!({"nvidia.com/gpu": "4"})].into_iter().enumerate()
+    {
+        let p = pod("ml", &format!("p{i}"), "u", limits, json!({}));
+        let body = json!({"Pod": p, "NodeNames": all}).to_string();
+        let (_, a) = call(&one, Method::POST, "/filter", body.clone()).await;
+        let (_, b) = call(&four, Method::POST, "/filter", body.clone()).await;
+        assert_eq!(a, b);
+        assert!(!names(&a).is_empty());
+        let (_, a) = call(&one, Method::POST, "/prioritize", body.clone()).await;
+        let (_, b) = call(&four, Method::POST, "/prioritize", body).await;
+        assert_eq!(a, b);
+    }
+}
