@@ -19,7 +19,7 @@
 //! `docs/algorithms.md`.
 
 use super::baselines::{first_fit_position, node_of};
-use super::fgd::{frag_before, frag_gain};
+use super::fgd::{frag_before, frag_gain_with};
 use super::{Context, Policy, Score};
 use crate::cluster::{MigOp, Snapshot};
 use crate::demand::{Demand, GpuDemand};
@@ -79,8 +79,8 @@ impl Tessera {
         ratio: f64,
     ) -> Score {
         let node = node_of(snap, c);
-        let gain = if ctx.workload.is_empty() { 0.0 } else { frag_gain(snap, d, c, ctx, before) };
         let after = views_after(node, c);
+        let gain = if ctx.workload.is_empty() { 0.0 } else { frag_gain_with(node, d, &after, ctx, before) };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();
         let touched_free: f64 = c
             .grants
