@@ -728,6 +728,10 @@ impl Scheduler {
                 }
                 Arc::make_mut(&mut inner.snap).confirm(&key)?;
                 inner.generation += 1;
+                if self.settings.mode == "demo" {
+                    // No informer will ever report the pod: the bind is the last word.
+                    inner.assumed.remove(&key);
+                }
                 if let Some(g) = &gang {
                     // Every planned member bound: the gang is done.
                     let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
