@@ -19,11 +19,14 @@ use crate::placement::{Candidate, Placement, Rejection, quick_reject};
 #[derive(Debug, Default)]
 pub struct Memo {
     /// (node version, demand shape) → that node's verdict.
-    entries: HashMap<(u64, u64), Result<(Candidate, Score), Rejection>, std::hash::BuildHasherDefault<MixHasher>>,
+    entries: HashMap<(u64, u64), Verdict, std::hash::BuildHasherDefault<MixHasher>>,
     context: Option<(&'static str, u64, u64, u64, usize)>,
     pub hits: u64,
     pub misses: u64,
 }
+
+/// One node's verdict for one demand shape.
+type Verdict = Result<(Candidate, Score), Rejection>;
 
 /// Beyond this many entries the memo starts over (stale versions are never asked again).
 const MAX_ENTRIES: usize = 2_000_000;
