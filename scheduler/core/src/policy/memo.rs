@@ -140,3 +140,60 @@ pub fn place_memo(
         }
     }
 }
+
+/// [`super::evaluate`] with a memo: per-node verdicts for every node (or the named ones), as
+/// the extender's filter needs them, reusing verdicts of nodes whose state has not changed.
+pub fn evaluate_memo(
+    snap: &Snapshot,
+    demand: &Demand,
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    only: Option<&[crate::cluster::NodeName]>,
+    memo: &mut Memo,
+) -> Result<Vec<super::NodeVerdict>, crate::Error> {
+    if !policy.memoizable() {
+        return super::evaluate(snap, demand, policy, ctx, only);
+    }
+    demand.validate()?;
+    memo.ready(snap, policy, ctx);
+    let sh = shape(demand);
+    let indices: Vec<Result<usize, &crate::cluster::NodeName>> = match only {
+        None => (0..snap.nodes().len()).map(Ok).collect(),
+        Some(names) => names.iter().map(|n| snap.node_index(n).ok_or(n)).collect(),
+    };
+    let mut out = Vec::with_capacity(indices.len());
+    for i in indices {
+        let ni = match i {
+            Ok(ni) => ni,
+            Err(name) => {
+                out.push(super::NodeVerdict {
+                    node: name.clone(),
+                    outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
+                });
+                continue;
+            }
+        };
+        let node = &snap.nodes()[ni];
+        let key = (node.version(), sh);
+        let outcome = match memo.entries.get(&key) {
+            Some(v) => {
+                memo.hits += 1;
+                v.clone()
+            }
+            None => {
+                memo.misses += 1;
+                let v = evaluate_at(snap, demand, policy, ctx, std::iter::once(ni)).pop().map(|v| v.outcome);
+                let v =
+                    v.unwrap_or_else(|| Err(Rejection::Unschedulable(format!("node {}: not evaluated", node.name))));
+                memo.entries.insert(key, v.clone());
+                v
+            }
+        };
+        let outcome = outcome.map(|(mut c, s)| {
+            c.node = ni;
+            (c, s)
+        });
+        out.push(super::NodeVerdict { node: node.name.clone(), outcome });
+    }
+    Ok(out)
+}

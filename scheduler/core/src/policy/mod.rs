@@ -20,7 +20,7 @@ use crate::placement::{Candidate, Placement, Rejection, node_candidates};
 
 pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
 pub use fgd::Fgd;
-pub use memo::{Memo, place_memo};
+pub use memo::{Memo, evaluate_memo, place_memo};
 pub use tessera::Tessera;
 
 /// Every policy name, ours first.

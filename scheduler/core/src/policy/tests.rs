@@ -285,3 +285,26 @@ fn memoised_decisions_equal_fresh_ones_over_a_sequence() {
         }
     }
 }
+
+#[test]
+fn memoised_verdicts_equal_fresh_ones() {
+    let mut s = crate::testing::synth_cluster(4, 12);
+    let w = mig_workload();
+    let p = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let ctx = Context { workload: &w, seed: 2 };
+    let mut memo = Memo::new();
+    let names: Vec<NodeName> = s.nodes().iter().map(|n| n.name.clone()).chain([NodeName::from("ghost")]).collect();
+    for i in 0..20 {
+        let d = Demand::new(PodKey(format!("ns/p{i}")), GpuDemand::Mig { profile: "2g.20gb".into() });
+        let fresh = evaluate(&s, &d, p.as_ref(), &ctx, Some(&names)).unwrap_or_else(|e| panic!("{e}"));
+        let cached = evaluate_memo(&s, &d, p.as_ref(), &ctx, Some(&names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fresh, cached, "decision {i}");
+        if let Some(v) = choose(&fresh, &ctx)
+            && let Ok((c, sc)) = &v.outcome
+        {
+            let pl = Placement { node: v.node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: sc.node };
+            pl.apply(&mut s, &d, None).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    assert!(memo.hits > 0);
+}
