@@ -238,7 +238,7 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
     // that can hold the demand (so a policy can choose which island to spend).
     let free: Vec<u32> = ready.iter().map(|(g, _)| *g).collect();
     let mut sets: Vec<Vec<u32>> = Vec::new();
-    for island in node.topology.nvlink_islands() {
+    for island in node.topology.nvlink_islands().iter() {
         let in_island: Vec<u32> = free.iter().copied().filter(|g| island.contains(g)).collect();
         if let Some(s) = node.topology.best_set(&in_island, k) {
             sets.push(s);

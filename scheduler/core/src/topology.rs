@@ -56,6 +56,7 @@ pub struct Topology {
     dense: usize,
     weights: Vec<u32>,
     nvlink: bool,
+    islands: Vec<Vec<u32>>,
 }
 
 impl PartialEq for Topology {
@@ -72,7 +73,7 @@ impl Topology {
         for g in 0..gpus {
             graph.add_node(g);
         }
-        let mut t = Self { graph, dense: 0, weights: Vec::new(), nvlink: false };
+        let mut t = Self { graph, dense: 0, weights: Vec::new(), nvlink: false, islands: Vec::new() };
         t.index();
         t
     }
@@ -140,6 +141,7 @@ impl Topology {
             }
         }
         self.nvlink = self.graph.all_edges().any(|(_, _, l)| l.is_nvlink());
+        self.islands = self.compute_islands();
     }
 
     fn weight(&self, a: u32, b: u32) -> u32 {
@@ -191,7 +193,11 @@ impl Topology {
 
     /// Connected components over NVLink/NVSwitch edges, each sorted, ordered by first GPU.
     /// A GPU with no NVLink is an island of one.
-    pub fn nvlink_islands(&self) -> Vec<Vec<u32>> {
+    pub fn nvlink_islands(&self) -> &[Vec<u32>] {
+        &self.islands
+    }
+
+    fn compute_islands(&self) -> Vec<Vec<u32>> {
         let gpus = self.gpus();
         let mut seen = std::collections::BTreeSet::new();
         let mut islands = Vec::new();

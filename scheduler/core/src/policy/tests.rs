@@ -308,3 +308,40 @@ fn memoised_verdicts_equal_fresh_ones() {
     }
     assert!(memo.hits > 0);
 }
+
+#[test]
+fn incremental_fragmentation_equals_recomputing_the_node() {
+    use crate::metrics::{FragBase, node_model, views, views_after};
+    let s = crate::testing::synth_cluster(9, 40);
+    let w = mig_workload();
+    let shapes = [
+        GpuDemand::Mig { profile: "1g.10gb".into() },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+        GpuDemand::Share { milli: 450 },
+        GpuDemand::Whole { count: 2 },
+        GpuDemand::Model { memory_mib: 30 * 1024, compute_slices: None },
+    ];
+    let mut checked = 0;
+    for gpu in shapes {
+        let d = Demand::new("ns/x", gpu);
+        for ni in 0..s.nodes().len() {
+            let mut cands = Vec::new();
+            if crate::placement::node_candidates(&s, ni, &d, &mut cands).is_err() {
+                continue;
+            }
+            let node = &s.nodes()[ni];
+            let before = views(node);
+            let base = FragBase::new(&before, &w);
+            for c in &cands {
+                let after = views_after(node, c);
+                // Only the GPUs the candidate grants or reconfigures, as the policies do.
+                let touched = super::fgd::touched(node, c);
+                let fresh = FragBase::new(&after, &w).fragmentation(1 << 40, node_model(node), &w);
+                let incr = base.with_change(&before, &after, &touched, &w).fragmentation(1 << 40, node_model(node), &w);
+                assert!((fresh - incr).abs() < 1e-6, "{fresh} vs {incr}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
+}
