@@ -277,13 +277,12 @@ impl FragBase {
                 // Q-I, "no access" for a GPU model it may not use), and so does a class that asks
                 // for no GPU.
                 let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
-                let f = if m.cpu_milli > free_cpu_milli || m.gpu == GpuDemand::None || !model_ok {
-                    total
-                } else if matches!(m.gpu, GpuDemand::Whole { count } if self.idle < count) {
-                    total
-                } else {
-                    f64::from(u)
-                };
+                // A whole-GPU class with too few idle GPUs strands everything too.
+                let cannot_run = m.cpu_milli > free_cpu_milli
+                    || m.gpu == GpuDemand::None
+                    || !model_ok
+                    || matches!(m.gpu, GpuDemand::Whole { count } if self.idle < count);
+                let f = if cannot_run { total } else { f64::from(u) };
                 m.weight * f
             })
             .sum()
