@@ -6,7 +6,7 @@
 //! ```text
 //! gain                      expected fragmentation removed on the node (FGD's measure, extended
 //!                           to MIG by usable capacity), at full precision
-//! + λ · balance             cpu/GPU balance: a GPU pod should leave the node's free cpu close to
+//! + λ · balance             cpu/GPU balance (λ = 0.003): a GPU pod should leave the node's free cpu close to
 //!                           what its free GPUs will need at the workload's cpu-per-GPU; a
 //!                           cpu-only pod should go where cpu is in surplus, not eat the cpu
 //!                           that GPUs on another node still need
@@ -33,7 +33,7 @@ pub struct Tessera;
 /// worth it when it saves more than a quarter GPU of expected fragmentation.
 const RECONFIG_COST: f64 = 250.0;
 /// Milli-GPU of score per milli-core of cpu imbalance.
-const BALANCE_WEIGHT: f64 = 0.01;
+const BALANCE_WEIGHT: f64 = 0.003;
 /// Milli-GPU of score per milli-GPU left free on the GPUs a candidate touches.
 const PACK_WEIGHT: f64 = 0.001;
 
