@@ -153,3 +153,25 @@ impl Engine for Embedder {
         self.forward(inputs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_cap_follows_free_memory() {
+        let cfg = Config {
+            hidden_size: 384,
+            intermediate_size: 1536,
+            ..Config::default()
+        };
+        // 4 B * 256 * (12*256 + 2*1536 + 8*384) = 9 437 184 B per sequence.
+        assert_eq!(batch_cap(&cfg, 256, 2 * 9_437_184 * 10), 10);
+        assert_eq!(batch_cap(&cfg, 256, 1024), 1, "never below one");
+        assert_eq!(
+            batch_cap(&cfg, 256, 0),
+            usize::MAX,
+            "unknown memory: no cap"
+        );
+    }
+}
