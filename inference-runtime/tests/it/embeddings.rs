@@ -211,6 +211,11 @@ async fn kserve_v2_routes_serve_the_embedding_model() {
     assert_eq!(v["name"], "tessera-runtime");
     assert_eq!(v["device"]["kind"], "cpu");
     assert_eq!(v["max_batch"], 32);
+    assert_eq!(get(a, "/health/startup").await.status, 200);
+    assert_eq!(get(a, "/health/ready").await.status, 200);
+    assert_eq!(get(a, "/health/live").await.status, 200);
+    let models = get(a, "/v1/models").await.json();
+    assert_eq!(models["data"][0]["id"], MINILM);
     assert_eq!(get(a, "/v2/health/live").await.status, 200);
     assert_eq!(get(a, "/v2/health/ready").await.status, 200);
     assert_eq!(get(a, "/v2/models/minilm/ready").await.status, 200);
