@@ -2,8 +2,8 @@
 //!
 //! - Embeddings: dynamic batching. The worker takes the first waiting request, then keeps
 //!   collecting requests until the batch holds `max_batch` inputs or `max_wait` has passed since
-//!   the first one, and runs them in one forward pass. A request with more than `max_batch`
-//!   inputs runs alone, in chunks.
+//!   the first one, and runs them together, as one forward pass per group of similar length
+//!   ([`length_groups`]). A request with more than `max_batch` inputs runs alone, in chunks.
 //! - Chat: one generation at a time, first come first served (the KV cache lives in the model).
 //!   Requests whose client has gone away are skipped; a generation stops as soon as its stream's
 //!   reader disconnects. Continuous batching would need a per-sequence KV cache and is future work.
@@ -22,6 +22,38 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, Generation, Sampling};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
+
+/// A group may hold at most this many padded tokens per real token. With the benchmark's
+/// 32 mixed-length texts, 1.2 makes three passes instead of one and ran 9-18 % faster on CPU
+/// (`examples/length_groups_ab.rs`).
+pub const PADDING_SLACK: f64 = 1.2;
+
+/// Splits inputs (by index) into groups of at most `max_batch`, sorted by length, starting a new
+/// group when padding everyone to the newest (longest) input would exceed [`PADDING_SLACK`].
+pub fn length_groups(inputs: &[Encoding], max_batch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by_key(|&i| inputs[i].len());
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut real = 0usize;
+    for i in order {
+        let len = inputs[i].len().max(1);
+        let fits = groups.last().is_some_and(|g| {
+            g.len() < max_batch.max(1)
+                && (len * (g.len() + 1)) as f64 <= PADDING_SLACK * (real + len) as f64
+        });
+        match groups.last_mut() {
+            Some(g) if fits => {
+                real += len;
+                g.push(i);
+            }
+            _ => {
+                real = len;
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
 
 #[derive(Debug)]
 pub struct EmbedJob {
@@ -194,14 +226,8 @@ impl Worker {
             jobs.push((j.inputs.len(), j.reply));
             inputs.extend(j.inputs);
         }
-        let mut result: Result<Vec<Vec<f32>>> = Ok(Vec::with_capacity(inputs.len()));
-        for chunk in inputs.chunks(self.limits.max_batch.max(1)) {
-            self.metrics.exec_count.inc_by(1);
-            result = result.and_then(|mut all| {
-                all.extend(self.engine.embed(chunk)?);
-                Ok(all)
-            });
-        }
+        self.metrics.exec_count.inc_by(1);
+        let result = self.forward_grouped(&inputs);
         self.metrics.inference_count.inc_by(inputs.len() as u64);
         self.metrics.running.dec_by(n_jobs);
         match result {
@@ -218,6 +244,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Runs a batch as forward passes over groups of similar length: padding a short text to a
+    /// long one's length wastes attention work quadratic in the padded length. Vectors come back
+    /// in input order.
+    fn forward_grouped(&mut self, inputs: &[Encoding]) -> Result<Vec<Vec<f32>>> {
+        let mut out = vec![Vec::new(); inputs.len()];
+        for group in length_groups(inputs, self.limits.max_batch) {
+            let batch: Vec<Encoding> = group.iter().map(|&i| inputs[i].clone()).collect();
+            for (i, v) in group.into_iter().zip(self.engine.embed(&batch)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
     }
 
     fn generate(&mut self, job: GenerateJob) {
@@ -242,5 +282,44 @@ impl Worker {
                 GenerateEvent::Failed(e)
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(len: usize) -> Encoding {
+        let mut e = Encoding::default();
+        e.pad(len, 0, 0, "[PAD]", tokenizers::PaddingDirection::Right);
+        e
+    }
+
+    #[test]
+    fn length_groups_limit_padding_and_batch_size() {
+        let lens = [12, 15, 16, 20, 20, 9, 19, 15];
+        let inputs: Vec<Encoding> = lens.iter().cycle().take(32).map(|&l| enc(l)).collect();
+        let groups = length_groups(&inputs, 32);
+        let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..32).collect::<Vec<_>>(),
+            "every input exactly once"
+        );
+        for g in &groups {
+            let longest = g.iter().map(|&i| inputs[i].len()).max().unwrap();
+            let real: usize = g.iter().map(|&i| inputs[i].len()).sum();
+            assert!((longest * g.len()) as f64 <= PADDING_SLACK * real as f64);
+        }
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [4, 16, 12]);
+        let same: Vec<Encoding> = (0..10).map(|_| enc(7)).collect();
+        assert_eq!(
+            length_groups(&same, 4)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            [4, 4, 2]
+        );
     }
 }

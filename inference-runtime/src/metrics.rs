@@ -60,7 +60,8 @@ pub struct Metrics {
     pub triton_failure: Cumulative,
     /// Inferences: one per input text (embeddings) or per completion (chat).
     pub inference_count: Cumulative,
-    /// Model executions: forward batches (embeddings) or generations (chat).
+    /// Model executions: batches (embeddings; one batch may run as several same-length
+    /// passes) or generations (chat).
     pub exec_count: Cumulative,
 }
 
@@ -173,7 +174,7 @@ impl Metrics {
             );
             t.register(
                 "nv_inference_exec_count",
-                "Model executions (count / exec_count = average batch size)",
+                "Batches executed (count / exec_count = average batch size)",
                 m.exec_count.clone(),
             );
         }
