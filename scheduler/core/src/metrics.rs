@@ -279,9 +279,12 @@ pub fn node_model(node: &Node) -> &str {
 }
 
 /// Views of every GPU on a node.
-pub fn views(node: &Node) -> Vec<GpuView<'_>> {
+pub fn views(node: &Node) -> Views<'_> {
     node.gpus.iter().map(GpuView::of).collect()
 }
+
+/// A node's GPU views; inline up to 8 GPUs (one HGX board), so scoring does not allocate.
+pub type Views<'a> = smallvec::SmallVec<[GpuView<'a>; 8]>;
 
 /// Packing state of a set of nodes (a pool, or the whole cluster).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -348,7 +351,7 @@ fn short_class(c: ProfileClass) -> &'static str {
 }
 
 /// The node's GPU views after a candidate's MIG steps and grants.
-pub fn views_after<'a>(node: &'a Node, cand: &crate::placement::Candidate) -> Vec<GpuView<'a>> {
+pub fn views_after<'a>(node: &'a Node, cand: &crate::placement::Candidate) -> Views<'a> {
     let mut vs = views(node);
     apply_candidate(&mut vs, node, cand);
     vs

@@ -57,6 +57,31 @@ fn never(node: &Node, why: impl fmt::Display) -> Rejection {
     Rejection::Unresolvable(format!("node {}: {why}", node.name))
 }
 
+/// A cheap, conservative test: `true` only when the node certainly cannot host the demand
+/// (cpu, memory, or not enough free GPU of any kind). Used to skip nodes before building
+/// candidates and reasons; [`node_candidates`] remains the judge.
+pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
+    if !node.schedulable || demand.cpu_milli > node.free_cpu_milli() || demand.memory_mib > node.free_memory_mib() {
+        return true;
+    }
+    match &demand.gpu {
+        GpuDemand::None => false,
+        GpuDemand::Share { milli } => {
+            !node.gpus.iter().any(|g| g.mode() == GpuMode::Shared && g.free_milli() >= *milli)
+        }
+        GpuDemand::Whole { count } => {
+            node.gpus
+                .iter()
+                .filter(|g| g.healthy && (g.used_milli() == 0 && g.mode() != GpuMode::Mig || g.is_idle()))
+                .count()
+                < *count as usize
+        }
+        GpuDemand::Mig { .. } | GpuDemand::Model { .. } => {
+            !node.gpus.iter().any(|g| g.healthy && (g.mode() == GpuMode::Mig || g.used_milli() == 0))
+        }
+    }
+}
+
 /// Checks the node-level constraints that do not depend on GPUs.
 pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
     if !node.schedulable {
@@ -96,7 +121,7 @@ pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Ve
     let node = &snap.nodes()[ni];
     check_node(node, demand)?;
     let start = out.len();
-    let gpus: Vec<&Gpu> = node.gpus.iter().filter(|g| demand.allows_model(&g.model)).collect();
+    let gpus: smallvec::SmallVec<[&Gpu; 8]> = node.gpus.iter().filter(|g| demand.allows_model(&g.model)).collect();
     if demand.gpu != GpuDemand::None && gpus.is_empty() {
         let models: Vec<&str> = node.gpus.iter().map(|g| g.model.as_str()).collect();
         return Err(if models.is_empty() {
@@ -137,12 +162,12 @@ pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Ve
 }
 
 fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candidate>) -> Result<(), Rejection> {
-    let shared: Vec<&&Gpu> = gpus.iter().filter(|g| g.mode() == GpuMode::Shared).collect();
+    let shared: smallvec::SmallVec<[&&Gpu; 8]> = gpus.iter().filter(|g| g.mode() == GpuMode::Shared).collect();
     if shared.is_empty() {
         return Err(never(node, "no GPU is in shared (time-sliced) mode"));
     }
     // GPUs with the same free share are interchangeable for a share: keep the lowest index.
-    let mut seen: Vec<u32> = Vec::with_capacity(shared.len());
+    let mut seen: smallvec::SmallVec<[u32; 8]> = smallvec::SmallVec::new();
     for g in &shared {
         if g.healthy && g.free_milli() >= milli && !seen.contains(&g.free_milli()) {
             seen.push(g.free_milli());
@@ -174,7 +199,8 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
     if gpus.len() < k {
         return Err(never(node, format_args!("needs {count} whole GPUs, node has {}", gpus.len())));
     }
-    let ready: Vec<(u32, Vec<MigOp>)> = gpus.iter().filter_map(|g| whole_ready(g).map(|ops| (g.index, ops))).collect();
+    let ready: smallvec::SmallVec<[(u32, Vec<MigOp>); 8]> =
+        gpus.iter().filter_map(|g| whole_ready(g).map(|ops| (g.index, ops))).collect();
     if ready.len() < k {
         return Err(unsched(node, format_args!("needs {count} whole GPUs, {} free", ready.len())));
     }

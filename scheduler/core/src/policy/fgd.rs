@@ -5,9 +5,10 @@
 
 use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
 use super::{Context, Policy, Score};
+use crate::cluster::Node;
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
-use crate::metrics::{node_fragmentation, node_model, views, views_after};
+use crate::metrics::{GpuView, node_fragmentation, node_model, views, views_after};
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,8 +27,13 @@ pub(crate) fn frag_before(snap: &Snapshot, c: &Candidate, ctx: &Context<'_>) -> 
 /// `F_before − F_after` for a candidate, in milli-GPU (positive = less fragmentation).
 pub(crate) fn frag_gain(snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> f64 {
     let node = node_of(snap, c);
+    frag_gain_with(node, d, &views_after(node, c), ctx, before)
+}
+
+/// [`frag_gain`] given the node's views after the candidate.
+pub(crate) fn frag_gain_with(node: &Node, d: &Demand, after: &[GpuView<'_>], ctx: &Context<'_>, before: f64) -> f64 {
     let after_cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
-    let after = node_fragmentation(&views_after(node, c), after_cpu, node_model(node), ctx.workload);
+    let after = node_fragmentation(after, after_cpu, node_model(node), ctx.workload);
     before - after
 }
 

@@ -166,6 +166,32 @@ pub fn evaluate(
     only: Option<&[NodeName]>,
 ) -> Result<Vec<NodeVerdict>, crate::Error> {
     demand.validate()?;
+    Ok(match only {
+        None => evaluate_at(snap, demand, policy, ctx, 0..snap.nodes().len()),
+        Some(names) => {
+            let mut out = Vec::with_capacity(names.len());
+            for name in names {
+                match snap.node_index(name) {
+                    Some(ni) => out.extend(evaluate_at(snap, demand, policy, ctx, std::iter::once(ni))),
+                    None => out.push(NodeVerdict {
+                        node: name.clone(),
+                        outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
+                    }),
+                }
+            }
+            out
+        }
+    })
+}
+
+/// [`evaluate`] over node indices (the demand is already validated).
+fn evaluate_at(
+    snap: &Snapshot,
+    demand: &Demand,
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    indices: impl Iterator<Item = usize>,
+) -> Vec<NodeVerdict> {
     let mut out = Vec::new();
     let mut cands = Vec::new();
     let mut scores = Vec::new();
@@ -186,21 +212,10 @@ pub fn evaluate(
         });
         out.push(NodeVerdict { node: node.name.clone(), outcome });
     };
-    match only {
-        None => (0..snap.nodes().len()).for_each(|ni| visit(ni, &mut out)),
-        Some(names) => {
-            for name in names {
-                match snap.node_index(name) {
-                    Some(ni) => visit(ni, &mut out),
-                    None => out.push(NodeVerdict {
-                        node: name.clone(),
-                        outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
-                    }),
-                }
-            }
-        }
+    for ni in indices {
+        visit(ni, &mut out);
     }
-    Ok(out)
+    out
 }
 
 /// A 64-bit mix for seeded tie-breaks (SplitMix64 finaliser).
@@ -230,9 +245,19 @@ pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a 
 }
 
 /// Places one demand: the best candidate over all nodes, or one rejection that explains why
-/// none fits.
+/// none fits. Nodes that certainly cannot host the demand are skipped without building their
+/// reasons; the reasons are built only when no node fits.
 pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
-    let verdicts = evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+    demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+    let open: Vec<usize> =
+        (0..snap.nodes().len()).filter(|&i| !crate::placement::quick_reject(&snap.nodes()[i], demand)).collect();
+    let verdicts = evaluate_at(snap, demand, policy, ctx, open.iter().copied());
+    let verdicts = if choose(&verdicts, ctx).is_none() {
+        // Every open node refused: explain over the whole cluster.
+        evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?
+    } else {
+        verdicts
+    };
     match choose(&verdicts, ctx) {
         Some(NodeVerdict { node, outcome: Ok((c, s)) }) => {
             Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node })
