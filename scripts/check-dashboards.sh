@@ -91,8 +91,21 @@ if in_workspace tessera-scheduler; then
   build tessera-scheduler tessera-scheduler
   port="$(free_port)"
   "$bindir/tessera-scheduler" --demo --listen "127.0.0.1:$port" >"$work/tessera-scheduler.log" 2>&1 &
-  pids+=($!)
-  scrape tessera-scheduler "http://127.0.0.1:$port/metrics" "http://127.0.0.1:$port/readyz" $!
+  pid=$!
+  pids+=("$pid")
+  metrics="http://127.0.0.1:$port/metrics"
+  wait_for "$metrics" tessera_leader "$pid"
+  # Per-verb series exist once a verb was called: send the extender's recorded kube-scheduler
+  # requests (the demo cluster holds their pods and nodes).
+  wire=scheduler/extender/tests/fixtures/wire
+  for verb in filter prioritize preempt bind; do
+    args="$wire/$verb-args.json"
+    [ "$verb" = prioritize ] && args="$wire/filter-args.json"
+    curl -fsS -o /dev/null -H 'content-type: application/json' --data-binary "@$args" "http://127.0.0.1:$port/$verb" ||
+      { echo "check-dashboards: POST /$verb with $args failed" >&2; cat "$work/tessera-scheduler.log" >&2; exit 1; }
+  done
+  wait_for "$metrics" tessera_decisions_total "$pid"
+  scrape tessera-scheduler "$metrics" "http://127.0.0.1:$port/readyz" "$pid"
 else
   echo "tessera-scheduler is not in this workspace yet" >"$work/exported/tessera-scheduler.missing"
 fi

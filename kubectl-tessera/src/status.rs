@@ -75,7 +75,7 @@ pub fn render(view: &Value, node: Option<&str>) -> String {
                         row(format!("{}@{}", s(m, "profile"), n(m, "start")), holder);
                     }
                     match g.get("largestPlaceable").and_then(Value::as_str) {
-                        Some(p) => row("(unpartitioned)".into(), format!("room for up to {p}")),
+                        Some(p) => row("(free slices)".into(), format!("room for up to {p}")),
                         None if instances.is_empty() => row("(no instances)".into(), "".into()),
                         None => {}
                     }

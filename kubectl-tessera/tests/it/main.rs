@@ -24,7 +24,7 @@ fn status_lists_every_gpu_and_slice_with_its_holder() {
     line(&["gpu-a", "1", "mig", "2g.20gb@0", "default/ocr-1"]);
     line(&["gpu-a", "1", "mig", "1g.10gb@2", "default/minilm-2"]);
     line(&["gpu-a", "1", "mig", "1g.10gb@3", "free"]);
-    line(&["gpu-a", "1", "(unpartitioned)", "room for up to 3g.40gb"]);
+    line(&["gpu-a", "1", "(free slices)", "room for up to 3g.40gb"]);
     line(&["gpu-a", "2", "H100-80GB (unhealthy)", "whole", "free"]);
     line(&["gpu-b", "L4", "shared", "shared 300/1000m", "default/asr-0"]);
     line(&["cpu-1", "no GPUs"]);
@@ -150,4 +150,60 @@ fn capture_fails_when_kubectl_cannot_list_nodes() {
         fake_kubectl(dir.path(), "echo 'error: You must be logged in to the server (Unauthorized)' >&2; exit 1\n");
     let err = run(&["capture", "--kubectl", kubectl.to_str().unwrap()]).failure();
     assert!(err.contains("kubectl get nodes -o json failed") && err.contains("Unauthorized"), "{err}");
+}
+
+// Answers recorded from `tessera-scheduler --demo` after one filter of the extender's
+// `filter-args.json` (pod ml/train-worker-0, a gang of one).
+
+#[test]
+fn status_of_a_recorded_demo_cluster_shows_every_gpu_and_every_held_slice() {
+    let recorded = fixture("cluster-demo.json");
+    let view: Value = serde_json::from_str(&recorded).unwrap();
+    let server = Server::start(vec![("/api/v1/cluster", Reply::ok(recorded))]);
+    let out = run(&["status", "--server", &server.url()]).success();
+    let mut held = 0;
+    for node in view["nodes"].as_array().unwrap() {
+        let name = node["name"].as_str().unwrap();
+        for gpu in node["gpus"].as_array().unwrap() {
+            let index = gpu["index"].to_string();
+            let rows: Vec<&str> = out
+                .lines()
+                .filter(|l| {
+                    l.split_whitespace().next() == Some(name) && l.split_whitespace().nth(2) == Some(index.as_str())
+                })
+                .collect();
+            assert!(!rows.is_empty(), "{name} GPU {index} missing from\n{out}");
+            for m in gpu["mig"].as_array().unwrap() {
+                let slice = format!("{}@{}", m["profile"].as_str().unwrap(), m["start"]);
+                let holder = m["holder"].as_str().unwrap_or("free");
+                held += usize::from(m["holder"].is_string());
+                assert!(
+                    rows.iter().any(|r| r.contains(&slice) && r.ends_with(holder)),
+                    "{name} GPU {index} {slice} held by {holder} missing from\n{out}"
+                );
+            }
+            for h in gpu["holders"].as_array().unwrap() {
+                assert!(rows.iter().any(|r| r.contains(h.as_str().unwrap())), "{h} missing from\n{out}");
+            }
+        }
+    }
+    assert!(held > 5, "the recorded cluster should hold several MIG slices, found {held}");
+    for pool in view["packing"]["pools"].as_object().unwrap().keys() {
+        assert!(
+            out.lines().any(|l| l.starts_with(pool.as_str()) && l.contains('%')),
+            "pool {pool} missing from\n{out}"
+        );
+    }
+}
+
+#[test]
+fn explain_of_a_recorded_gang_member_shows_its_reservation_and_the_node_reasons() {
+    let server = Server::start(vec![("/api/v1/explain/ml/train-worker-0", Reply::ok(fixture("explain-demo.json")))]);
+    let out = run(&["explain", "ml/train-worker-0", "--server", &server.url()]).success();
+    assert!(
+        out.contains("Reserved (gang plan, waiting for every member) on node gpu-node-a: MIG g1 at slice 6 of GPU 0"),
+        "{out}"
+    );
+    assert!(out.contains("1 of 3 node(s) fit; 1 cannot host it now (capacity may free up), 1 never can."), "{out}");
+    assert!(out.contains("no GPU offers MIG profile 1g.10gb"), "{out}");
 }
