@@ -2,6 +2,7 @@
 
 mod compare;
 mod openb;
+mod scenario;
 mod trace;
 
 use std::io::IsTerminal;
@@ -22,6 +23,23 @@ struct Cli {
 enum Command {
     /// Replay an Alibaba openb trace like the FGD paper (one pod at a time, never deleted).
     Openb(OpenbArgs),
+    /// Place a MIG inference-fleet scenario (YAML) under every policy and a static baseline.
+    Scenario(ScenarioArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ScenarioArgs {
+    /// Scenario file (see `simulator/scenarios/`).
+    file: PathBuf,
+    /// Policy name, `static`, or `all` (every policy plus the static baseline).
+    #[arg(long, default_value = "all")]
+    policy: String,
+    /// Seed for the arrival order.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the outcomes as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,7 +100,53 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Openb(args) => run_openb(args),
+        Command::Scenario(args) => run_scenario(args),
     }
+}
+
+fn run_scenario(args: ScenarioArgs) -> Result<()> {
+    let sc = scenario::Scenario::load(&args.file)?;
+    let policies: Vec<String> = if args.policy == "all" {
+        tessera_core::policy::NAMES.iter().map(|s| (*s).to_owned()).chain(["static".to_owned()]).collect()
+    } else {
+        vec![args.policy.clone()]
+    };
+    println!("scenario {}: {}", sc.name, sc.description.trim());
+    let mut outcomes = Vec::new();
+    for p in &policies {
+        outcomes.push(scenario::run(&sc, p, args.seed)?);
+    }
+    println!();
+    println!(
+        "{:<16} {:>7} {:>9} {:>10} {:>34}  rejected",
+        "policy", "placed", "rejected", "reconfigs", "GPUs used / lower bound"
+    );
+    for o in &outcomes {
+        let used: Vec<String> = o
+            .lower_bound
+            .keys()
+            .chain(o.gpus_used.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|k| format!("{k} {}/{}", o.gpus_used.get(k).unwrap_or(&0), o.lower_bound.get(k).unwrap_or(&0)))
+            .collect();
+        let rej: Vec<String> = o.rejected_by_model.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        println!(
+            "{:<16} {:>7} {:>9} {:>10} {:>34}  {}",
+            o.policy,
+            o.placed,
+            o.rejected,
+            o.mig_reconfigs,
+            used.join(", "),
+            if rej.is_empty() { "-".to_owned() } else { rej.join(" ") }
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&outcomes)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn run_openb(args: OpenbArgs) -> Result<()> {

@@ -1,0 +1,44 @@
+//! Placement throughput: one decision (filter + score + choose) over synthetic clusters of
+//! 1,000 and 5,000 nodes × 8 GPUs with mixed MIG (`testing::synth_cluster`).
+//!
+//! Run: `cargo bench -p tessera-core --bench placement`. Each iteration places one demand on
+//! an unchanged snapshot, so the time is one scheduling decision.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tessera_core::demand::{Demand, GpuDemand};
+use tessera_core::policy::{Context, Workload, by_name, place};
+use tessera_core::testing::synth_cluster;
+
+fn demands() -> Vec<(&'static str, Demand)> {
+    vec![
+        ("mig-1g", Demand::new("bench/mig", GpuDemand::Mig { profile: "1g.10gb".into() }).with_cpu(2000, 8192)),
+        ("model-18gi", Demand::new("bench/model", GpuDemand::Model { memory_mib: 18 * 1024, compute_slices: None })),
+        ("share-300", Demand::new("bench/share", GpuDemand::Share { milli: 300 })),
+        ("whole-4", Demand::new("bench/tp4", GpuDemand::Whole { count: 4 }).with_cpu(16_000, 65_536)),
+    ]
+}
+
+fn filter_and_score(c: &mut Criterion) {
+    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
+    let workload = Workload::from_demands(mix.iter());
+    let mut group = c.benchmark_group("filter");
+    group.sample_size(20);
+    for nodes in [1_000usize, 5_000] {
+        let snap = synth_cluster(7, nodes);
+        for policy in ["tessera", "fgd", "first-fit"] {
+            let p = by_name(policy).unwrap_or_else(|| unreachable!());
+            for (kind, d) in demands() {
+                let param = format!("nodes={nodes},gpus=8,mig=mixed,policy={policy},demand={kind}");
+                group.throughput(Throughput::Elements(1));
+                group.bench_with_input(BenchmarkId::from_parameter(param), &d, |b, d| {
+                    let ctx = Context { workload: &workload, seed: 1 };
+                    b.iter(|| place(&snap, d, p.as_ref(), &ctx));
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, filter_and_score);
+criterion_main!(benches);
