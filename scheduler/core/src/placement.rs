@@ -136,10 +136,13 @@ pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Ve
         GpuDemand::Whole { count } => whole(node, ni, &gpus, *count, out)?,
         GpuDemand::Mig { profile } => {
             let mut any_product = false;
+            let mut seen = Vec::new();
             for g in &gpus {
                 if let Some(p) = g.mig_product().and_then(|p| p.geometry().profile_by_name(profile)) {
                     any_product = true;
-                    mig_on_gpu(g, ni, p, out);
+                    if first_of_its_state(g, &mut seen) {
+                        mig_on_gpu(g, ni, p, out);
+                    }
                 }
             }
             if !any_product {
@@ -252,6 +255,22 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
     Ok(())
 }
 
+/// The state that decides a single GPU's MIG options: model, mode, health, layout, held starts.
+type GpuState<'a> = (&'a str, GpuMode, bool, Option<&'a [Instance]>, u8, u32);
+
+/// Whether `g` is the first GPU of its state on this node. GPUs in the same state are
+/// interchangeable for a single-GPU MIG or model demand (all of a node's GPUs share its NVLink
+/// fabric or none of them matters for one GPU), so only the lowest index is offered.
+fn first_of_its_state<'a>(g: &'a Gpu, seen: &mut Vec<GpuState<'a>>) -> bool {
+    let key =
+        (g.model.as_str(), g.mode(), g.healthy, g.mig_layout().map(|l| l.instances()), g.mig_busy, g.used_milli());
+    if seen.contains(&key) {
+        return false;
+    }
+    seen.push(key);
+    true
+}
+
 /// Existing free instances of the profile's class, then every legal new placement (switching
 /// an idle full-mode GPU to MIG when needed).
 fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
@@ -303,7 +322,12 @@ fn model(
 ) -> Result<(), Rejection> {
     let start = out.len();
     let mut fits_somewhere = false;
+    let mut seen = Vec::new();
     for g in gpus {
+        if !first_of_its_state(g, &mut seen) {
+            // An identical GPU earlier on this node offers the same options.
+            continue;
+        }
         let sub = g.mig_product().and_then(|p| smallest_fitting_profile(p.geometry(), memory_mib, compute));
         match sub {
             Some(p) => {
