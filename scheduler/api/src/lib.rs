@@ -5,12 +5,16 @@
 //!   node agent (what the node really has).
 //! - [`annotations`]: annotation keys tessera reads and writes.
 //! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding.
-//!
-//! Pod → `Demand` parsing and the `PodGroup` type are not part of this crate yet.
+//! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
+//! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
 
 pub mod annotations;
 pub mod assignment;
 pub mod gpunode;
+pub mod pod;
+pub mod podgroup;
 
 pub use assignment::{AssignedDevice, Assignment};
 pub use gpunode::{GpuNode, GpuNodeSpec, GpuNodeStatus};
+pub use pod::PodError;
+pub use podgroup::{PodGroup, PodGroupSpec};

@@ -1,0 +1,231 @@
+//! The seam to the API server for the effects of a decision: binding a pod and asking a node to
+//! repartition its GPUs. [`KubeBinder`] talks to Kubernetes; [`MemoryBinder`] serves demo mode
+//! and tests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Binding, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use tessera_api::gpunode::{GpuNode, GpuSpec, Mode};
+use tessera_core::PodKey;
+
+use crate::error::{Error, Result};
+
+/// A pod binding, with the annotations the apiserver merges into the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindRequest {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl BindRequest {
+    pub fn pod(&self) -> PodKey {
+        PodKey::new(&self.namespace, &self.name)
+    }
+}
+
+/// A MIG instance the scheduler needs on a node, by GPU index, profile name and start.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WantedInstance {
+    pub gpu: u32,
+    pub profile: String,
+    pub start: u8,
+}
+
+/// Effects on the cluster.
+pub trait Binder: Send + Sync + fmt::Debug {
+    /// POSTs `pods/{name}/binding`.
+    fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>>;
+
+    /// Writes `gpus` (the desired state of the GPUs that change) into `GpuNode.spec` and waits
+    /// until `status` shows every wanted instance; returns each one's MIG UUID when reported.
+    fn reconfigure<'a>(
+        &'a self,
+        node: &'a str,
+        gpus: &'a [GpuSpec],
+        wanted: &'a [WantedInstance],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>>;
+}
+
+/// Binds through the Kubernetes API.
+#[derive(Clone)]
+pub struct KubeBinder {
+    client: Client,
+    /// How often `GpuNode.status` is polled while waiting for a new MIG instance.
+    poll: Duration,
+}
+
+impl fmt::Debug for KubeBinder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeBinder").field("poll", &self.poll).finish_non_exhaustive()
+    }
+}
+
+impl KubeBinder {
+    pub fn new(client: Client) -> Self {
+        Self { client, poll: Duration::from_millis(500) }
+    }
+
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+}
+
+/// The Binding object kube-scheduler's DefaultBinder would write, plus our annotations.
+pub fn binding(req: &BindRequest) -> Binding {
+    Binding {
+        metadata: ObjectMeta {
+            name: Some(req.name.clone()),
+            namespace: Some(req.namespace.clone()),
+            uid: (!req.uid.is_empty()).then(|| req.uid.clone()),
+            annotations: (!req.annotations.is_empty()).then(|| req.annotations.clone()),
+            ..Default::default()
+        },
+        target: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(req.node.clone()),
+            ..Default::default()
+        },
+    }
+}
+
+/// Merges the changed GPUs into the existing spec list (by index).
+pub fn merge_spec(existing: &[GpuSpec], changed: &[GpuSpec]) -> Vec<GpuSpec> {
+    let mut by_index: BTreeMap<u32, GpuSpec> = existing.iter().map(|g| (g.index, g.clone())).collect();
+    for g in changed {
+        by_index.insert(g.index, g.clone());
+    }
+    by_index.into_values().collect()
+}
+
+/// Finds each wanted instance in a GpuNode's status; `None` until all are there.
+pub fn reported(gn: &GpuNode, wanted: &[WantedInstance]) -> Option<BTreeMap<(u32, u8), String>> {
+    let status = gn.status.as_ref()?;
+    let mut out = BTreeMap::new();
+    for w in wanted {
+        let gpu = status.gpus.iter().find(|g| g.index == w.gpu)?;
+        if gpu.mode != Mode::Mig {
+            return None;
+        }
+        let inst = gpu.instances.iter().find(|i| i.start == w.start && i.profile.eq_ignore_ascii_case(&w.profile))?;
+        out.insert((w.gpu, w.start), inst.uuid.clone());
+    }
+    Some(out)
+}
+
+impl Binder for KubeBinder {
+    fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &req.namespace);
+            api.create_subresource::<Binding, serde_json::Value>(
+                "binding",
+                &req.name,
+                &PostParams::default(),
+                &binding(req),
+            )
+            .await
+            .map_err(|e| Error::Bind { pod: req.pod(), node: req.node.clone(), source: Box::new(e) })?;
+            Ok(())
+        })
+    }
+
+    fn reconfigure<'a>(
+        &'a self,
+        node: &'a str,
+        gpus: &'a [GpuSpec],
+        wanted: &'a [WantedInstance],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
+        Box::pin(async move {
+            let api: Api<GpuNode> = Api::all(self.client.clone());
+            let patch_err = |e| Error::PatchGpuNode { node: node.to_owned(), source: Box::new(e) };
+            let current = api.get(node).await.map_err(patch_err)?;
+            let spec = merge_spec(&current.spec.gpus, gpus);
+            // resourceVersion makes the merge patch conditional: a concurrent writer fails us
+            // instead of being overwritten.
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": current.metadata.resource_version},
+                "spec": {"gpus": spec},
+            });
+            api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(patch_err)?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let gn = api.get_status(node).await.map_err(patch_err)?;
+                if let Some(found) = reported(&gn, wanted) {
+                    return Ok(found);
+                }
+                if tokio::time::Instant::now() + self.poll > deadline {
+                    let what: Vec<String> =
+                        wanted.iter().map(|w| format!("GPU {} {} at {}", w.gpu, w.profile, w.start)).collect();
+                    return Err(Error::MigTimeout { node: node.to_owned(), what: what.join(", "), timeout });
+                }
+                tokio::time::sleep(self.poll).await;
+            }
+        })
+    }
+}
+
+/// Records bindings in memory and creates MIG instances at once: demo mode and tests.
+#[derive(Debug, Default)]
+pub struct MemoryBinder {
+    bound: Mutex<Vec<BindRequest>>,
+    reconfigured: Mutex<Vec<(String, Vec<GpuSpec>)>>,
+    /// Makes every bind fail with this message (tests of the failure path).
+    pub fail_binds: Option<String>,
+}
+
+impl MemoryBinder {
+    /// A binder whose binds all fail with `message`.
+    pub fn failing(message: &str) -> Self {
+        Self { fail_binds: Some(message.to_owned()), ..Default::default() }
+    }
+
+    pub fn bound(&self) -> Vec<BindRequest> {
+        self.bound.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn reconfigured(&self) -> Vec<(String, Vec<GpuSpec>)> {
+        self.reconfigured.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+impl Binder for MemoryBinder {
+    fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if let Some(msg) = &self.fail_binds {
+                return Err(Error::BadRequest(msg.clone()));
+            }
+            if let Ok(mut b) = self.bound.lock() {
+                b.push(req.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn reconfigure<'a>(
+        &'a self,
+        node: &'a str,
+        gpus: &'a [GpuSpec],
+        wanted: &'a [WantedInstance],
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
+        Box::pin(async move {
+            if let Ok(mut r) = self.reconfigured.lock() {
+                r.push((node.to_owned(), gpus.to_vec()));
+            }
+            Ok(wanted.iter().map(|w| ((w.gpu, w.start), format!("MIG-demo-{node}-{}-{}", w.gpu, w.start))).collect())
+        })
+    }
+}

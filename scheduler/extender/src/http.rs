@@ -1,0 +1,304 @@
+//! HTTP: a thin router over [`Scheduler`]. [`App::respond`] turns a request into a response
+//! without sockets (tests call it directly); [`serve`] runs it on a listener with hyper.
+//!
+//! Bad input never panics and never gets a bare status: filter and bind answer HTTP 200 with
+//! the wire `Error` field set (kube-scheduler puts it in the pod's events); prioritize and
+//! preempt, whose reply types have no error field, answer 400 with `{"Error": ...}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tessera_core::PodKey;
+use tokio::net::TcpListener;
+
+use crate::error::Error;
+use crate::metrics::Timer;
+use crate::state::Scheduler;
+use crate::wire::{ExtenderBindingResult, ExtenderFilterResult};
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Surface {
+    /// `POST /filter /prioritize /bind /preempt`.
+    pub verbs: bool,
+    /// `GET /metrics /api/v1/*` and `/`.
+    pub read_only: bool,
+}
+
+impl Surface {
+    pub const ALL: Surface = Surface { verbs: true, read_only: true };
+    pub const VERBS: Surface = Surface { verbs: true, read_only: false };
+    pub const READ_ONLY: Surface = Surface { verbs: false, read_only: true };
+}
+
+/// Request limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest accepted body. A 5,000-node `NodeNames` list is ~100 KiB; full Node objects are
+    /// a few KiB each.
+    pub max_body_bytes: usize,
+    /// Time to read the body and answer filter, prioritize and preempt.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 64 * 1024 * 1024, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The router's state.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub scheduler: Arc<Scheduler>,
+    pub surface: Surface,
+    pub limits: Limits,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"Error\":\"encoding reply: {e}\"}}").into_bytes());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    #[serde(rename = "Error")]
+    error: String,
+}
+
+/// The one mapping from an error to a response for verbs whose reply has no error field.
+pub fn error_response(e: &Error) -> Resp {
+    let status = match e {
+        Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Decode { .. } | Error::BadRequest(_) | Error::ReadBody(_) | Error::UnknownPod(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json(status, &ErrorBody { error: e.chain() })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(verb: &'static str, body: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|source| Error::Decode { verb, source })
+}
+
+impl App {
+    pub fn new(scheduler: Arc<Scheduler>, surface: Surface) -> Self {
+        Self { scheduler, surface, limits: Limits::default() }
+    }
+
+    /// Answers one request; the body is read here, bounded in size and time.
+    pub async fn respond<B>(&self, req: Request<B>) -> Resp
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let limit = self.limits.max_body_bytes;
+        let read = async {
+            if declared.is_some_and(|n| n > limit) {
+                return Err(Error::BodyTooLarge { limit });
+            }
+            match Limited::new(body, limit).collect().await {
+                Ok(c) => Ok(c.to_bytes()),
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    Err(Error::BodyTooLarge { limit })
+                }
+                Err(e) => Err(Error::BadRequest(format!("reading the request body: {e}"))),
+            }
+        };
+        let bytes = match tokio::time::timeout(self.limits.timeout, read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return self.verb_error(parts.uri.path(), &e),
+            Err(_) => return self.verb_error(parts.uri.path(), &Error::Timeout(self.limits.timeout)),
+        };
+        self.route(&parts.method, parts.uri.path(), bytes).await
+    }
+
+    /// An error in the shape the endpoint's client expects.
+    fn verb_error(&self, path: &str, e: &Error) -> Resp {
+        match path {
+            "/filter" => {
+                self.scheduler.metrics.decision("filter", e.kind());
+                json(StatusCode::OK, &ExtenderFilterResult::error(e.chain()))
+            }
+            "/bind" => {
+                self.scheduler.metrics.decision("bind", e.kind());
+                json(StatusCode::OK, &ExtenderBindingResult { error: e.chain() })
+            }
+            _ => error_response(e),
+        }
+    }
+
+    /// Routes a request whose body has been read.
+    pub async fn route(&self, method: &Method, path: &str, body: Bytes) -> Resp {
+        let s = &self.scheduler;
+        let verb = |p: &str| matches!(p, "/filter" | "/prioritize" | "/bind" | "/preempt");
+        if verb(path) && self.surface.verbs {
+            if method != Method::POST {
+                return json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &ErrorBody { error: format!("{path} takes POST, not {method}") },
+                );
+            }
+            return self.verb(path, body).await;
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &ErrorBody { error: format!("{method} {path} is not served") },
+            );
+        }
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+            "/readyz" if s.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "cluster state not synced yet\n".into(), "text/plain"),
+            "/metrics" if self.surface.read_only => {
+                text(StatusCode::OK, s.metrics_text(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            }
+            "/api/v1/cluster" if self.surface.read_only => json(StatusCode::OK, &s.cluster_view()),
+            "/" if self.surface.read_only => text(StatusCode::OK, INDEX.into(), "text/plain"),
+            p if self.surface.read_only && p.starts_with("/api/v1/explain/") => {
+                let rest = &p["/api/v1/explain/".len()..];
+                match rest.split_once('/') {
+                    Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+                        match s.explain(&PodKey::new(ns, pod)) {
+                            Some(e) => json(StatusCode::OK, &e),
+                            None => json(
+                                StatusCode::NOT_FOUND,
+                                &ErrorBody {
+                                    error: format!(
+                                        "pod {ns}/{pod} has not been filtered by this replica and holds no devices"
+                                    ),
+                                },
+                            ),
+                        }
+                    }
+                    _ => json(
+                        StatusCode::BAD_REQUEST,
+                        &ErrorBody { error: "expected /api/v1/explain/{namespace}/{pod}".into() },
+                    ),
+                }
+            }
+            _ => json(StatusCode::NOT_FOUND, &ErrorBody { error: format!("no such endpoint: {path}") }),
+        }
+    }
+
+    async fn verb(&self, path: &str, body: Bytes) -> Resp {
+        let s = &self.scheduler;
+        match path {
+            "/filter" => {
+                let _t = Timer::start(&s.metrics, "filter");
+                match decode("filter", &body) {
+                    Ok(args) => json(StatusCode::OK, &s.filter(args)),
+                    Err(e) => self.verb_error(path, &e),
+                }
+            }
+            "/prioritize" => {
+                let _t = Timer::start(&s.metrics, "prioritize");
+                match decode("prioritize", &body).and_then(|args| s.prioritize(args)) {
+                    Ok(list) => json(StatusCode::OK, &list),
+                    Err(e) => {
+                        s.metrics.decision("prioritize", e.kind());
+                        error_response(&e)
+                    }
+                }
+            }
+            "/preempt" => {
+                let _t = Timer::start(&s.metrics, "preempt");
+                match decode("preempt", &body).and_then(|args| s.preempt(args)) {
+                    Ok(r) => json(StatusCode::OK, &r),
+                    Err(e) => {
+                        s.metrics.decision("preempt", e.kind());
+                        error_response(&e)
+                    }
+                }
+            }
+            _ => {
+                let _t = Timer::start(&s.metrics, "bind");
+                match decode("bind", &body) {
+                    Ok(args) => {
+                        // A bind runs to its end in its own task even if the client goes away,
+                        // so a reservation is always either confirmed or released.
+                        let sched = s.clone();
+                        match tokio::spawn(async move { sched.bind(args).await }).await {
+                            Ok(r) => json(StatusCode::OK, &r),
+                            Err(e) => {
+                                json(StatusCode::OK, &ExtenderBindingResult { error: format!("bind task failed: {e}") })
+                            }
+                        }
+                    }
+                    Err(e) => self.verb_error(path, &e),
+                }
+            }
+        }
+    }
+}
+
+const INDEX: &str = "tessera-scheduler\n\
+POST /filter /prioritize /bind /preempt   kube-scheduler extender verbs\n\
+GET  /healthz /readyz                      liveness, readiness\n\
+GET  /metrics                              Prometheus metrics (tessera_*)\n\
+GET  /api/v1/cluster                       nodes, GPUs, MIG instances, allocations, packing\n\
+GET  /api/v1/explain/{namespace}/{pod}     why a pod is pending: demand and per-node reasons\n";
+
+/// Serves `app` on `listener` until `shutdown` resolves; connections in flight finish.
+pub async fn serve(listener: TcpListener, app: App, shutdown: impl std::future::Future<Output = ()>) {
+    let app = Arc::new(app);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(error) => {
+                        tracing::warn!(%error, "Accept failed");
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.respond(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        tracing::debug!(%error, %peer, "Connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}

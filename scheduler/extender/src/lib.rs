@@ -1,0 +1,25 @@
+//! tessera-scheduler: the kube-scheduler extender.
+//!
+//! - [`wire`]: `k8s.io/kube-scheduler/extender/v1` types (PascalCase, Go's nulls).
+//! - [`state`]: the [`state::Scheduler`]: core snapshot, assume cache, filter / prioritize /
+//!   bind / preempt, cluster and explain views.
+//! - [`http`]: the router over the scheduler and the hyper server.
+//! - [`binder`]: the seam for effects (Binding, `GpuNode.spec`), for Kubernetes and in memory.
+//! - [`cluster`]: reflectors of Nodes, Pods, GpuNodes, PodGroups → core snapshot.
+//! - [`leader`]: which replica binds (follows its kube-scheduler's Lease).
+//! - [`metrics`]: `tessera_*` metrics.
+//! - [`demo`]: the in-memory demo cluster and model mix.
+//! - [`config`]: command line.
+
+pub mod binder;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod state;
+pub mod wire;
+
+pub use error::{Error, Result};

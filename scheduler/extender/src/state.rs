@@ -1,0 +1,1464 @@
+//! The scheduler's state and the four extender verbs over it, independent of HTTP.
+//!
+//! One [`Scheduler`] owns the core [`Snapshot`] (behind a mutex: decisions are short and
+//! CPU-bound), the assume cache of pods this replica bound but the informer has not shown yet,
+//! the last filter verdicts per pod (for prioritize and for `explain`), and the effects seam
+//! ([`Binder`]). In live mode the snapshot's base is rebuilt from the reflectors
+//! ([`Scheduler::replace_base`]) and the assume cache is laid over it, so a pod being bound
+//! counts at once and is never counted twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+use tessera_api::annotations;
+use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode};
+use tessera_api::pod::{self as podparse, PodError};
+use tessera_api::podgroup::PodGroupSpec;
+use tessera_api::{AssignedDevice, Assignment};
+use tessera_core::gang::{self, GangPlan};
+use tessera_core::metrics::{Packing, packing};
+use tessera_core::policy::{self, NodeVerdict, Workload};
+use tessera_core::{
+    Allocation, Context, Demand, GangRef, GpuMode, Grant, MigOp, NodeName, Placement, PodKey, Policy, Rejection,
+    Snapshot,
+};
+
+use crate::binder::{BindRequest, Binder, WantedInstance};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::wire::{
+    ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
+    ExtenderPreemptionResult, FailedNodesMap, HostPriority, MetaPod, MetaVictims, NodeList,
+};
+
+/// Pods and PodGroups by name, from the reflector stores (live) or memory (demo).
+pub trait Lookup: Send + Sync + fmt::Debug {
+    fn pod(&self, namespace: &str, name: &str) -> Option<Pod>;
+    fn pod_group(&self, namespace: &str, name: &str) -> Option<PodGroupSpec>;
+}
+
+/// A [`Lookup`] held in memory: demo mode and tests.
+#[derive(Debug, Default)]
+pub struct MemoryLookup {
+    pub pods: RwLock<BTreeMap<(String, String), Pod>>,
+    pub groups: RwLock<BTreeMap<(String, String), PodGroupSpec>>,
+}
+
+impl MemoryLookup {
+    pub fn add_group(&self, namespace: &str, name: &str, spec: PodGroupSpec) {
+        if let Ok(mut g) = self.groups.write() {
+            g.insert((namespace.to_owned(), name.to_owned()), spec);
+        }
+    }
+}
+
+impl Lookup for MemoryLookup {
+    fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.pods.read().ok()?.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+    fn pod_group(&self, namespace: &str, name: &str) -> Option<PodGroupSpec> {
+        self.groups.read().ok()?.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+}
+
+/// Tunables of the verbs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `demo` or `live`, shown by `/api/v1/cluster`.
+    pub mode: &'static str,
+    /// How long a bind may wait for a node to report a new MIG instance.
+    pub mig_timeout: Duration,
+    /// Seed for policy tie-breaks.
+    pub seed: u64,
+    /// How long an assumed pod waits to be seen bound before it is forgotten.
+    pub assume_ttl: Duration,
+    /// Threads one filter may use to evaluate a long node list.
+    pub threads: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mode: "demo",
+            mig_timeout: Duration::from_secs(30),
+            seed: 0,
+            assume_ttl: Duration::from_secs(300),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// A pod this replica bound (or is binding) that the informer has not reported bound yet.
+#[derive(Clone, Debug)]
+struct Assumed {
+    placement: Placement,
+    demand: Demand,
+    at_ms: u64,
+}
+
+/// What the last filter saw for one pod.
+#[derive(Clone, Debug)]
+struct Seen {
+    uid: String,
+    demand: Result<Demand, String>,
+    generation: u64,
+    at_ms: u64,
+    verdicts: Vec<NodeVerdict>,
+}
+
+/// A map that forgets its oldest entries past `cap`.
+#[derive(Debug)]
+struct Bounded<V> {
+    map: HashMap<PodKey, V>,
+    order: VecDeque<PodKey>,
+    cap: usize,
+}
+
+impl<V> Bounded<V> {
+    fn new(cap: usize) -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new(), cap }
+    }
+    fn insert(&mut self, k: PodKey, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+    fn get(&self, k: &PodKey) -> Option<&V> {
+        self.map.get(k)
+    }
+}
+
+/// Where a planned gang's held binds stand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Barrier {
+    /// Some planned members have not reached bind yet.
+    Waiting,
+    /// Every planned member reached bind: each goes ahead.
+    Open,
+    /// The plan was dropped (deadline or an error); every held bind fails with this.
+    Failed(String),
+}
+
+/// One gang: members seen at filter, the reserved plan, and the bind barrier.
+#[derive(Debug)]
+struct GangState {
+    min_member: u32,
+    timeout_ms: u64,
+    /// Pending members and when filter last saw each (ms).
+    members: BTreeMap<PodKey, (Demand, u64)>,
+    plan: Option<GangPlan>,
+    arrived: BTreeSet<PodKey>,
+    barrier: tokio::sync::watch::Sender<Barrier>,
+}
+
+impl GangState {
+    fn new(g: &GangRef) -> Self {
+        Self {
+            min_member: g.min_member,
+            timeout_ms: g.timeout_ms,
+            members: BTreeMap::new(),
+            plan: None,
+            arrived: BTreeSet::new(),
+            barrier: tokio::sync::watch::channel(Barrier::Waiting).0,
+        }
+    }
+
+    fn planned(&self, pod: &PodKey) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.members.iter().any(|(k, _)| k == pod))
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Shared with filters evaluating outside the lock; writers copy on write.
+    snap: Arc<Snapshot>,
+    /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
+    generation: u64,
+    workload: Arc<Workload>,
+    recent: VecDeque<Demand>,
+    filtered: u64,
+    seen: Bounded<Seen>,
+    uids: HashMap<String, PodKey>,
+    assumed: BTreeMap<PodKey, Assumed>,
+    /// MIG instance UUIDs by (node, gpu, start), as the node agents report them.
+    mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
+    base_reconfigs: u64,
+    gangs: BTreeMap<String, GangState>,
+}
+
+impl Inner {
+    /// Drops a gang's plan: releases its members still reserved (bound ones stay) and fails
+    /// every held bind with `why`.
+    fn fail_gang(&mut self, name: &str, why: &str) -> Vec<PodKey> {
+        let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
+        let mut released = Vec::new();
+        if let Some(plan) = st.plan.take() {
+            for (pod, _) in &plan.members {
+                if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
+                    && Arc::make_mut(&mut self.snap).release(pod).is_ok()
+                {
+                    released.push(pod.clone());
+                }
+            }
+        }
+        st.arrived.clear();
+        st.barrier.send_replace(Barrier::Failed(why.to_owned()));
+        // Later plans get a fresh barrier; waiters of this one already hold its receiver.
+        st.barrier = tokio::sync::watch::channel(Barrier::Waiting).0;
+        if !released.is_empty() {
+            self.generation += 1;
+        }
+        released
+    }
+
+    fn gang_of(&self, pod: &PodKey) -> Option<String> {
+        self.gangs.iter().find(|(_, st)| st.planned(pod)).map(|(n, _)| n.clone())
+    }
+}
+
+/// The scheduler: state plus the extender verbs.
+pub struct Scheduler {
+    inner: Mutex<Inner>,
+    policy: Box<dyn Policy>,
+    binder: Arc<dyn Binder>,
+    lookup: Arc<dyn Lookup>,
+    pub metrics: Metrics,
+    settings: Settings,
+    origin: tokio::time::Instant,
+    leader: AtomicBool,
+    synced: AtomicBool,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler").field("policy", &self.policy.name()).field("settings", &self.settings).finish()
+    }
+}
+
+const RECENT_DEMANDS: usize = 512;
+/// Pods whose last filter verdicts are kept (for prioritize and explain). Each holds one
+/// verdict per offered node, so this bounds memory on large clusters.
+const SEEN_PODS: usize = 256;
+
+fn verdict_kind(v: &NodeVerdict) -> &'static str {
+    match &v.outcome {
+        Ok(_) => "fits",
+        Err(r) if r.is_unresolvable() => "unresolvable",
+        Err(_) => "unschedulable",
+    }
+}
+
+/// Names of the offered nodes: `NodeNames` (nodeCacheCapable) or the names in `Nodes`.
+fn offered(nodes: &Option<NodeList>, names: &Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
+    match (names, nodes) {
+        (Some(n), _) => Ok(n.iter().map(|s| NodeName(s.clone())).collect()),
+        (None, Some(list)) => list
+            .items
+            .iter()
+            .map(|n| {
+                n.metadata.name.clone().map(NodeName).ok_or_else(|| "a node in Nodes has no metadata.name".to_owned())
+            })
+            .collect(),
+        (None, None) => Err("both NodeNames and Nodes are null; nothing to filter".to_owned()),
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        snap: Snapshot,
+        policy: Box<dyn Policy>,
+        binder: Arc<dyn Binder>,
+        lookup: Arc<dyn Lookup>,
+        settings: Settings,
+    ) -> Self {
+        let base_reconfigs = snap.reconfigs();
+        let s = Self {
+            inner: Mutex::new(Inner {
+                snap: Arc::new(snap),
+                generation: 1,
+                workload: Arc::new(Workload::default()),
+                recent: VecDeque::new(),
+                filtered: 0,
+                seen: Bounded::new(SEEN_PODS),
+                uids: HashMap::new(),
+                assumed: BTreeMap::new(),
+                mig_uuids: HashMap::new(),
+                base_reconfigs,
+                gangs: BTreeMap::new(),
+            }),
+            policy,
+            binder,
+            lookup,
+            metrics: Metrics::new(),
+            settings,
+            origin: tokio::time::Instant::now(),
+            leader: AtomicBool::new(true),
+            synced: AtomicBool::new(true),
+        };
+        s.metrics.leader.set(1);
+        s
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the snapshot half-changed (every change
+        // is one checked call), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+        self.metrics.leader.set(i64::from(leader));
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// Ready to answer: the cluster state has been read at least once.
+    pub fn is_ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Seeds the expected workload (demo mode: the placed model mix).
+    pub fn set_workload(&self, workload: Workload) {
+        self.lock().workload = Arc::new(workload);
+    }
+
+    /// Registers a pod UID (victims in preempt arrive by UID).
+    pub fn remember_uid(&self, uid: &str, pod: PodKey) {
+        self.lock().uids.insert(uid.to_owned(), pod);
+    }
+
+    /// Reads a pod's demand, looking up its PodGroup.
+    pub fn demand_of(&self, pod: &Pod) -> Result<Demand, PodError> {
+        let group = podparse::pod_group_name(pod).and_then(|g| {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            self.lookup.pod_group(ns, g)
+        });
+        podparse::demand(pod, group.as_ref())
+    }
+
+    /// Runs `f` on the snapshot (read only).
+    pub fn with_snapshot<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {
+        f(&self.lock().snap)
+    }
+
+    // ---- filter ------------------------------------------------------------------------
+
+    pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
+        let names = match offered(&args.nodes, &args.node_names) {
+            Ok(n) => n,
+            Err(msg) => {
+                self.metrics.decision("filter", "error");
+                return ExtenderFilterResult::error(msg);
+            }
+        };
+        let Some(pod) = args.pod else {
+            self.metrics.decision("filter", "error");
+            return ExtenderFilterResult::error("ExtenderArgs.Pod is null");
+        };
+        let key = match podparse::pod_key(&pod) {
+            Ok(k) => k,
+            Err(e) => {
+                self.metrics.decision("filter", "error");
+                return ExtenderFilterResult::error(e.to_string());
+            }
+        };
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let demand = self.demand_of(&pod);
+        let (plan, generation) = {
+            let mut inner = self.lock();
+            if !uid.is_empty() {
+                inner.uids.insert(uid.clone(), key.clone());
+            }
+            let plan = match &demand {
+                Ok(d) => self.prepare(&mut inner, d, &names),
+                Err(e) => {
+                    let reason = format!("pod {key}: {e}");
+                    let r = if e.is_permanent() {
+                        Rejection::Unresolvable(reason)
+                    } else {
+                        Rejection::Unschedulable(reason)
+                    };
+                    Verdicts::Done(
+                        names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect(),
+                    )
+                }
+            };
+            (plan, inner.generation)
+        };
+        // The expensive part runs without the lock, on the snapshot as it was.
+        let verdicts = match (plan, &demand) {
+            (Verdicts::Evaluate { snap, workload }, Ok(d)) => self.evaluate(&snap, &workload, d, &names),
+            (Verdicts::Evaluate { .. }, Err(_)) => Vec::new(),
+            (Verdicts::Done(v), _) => v,
+        };
+        let mut out = ExtenderFilterResult {
+            failed_nodes: Some(FailedNodesMap::new()),
+            failed_and_unresolvable_nodes: Some(FailedNodesMap::new()),
+            ..Default::default()
+        };
+        let mut pass = Vec::new();
+        for v in &verdicts {
+            match &v.outcome {
+                Ok(_) => pass.push(v.node.0.clone()),
+                Err(r) => {
+                    let map = if r.is_unresolvable() {
+                        out.failed_and_unresolvable_nodes.as_mut()
+                    } else {
+                        out.failed_nodes.as_mut()
+                    };
+                    if let Some(m) = map {
+                        m.insert(v.node.0.clone(), r.reason().to_owned());
+                    }
+                }
+            }
+        }
+        let result = if pass.is_empty() { "unschedulable" } else { "fits" };
+        self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
+        let at_ms = self.now_ms();
+        self.lock()
+            .seen
+            .insert(key, Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts });
+        match args.nodes {
+            // Not nodeCacheCapable: answer with the Node objects that pass.
+            Some(mut list) if args.node_names.is_none() => {
+                list.items.retain(|n| n.metadata.name.as_ref().is_some_and(|name| pass.contains(name)));
+                out.nodes = Some(list);
+            }
+            _ => out.node_names = Some(pass),
+        }
+        out
+    }
+
+    /// Decides under the lock what a demand's verdicts need: answered already (held devices,
+    /// gangs: they change the snapshot) or a plain evaluation, done by the caller unlocked.
+    fn prepare(&self, inner: &mut Inner, demand: &Demand, names: &[NodeName]) -> Verdicts {
+        inner.recent.push_back(demand.clone());
+        if inner.recent.len() > RECENT_DEMANDS {
+            inner.recent.pop_front();
+        }
+        inner.filtered += 1;
+        // FGD's target workload: the popular shapes among recent demands (95% coverage).
+        if inner.filtered % 64 == 1 || inner.workload.is_empty() {
+            inner.workload = Arc::new(Workload::from_demands_top(inner.recent.iter(), 0.95));
+        }
+        if let Some(a) = inner.snap.allocation(&demand.pod) {
+            // Already assumed or reserved: only its node.
+            let (here, grants) = (a.node.clone(), a.grants.clone());
+            return Verdicts::Done(self.pinned(inner, demand, &here, grants, names));
+        }
+        if let Some(g) = &demand.gang
+            && let Some(v) = self.gang_verdicts(inner, demand, g, names)
+        {
+            return Verdicts::Done(v);
+        }
+        Verdicts::Evaluate { snap: inner.snap.clone(), workload: inner.workload.clone() }
+    }
+
+    /// The core's verdicts on the offered nodes, split across threads for long node lists
+    /// (nodes are independent, so the result is the same as one call).
+    fn evaluate(&self, snap: &Snapshot, workload: &Workload, demand: &Demand, names: &[NodeName]) -> Vec<NodeVerdict> {
+        let ctx = Context { workload, seed: self.settings.seed };
+        let run = |chunk: &[NodeName]| policy::evaluate(snap, demand, self.policy.as_ref(), &ctx, Some(chunk));
+        let parts = self.settings.threads.max(1).min(names.len() / PARALLEL_MIN_NODES).max(1);
+        let result = if parts == 1 {
+            run(names)
+        } else {
+            let size = names.len().div_ceil(parts);
+            std::thread::scope(|scope| {
+                let mut chunks = names.chunks(size);
+                let first = chunks.next().unwrap_or(&[]);
+                let handles: Vec<_> = chunks.map(|c| scope.spawn(move || run(c))).collect();
+                let mut out = run(first)?;
+                for h in handles {
+                    match h.join() {
+                        Ok(v) => out.extend(v?),
+                        Err(_) => return Err(tessera_core::Error::Invalid("evaluation thread panicked".into())),
+                    }
+                }
+                Ok(out)
+            })
+        };
+        match result {
+            Ok(v) => v,
+            Err(e) => names
+                .iter()
+                .map(|n| NodeVerdict {
+                    node: n.clone(),
+                    outcome: Err(Rejection::Unresolvable(format!("pod {}: {e}", demand.pod))),
+                })
+                .collect(),
+        }
+    }
+
+    /// Verdicts for a pod that already holds devices on `here`: that node fits; every other
+    /// node is refused, keeping "never fits" where the core says so.
+    fn pinned(
+        &self,
+        inner: &Inner,
+        demand: &Demand,
+        here: &NodeName,
+        grants: Vec<Grant>,
+        names: &[NodeName],
+    ) -> Vec<NodeVerdict> {
+        let others: Vec<NodeName> = names.iter().filter(|n| *n != here).cloned().collect();
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        let mut never: HashMap<NodeName, Rejection> = HashMap::new();
+        if let Ok(vs) = policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(&others)) {
+            for v in vs {
+                if let Err(r) = v.outcome
+                    && r.is_unresolvable()
+                {
+                    never.insert(v.node, r);
+                }
+            }
+        }
+        let held = match &demand.gang {
+            Some(g) => format!("gang {} placed pod {} on {here}", g.name, demand.pod),
+            None => format!("pod {} already holds devices on {here}", demand.pod),
+        };
+        names
+            .iter()
+            .map(|n| NodeVerdict {
+                node: n.clone(),
+                outcome: if n == here {
+                    Ok((
+                        tessera_core::Candidate { node: 0, grants: grants.clone(), ops: Vec::new() },
+                        policy::Score::default(),
+                    ))
+                } else if let Some(r) = never.remove(n) {
+                    Err(r)
+                } else {
+                    Err(Rejection::Unschedulable(format!("node {n}: {held}")))
+                },
+            })
+            .collect()
+    }
+
+    /// A gang member's verdicts: wait for `minMember` members, then plan and reserve the whole
+    /// gang at once; a planned member is offered only its node. `None`: the gang is already
+    /// planned without this pod (a member beyond `minMember`), which is placed like any pod.
+    fn gang_verdicts(
+        &self,
+        inner: &mut Inner,
+        demand: &Demand,
+        g: &GangRef,
+        names: &[NodeName],
+    ) -> Option<Vec<NodeVerdict>> {
+        let now = self.now_ms();
+        let st = inner.gangs.entry(g.name.clone()).or_insert_with(|| GangState::new(g));
+        st.min_member = g.min_member;
+        st.timeout_ms = g.timeout_ms;
+        st.members.insert(demand.pod.clone(), (demand.clone(), now));
+        // Members not filtered for a while are gone (kube-scheduler retries pending pods
+        // every few seconds).
+        let keep_ms = g.timeout_ms.max(30_000);
+        st.members.retain(|_, (_, seen)| now.saturating_sub(*seen) <= keep_ms);
+        if st.plan.is_some() {
+            if !st.planned(&demand.pod) {
+                return None;
+            }
+            // Planned, yet the pod holds nothing (its reservation was released): replan.
+            inner.fail_gang(&g.name, "the plan lost a member's reservation; replanning");
+        }
+        let st = inner.gangs.get(&g.name)?;
+        let members: Vec<Demand> = st
+            .members
+            .values()
+            .filter(|(d, _)| inner.snap.allocation(&d.pod).is_none())
+            .map(|(d, _)| d.clone())
+            .collect();
+        let all =
+            |r: Rejection| names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect();
+        if (members.len() as u64) < u64::from(st.min_member) {
+            return Some(all(Rejection::Unschedulable(format!(
+                "gang {}: {} of {} members pending; waiting for the rest before planning",
+                g.name,
+                members.len(),
+                st.min_member
+            ))));
+        }
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        match gang::plan_gang(Arc::make_mut(&mut inner.snap), &members, self.policy.as_ref(), &ctx, now) {
+            Ok(plan) => {
+                tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
+                inner.generation += 1;
+                if let Some(st) = inner.gangs.get_mut(&g.name) {
+                    st.plan = Some(plan);
+                    st.arrived.clear();
+                    st.barrier.send_replace(Barrier::Waiting);
+                }
+                match inner.snap.allocation(&demand.pod).map(|a| (a.node.clone(), a.grants.clone())) {
+                    Some((here, grants)) => Some(self.pinned(inner, demand, &here, grants, names)),
+                    None => Some(all(Rejection::Unschedulable(format!(
+                        "gang {}: pod {} is not in the plan",
+                        g.name, demand.pod
+                    )))),
+                }
+            }
+            Err(r) => Some(all(r)),
+        }
+    }
+
+    /// Releases lapsed gang reservations (failing their held binds) and refreshes the gang
+    /// gauges. Run about once a second.
+    pub fn tick(&self) {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let expired = gang::expire(Arc::make_mut(&mut inner.snap), now);
+        if !expired.is_empty() {
+            inner.generation += 1;
+            let names: Vec<String> = inner
+                .gangs
+                .iter()
+                .filter(|(_, st)| expired.iter().any(|p| st.planned(p)))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in names {
+                tracing::warn!(gang = %n, "Gang reservation lapsed before every member was bound; released");
+                inner.fail_gang(&n, "the gang's reservation deadline passed before every member reached bind");
+            }
+        }
+        let stale = 2 * 60_000;
+        inner.gangs.retain(|_, st| {
+            st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
+        });
+        let pending = inner.gangs.values().filter(|st| st.plan.is_none()).count();
+        self.metrics.pending_gangs.set(pending as i64);
+    }
+
+    // ---- prioritize --------------------------------------------------------------------
+
+    pub fn prioritize(&self, args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
+        let names = offered(&args.nodes, &args.node_names).map_err(Error::BadRequest)?;
+        let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
+        let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let cached = {
+            let inner = self.lock();
+            inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
+                let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
+                names.iter().map(|n| by_node.get(n).map(|v| (*v).clone())).collect::<Option<Vec<_>>>()
+            })
+        };
+        let verdicts = match cached {
+            Some(v) => v,
+            None => {
+                let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
+                let plan = self.prepare(&mut self.lock(), &demand, &names);
+                match plan {
+                    Verdicts::Done(v) => v,
+                    Verdicts::Evaluate { snap, workload } => self.evaluate(&snap, &workload, &demand, &names),
+                }
+            }
+        };
+        let scores: HashMap<NodeName, i64> = policy::extender_scores(&verdicts).into_iter().collect();
+        self.metrics.decision("prioritize", "scored");
+        Ok(names
+            .iter()
+            .map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) })
+            .collect())
+    }
+
+    // ---- bind --------------------------------------------------------------------------
+
+    pub async fn bind(&self, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+        match self.try_bind(&args).await {
+            Ok(()) => {
+                self.metrics.decision("bind", "bound");
+                ExtenderBindingResult::default()
+            }
+            Err(e) => {
+                self.metrics.decision("bind", e.kind());
+                tracing::warn!(error = %e.chain(), pod = %args.pod_name, node = %args.node, "Bind failed");
+                ExtenderBindingResult { error: e.chain() }
+            }
+        }
+    }
+
+    async fn try_bind(&self, args: &ExtenderBindingArgs) -> Result<(), Error> {
+        for (field, v) in [("PodName", &args.pod_name), ("PodNamespace", &args.pod_namespace), ("Node", &args.node)] {
+            if v.is_empty() {
+                return Err(Error::BadRequest(format!("ExtenderBindingArgs.{field} is empty")));
+            }
+        }
+        if !self.is_leader() {
+            return Err(Error::NotLeader);
+        }
+        let key = PodKey::new(&args.pod_namespace, &args.pod_name);
+        let node = NodeName(args.node.clone());
+        let gang = self.hold_for_gang(&key).await?;
+        let prepared = match self.reserve(&key, &node, &args.pod_uid) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(g) = &gang {
+                    self.lock().fail_gang(g, &e.chain());
+                }
+                return Err(e);
+            }
+        };
+        match self.effect(args, &key, &prepared).await {
+            Ok(mig_uuids) => {
+                let mut inner = self.lock();
+                for ((gpu, start), uuid) in mig_uuids {
+                    inner.mig_uuids.insert((node.clone(), gpu, start), uuid);
+                }
+                Arc::make_mut(&mut inner.snap).confirm(&key)?;
+                inner.generation += 1;
+                if let Some(g) = &gang {
+                    // Every planned member bound: the gang is done.
+                    let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
+                        p.members
+                            .iter()
+                            .all(|(k, _)| inner.snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
+                    });
+                    if done {
+                        inner.gangs.remove(g);
+                    }
+                }
+                self.metrics.reservations.set(inner.assumed.len() as i64);
+                Ok(())
+            }
+            Err(e) => {
+                let mut inner = self.lock();
+                if Arc::make_mut(&mut inner.snap).release(&key).is_ok() {
+                    inner.generation += 1;
+                }
+                if let Some(g) = &gang {
+                    inner.fail_gang(g, &e.chain());
+                }
+                inner.assumed.remove(&key);
+                self.metrics.reservations.set(inner.assumed.len() as i64);
+                Err(e)
+            }
+        }
+    }
+
+    /// Holds a planned gang member's bind until every planned member has reached bind (or the
+    /// plan's deadline passes, which fails them all). Returns the gang's name for members.
+    async fn hold_for_gang(&self, key: &PodKey) -> Result<Option<String>, Error> {
+        let (name, mut rx, deadline_ms) = {
+            let mut inner = self.lock();
+            let Some(name) = inner.gang_of(key) else { return Ok(None) };
+            let Some(st) = inner.gangs.get_mut(&name) else { return Ok(None) };
+            st.arrived.insert(key.clone());
+            let (all_in, deadline_ms) = match &st.plan {
+                Some(p) => (p.members.iter().all(|(k, _)| st.arrived.contains(k)), p.deadline_ms),
+                None => (false, 0),
+            };
+            if all_in {
+                tracing::info!(gang = %name, "Every gang member reached bind; binding all");
+                st.barrier.send_replace(Barrier::Open);
+            }
+            (name, st.barrier.subscribe(), deadline_ms)
+        };
+        let deadline = self.origin + Duration::from_millis(deadline_ms);
+        let outcome = tokio::time::timeout_at(deadline, rx.wait_for(|b| *b != Barrier::Waiting)).await;
+        match outcome {
+            Ok(Ok(b)) => match &*b {
+                Barrier::Failed(why) => Err(Error::Gang { gang: name, why: why.clone() }),
+                _ => Ok(Some(name)),
+            },
+            Ok(Err(_)) => Err(Error::Gang { gang: name, why: "the plan was dropped".into() }),
+            Err(_) => {
+                let why = "the reservation deadline passed before every member reached bind";
+                self.lock().fail_gang(&name, why);
+                Err(Error::Gang { gang: name, why: why.into() })
+            }
+        }
+    }
+
+    /// Reserves the exact devices for the pod on `node` in the snapshot (so it counts at once)
+    /// and returns what must happen on the cluster.
+    fn reserve(&self, key: &PodKey, node: &NodeName, uid: &str) -> Result<Prepared, Error> {
+        let looked_up = match self.lock().seen.get(key).map(|s| s.demand.clone()) {
+            Some(Ok(d)) => Some(d),
+            Some(Err(msg)) => return Err(Error::Unplaceable { pod: key.clone(), reason: msg }),
+            None => None,
+        };
+        let demand = match looked_up {
+            Some(d) => d,
+            None => {
+                let (ns, name) = key.0.split_once('/').unwrap_or(("default", &key.0));
+                let pod = self.lookup.pod(ns, name).ok_or_else(|| Error::UnknownPod(key.clone()))?;
+                self.demand_of(&pod).map_err(|e| Error::Unplaceable { pod: key.clone(), reason: e.to_string() })?
+            }
+        };
+        let mut inner = self.lock();
+        if !uid.is_empty() {
+            inner.uids.insert(uid.to_owned(), key.clone());
+        }
+        let placement = match inner.snap.allocation(key).cloned() {
+            Some(a) if a.node == *node => {
+                Placement { node: node.clone(), grants: a.grants, ops: Vec::new(), score: 0.0 }
+            }
+            Some(a) => {
+                // kube-scheduler chose another node than the one held for the pod: move it.
+                Arc::make_mut(&mut inner.snap).release(key)?;
+                inner.assumed.remove(key);
+                inner.generation += 1;
+                tracing::info!(pod = %key, from = %a.node, to = %node, "Moving held devices to the bound node");
+                self.place_on(&inner, &demand, node)?
+            }
+            None => self.place_on(&inner, &demand, node)?,
+        };
+        if inner.snap.allocation(key).is_none() {
+            // Assumed, not lapsing: the bind itself releases it if anything fails.
+            placement.apply(Arc::make_mut(&mut inner.snap), &demand, None)?;
+            inner.generation += 1;
+        }
+        let at_ms = self.now_ms();
+        inner.assumed.insert(key.clone(), Assumed { placement: placement.clone(), demand: demand.clone(), at_ms });
+        self.metrics.reservations.set(inner.assumed.len() as i64);
+        let n = inner.snap.node(node).ok_or_else(|| Error::Core(tessera_core::Error::UnknownNode(node.clone())))?;
+        let mut wanted = Vec::new();
+        let mut changed: Vec<u32> = Vec::new();
+        for op in &placement.ops {
+            let gpu = match *op {
+                MigOp::SetMode { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
+                MigOp::Create { gpu, class, start } => {
+                    let profile = n
+                        .gpu(gpu)
+                        .and_then(|g| g.mig_product())
+                        .and_then(|p| p.geometry().profile(class))
+                        .map_or_else(|| format!("{class:?}"), |p| p.name.to_owned());
+                    wanted.push(WantedInstance { gpu, profile, start });
+                    gpu
+                }
+            };
+            if !changed.contains(&gpu) {
+                changed.push(gpu);
+            }
+        }
+        let gpus = changed.iter().filter_map(|&i| n.gpu(i)).map(gpu_spec).collect();
+        let devices = placement
+            .grants
+            .iter()
+            .map(|g| {
+                let gpu = n.gpu(g.gpu());
+                let uuid = gpu.map(|x| x.uuid.clone()).unwrap_or_default();
+                let (profile, start, share) = match *g {
+                    Grant::Whole { .. } => (None, None, None),
+                    Grant::Share { milli, .. } => (None, None, Some(milli)),
+                    Grant::Mig { class, start, .. } => (
+                        gpu.and_then(|x| x.mig_product())
+                            .and_then(|p| p.geometry().profile(class))
+                            .map(|p| p.name.to_owned()),
+                        Some(start),
+                        None,
+                    ),
+                };
+                let mig = start.and_then(|s| inner.mig_uuids.get(&(node.clone(), g.gpu(), s)).cloned());
+                AssignedDevice { gpu: uuid, index: g.gpu(), profile, start, mig, share }
+            })
+            .collect();
+        Ok(Prepared { gpus, wanted, assignment: Assignment { node: node.0.clone(), devices } })
+    }
+
+    fn place_on(&self, inner: &Inner, demand: &Demand, node: &NodeName) -> Result<Placement, Error> {
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        let verdicts =
+            policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(std::slice::from_ref(node)))?;
+        match verdicts.into_iter().next().map(|v| v.outcome) {
+            Some(Ok((c, s))) => Ok(Placement { node: node.clone(), grants: c.grants, ops: c.ops, score: s.node }),
+            Some(Err(r)) => Err(Error::Unplaceable { pod: demand.pod.clone(), reason: r.reason().to_owned() }),
+            None => Err(Error::Unplaceable { pod: demand.pod.clone(), reason: format!("node {node} not evaluated") }),
+        }
+    }
+
+    /// The cluster side of a bind: new MIG instances first, then the Binding.
+    async fn effect(
+        &self,
+        args: &ExtenderBindingArgs,
+        key: &PodKey,
+        prepared: &Prepared,
+    ) -> Result<BTreeMap<(u32, u8), String>, Error> {
+        let mut assignment = prepared.assignment.clone();
+        let mut uuids = BTreeMap::new();
+        if !prepared.wanted.is_empty() {
+            self.metrics.mig_reconfig_requests_total.inc();
+            uuids = self
+                .binder
+                .reconfigure(&args.node, &prepared.gpus, &prepared.wanted, self.settings.mig_timeout)
+                .await?;
+            for d in &mut assignment.devices {
+                if let Some(s) = d.start
+                    && d.mig.is_none()
+                {
+                    d.mig = uuids.get(&(d.index, s)).cloned().filter(|u| !u.is_empty());
+                }
+            }
+        }
+        let req = BindRequest {
+            namespace: args.pod_namespace.clone(),
+            name: args.pod_name.clone(),
+            uid: args.pod_uid.clone(),
+            node: args.node.clone(),
+            annotations: [(annotations::ASSIGNMENT.to_owned(), assignment.to_annotation())].into(),
+        };
+        tracing::debug!(pod = %key, node = %args.node, "Binding");
+        self.binder.bind(&req).await?;
+        Ok(uuids)
+    }
+
+    // ---- preempt -----------------------------------------------------------------------
+
+    /// Accepts the candidate nodes where evicting the proposed victims lets the pod fit, keeps
+    /// only the victims that are needed, and never splits a gang.
+    pub fn preempt(&self, args: ExtenderPreemptionArgs) -> Result<ExtenderPreemptionResult, Error> {
+        let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderPreemptionArgs.Pod is null".into()))?;
+        let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
+        let candidates: BTreeMap<String, (Vec<String>, i64)> =
+            match (args.node_name_to_meta_victims, args.node_name_to_victims) {
+                (Some(meta), _) => meta
+                    .into_iter()
+                    .map(|(n, v)| {
+                        (n, (v.pods.unwrap_or_default().into_iter().map(|p| p.uid).collect(), v.num_pdb_violations))
+                    })
+                    .collect(),
+                (None, Some(full)) => full
+                    .into_iter()
+                    .map(|(n, v)| {
+                        let uids = v.pods.unwrap_or_default().into_iter().filter_map(|p| p.metadata.uid).collect();
+                        (n, (uids, v.num_pdb_violations))
+                    })
+                    .collect(),
+                (None, None) => return Err(Error::BadRequest("no candidate nodes (both victim maps are null)".into())),
+            };
+        let mut inner = self.lock();
+        let mut accepted = BTreeMap::new();
+        // First the core's choice: the cheapest whole units (single pods or whole gangs)
+        // cluster-wide, offered on every candidate node that holds all of them on that node.
+        let members: Vec<Demand> = match &demand.gang {
+            Some(g) => inner
+                .gangs
+                .get(&g.name)
+                .map(|st| {
+                    st.members
+                        .values()
+                        .map(|(d, _)| d.clone())
+                        .filter(|d| inner.snap.allocation(&d.pod).is_none())
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![demand.clone()]),
+            None => vec![demand.clone()],
+        };
+        let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+        let core = gang::preemption_victims(&inner.snap, &members, self.policy.as_ref(), &ctx).unwrap_or_default();
+        let by_key: HashMap<&PodKey, &String> = inner.uids.iter().map(|(u, k)| (k, u)).collect();
+        for (node, (uids, pdb)) in &candidates {
+            let name = NodeName(node.clone());
+            let here: Vec<&PodKey> =
+                core.iter().filter(|k| inner.snap.allocation(k).is_some_and(|a| a.node == name)).collect();
+            let all_here = !here.is_empty() && here.len() == core.len();
+            let offered = here.iter().all(|k| by_key.get(k).is_some_and(|u| uids.contains(u)));
+            if all_here && offered {
+                let pods = here.iter().filter_map(|k| by_key.get(k)).map(|u| MetaPod { uid: (*u).clone() }).collect();
+                accepted.insert(node.clone(), MetaVictims { pods: Some(pods), num_pdb_violations: *pdb });
+            }
+        }
+        if !accepted.is_empty() {
+            self.metrics.decision("preempt", "victims");
+            return Ok(ExtenderPreemptionResult { node_name_to_meta_victims: Some(accepted) });
+        }
+        // Otherwise per candidate node: the fewest of kube-scheduler's proposed victims that
+        // let the pod fit there, whole gangs only.
+        for (node, (uids, pdb)) in candidates {
+            let name = NodeName(node.clone());
+            let Some(chosen) = self.victims_on(&mut inner, &demand, &name, &uids) else {
+                continue;
+            };
+            if chosen.is_empty() {
+                continue;
+            }
+            let pods = chosen.into_iter().map(|uid| MetaPod { uid }).collect();
+            accepted.insert(node, MetaVictims { pods: Some(pods), num_pdb_violations: pdb });
+        }
+        self.metrics.decision("preempt", if accepted.is_empty() { "none" } else { "victims" });
+        Ok(ExtenderPreemptionResult { node_name_to_meta_victims: Some(accepted) })
+    }
+
+    /// The subset of `uids` whose eviction lets `demand` fit on `node`, or `None`.
+    fn victims_on(&self, inner: &mut Inner, demand: &Demand, node: &NodeName, uids: &[String]) -> Option<Vec<String>> {
+        let mut victims: Vec<(String, PodKey, i32)> = Vec::new();
+        for uid in uids {
+            let key = inner.uids.get(uid)?.clone();
+            let prio = inner.snap.allocation(&key).map_or(i32::MIN, |a| a.priority);
+            victims.push((uid.clone(), key, prio));
+        }
+        // Whole gangs only: every member of a victim's gang must be a victim on this node.
+        for (_, key, _) in &victims {
+            if let Some(g) = inner.snap.allocation(key).and_then(|a| a.gang.clone()) {
+                let all_in = inner
+                    .snap
+                    .allocations()
+                    .values()
+                    .filter(|a| a.gang.as_deref() == Some(g.as_str()))
+                    .all(|a| victims.iter().any(|(_, k, _)| *k == a.pod));
+                if !all_in {
+                    return None;
+                }
+            }
+        }
+        let fits = |snap: &mut Snapshot, evict: &[&PodKey]| {
+            let cp = snap.checkpoint();
+            for k in evict {
+                if snap.allocation(k).is_some() {
+                    let _ = snap.release(k);
+                }
+            }
+            let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
+            let ok = policy::evaluate(snap, demand, self.policy.as_ref(), &ctx, Some(std::slice::from_ref(node)))
+                .is_ok_and(|v| v.first().is_some_and(|v| v.outcome.is_ok()));
+            snap.rollback(cp);
+            ok
+        };
+        let mut keep: Vec<usize> = (0..victims.len()).collect();
+        if !fits(Arc::make_mut(&mut inner.snap), &keep.iter().map(|&i| &victims[i].1).collect::<Vec<_>>()) {
+            return None;
+        }
+        // Spare the highest-priority victims first, as long as the pod still fits; gang members
+        // stay (sparing part of a gang would split it).
+        let mut order = keep.clone();
+        order.sort_by_key(|&i| std::cmp::Reverse(victims[i].2));
+        for i in order {
+            if inner.snap.allocation(&victims[i].1).is_some_and(|a| a.gang.is_some()) {
+                continue;
+            }
+            let trial: Vec<usize> = keep.iter().copied().filter(|&j| j != i).collect();
+            if fits(Arc::make_mut(&mut inner.snap), &trial.iter().map(|&j| &victims[j].1).collect::<Vec<_>>()) {
+                keep = trial;
+            }
+        }
+        Some(keep.into_iter().map(|i| victims[i].0.clone()).collect())
+    }
+
+    // ---- live cluster state ------------------------------------------------------------
+
+    /// Replaces the snapshot with one rebuilt from the API, then lays the assume cache over it:
+    /// pods the rebuild already shows bound leave the cache; the rest are re-applied.
+    pub fn replace_base(
+        &self,
+        mut snap: Snapshot,
+        uids: HashMap<String, PodKey>,
+        mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    ) {
+        let now = self.now_ms();
+        let ttl = u64::try_from(self.settings.assume_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut inner = self.lock();
+        let base_reconfigs = snap.reconfigs();
+        let mut keep = BTreeMap::new();
+        for (key, a) in std::mem::take(&mut inner.assumed) {
+            if snap.allocation(&key).is_some() || now.saturating_sub(a.at_ms) > ttl {
+                continue;
+            }
+            let alloc = Allocation {
+                pod: key.clone(),
+                node: a.placement.node.clone(),
+                cpu_milli: a.demand.cpu_milli,
+                memory_mib: a.demand.memory_mib,
+                grants: a.placement.grants.clone(),
+                priority: a.demand.priority,
+                gang: a.demand.gang.as_ref().map(|g| g.name.clone()),
+                reserved_until_ms: None,
+            };
+            // The instances may exist by now (node agent done); if not, create them again.
+            let ok = snap.allocate(alloc).is_ok() || a.placement.apply(&mut snap, &a.demand, None).is_ok();
+            if ok {
+                keep.insert(key, a);
+            } else {
+                tracing::warn!(pod = %key, node = %a.placement.node, "Assumed pod no longer fits the observed state; forgetting it");
+            }
+        }
+        inner.assumed = keep;
+        inner.snap = Arc::new(snap);
+        // Gang reservations exist only here: lay them over the rebuilt state again.
+        let mut broken = Vec::new();
+        let plans: Vec<(String, GangPlan)> =
+            inner.gangs.iter().filter_map(|(n, st)| st.plan.clone().map(|p| (n.clone(), p))).collect();
+        for (name, plan) in plans {
+            for (pod, placement) in &plan.members {
+                if inner.snap.allocation(pod).is_some() {
+                    continue;
+                }
+                let Some(demand) = inner.gangs.get(&name).and_then(|st| st.members.get(pod)).map(|(d, _)| d.clone())
+                else {
+                    broken.push(name.clone());
+                    break;
+                };
+                let alloc = Allocation {
+                    pod: pod.clone(),
+                    node: placement.node.clone(),
+                    cpu_milli: demand.cpu_milli,
+                    memory_mib: demand.memory_mib,
+                    grants: placement.grants.clone(),
+                    priority: demand.priority,
+                    gang: Some(name.clone()),
+                    reserved_until_ms: Some(plan.deadline_ms),
+                };
+                let ok = Arc::make_mut(&mut inner.snap).allocate(alloc).is_ok()
+                    || placement.apply(Arc::make_mut(&mut inner.snap), &demand, Some(plan.deadline_ms)).is_ok();
+                if !ok {
+                    broken.push(name.clone());
+                    break;
+                }
+            }
+        }
+        for name in broken {
+            tracing::warn!(gang = %name, "Gang plan no longer fits the observed state; dropped");
+            inner.fail_gang(&name, "the cluster changed under the plan; replanning");
+        }
+        inner.base_reconfigs = base_reconfigs;
+        inner.uids = uids;
+        inner.mig_uuids = mig_uuids;
+        inner.generation += 1;
+        self.metrics.reservations.set(inner.assumed.len() as i64);
+    }
+
+    // ---- read-only views ---------------------------------------------------------------
+
+    /// Packing per pool and for the whole cluster; also updates the gauges.
+    pub fn packing(&self) -> (Packing, BTreeMap<String, Packing>) {
+        let inner = self.lock();
+        let reconfigs = inner.snap.reconfigs().saturating_sub(inner.base_reconfigs);
+        let mut pools: BTreeMap<String, Packing> = BTreeMap::new();
+        let names: std::collections::BTreeSet<String> =
+            inner.snap.nodes().iter().map(|n| n.pool().to_owned()).collect();
+        for pool in names {
+            let p = packing(&inner.snap, &inner.workload, |n| n.pool() == pool);
+            self.metrics.set_packing(&pool, &p);
+            pools.insert(pool, p);
+        }
+        self.metrics.mig_reconfigs.set(i64::try_from(reconfigs).unwrap_or(i64::MAX));
+        let mut all = packing(&inner.snap, &inner.workload, |_| true);
+        // Report reconfigurations tessera caused, not the layouts that existed when it started.
+        all.reconfigs = reconfigs;
+        for p in pools.values_mut() {
+            p.reconfigs = reconfigs;
+        }
+        let reserved = inner
+            .snap
+            .allocations()
+            .values()
+            .filter(|a| a.reserved_until_ms.is_some() || inner.assumed.contains_key(&a.pod))
+            .count();
+        self.metrics.reservations.set(reserved as i64);
+        (all, pools)
+    }
+
+    /// The `/metrics` text, with packing gauges refreshed.
+    pub fn metrics_text(&self) -> String {
+        let _ = self.packing();
+        self.metrics.encode()
+    }
+
+    /// `GET /api/v1/cluster`.
+    pub fn cluster_view(&self) -> ClusterView {
+        let (all, pools) = self.packing();
+        let inner = self.lock();
+        let snap = &inner.snap;
+        let holders = |node: &NodeName| -> HashMap<(u32, Option<u8>), Vec<String>> {
+            let mut m: HashMap<(u32, Option<u8>), Vec<String>> = HashMap::new();
+            for a in snap.allocations().values().filter(|a| a.node == *node) {
+                for g in &a.grants {
+                    let k = match *g {
+                        Grant::Mig { gpu, start, .. } => (gpu, Some(start)),
+                        other => (other.gpu(), None),
+                    };
+                    m.entry(k).or_default().push(a.pod.0.clone());
+                }
+            }
+            m
+        };
+        let nodes = snap
+            .nodes()
+            .iter()
+            .map(|n| {
+                let h = holders(&n.name);
+                NodeView {
+                    name: n.name.0.clone(),
+                    pool: n.pool().to_owned(),
+                    schedulable: n.schedulable,
+                    cpu_milli: n.cpu_milli,
+                    used_cpu_milli: n.used_cpu_milli(),
+                    memory_mib: n.memory_mib,
+                    used_memory_mib: n.used_memory_mib(),
+                    labels: n.labels.clone(),
+                    pods: n.pods().iter().map(|p| p.0.clone()).collect(),
+                    gpus: n
+                        .gpus
+                        .iter()
+                        .map(|g| {
+                            let view = tessera_core::metrics::GpuView::of(g);
+                            GpuView {
+                                index: g.index,
+                                uuid: g.uuid.clone(),
+                                model: g.model.clone(),
+                                memory_mib: g.memory_mib,
+                                numa: g.numa,
+                                healthy: g.healthy,
+                                mode: mode_name(g.mode()),
+                                allocated_milli: g.allocated_milli(),
+                                free_milli: view.free(),
+                                holders: h.get(&(g.index, None)).cloned().unwrap_or_default(),
+                                largest_placeable: view.largest_placeable().map(|p| p.name),
+                                mig: g
+                                    .mig_layout()
+                                    .map(|l| {
+                                        l.instances()
+                                            .iter()
+                                            .map(|i| {
+                                                let p = l.geometry().profile(i.class);
+                                                MigView {
+                                                    profile: p.map_or("?", |p| p.name),
+                                                    start: i.start,
+                                                    memory_slices: p.map_or(0, |p| p.memory_slices),
+                                                    compute_slices: p.map_or(0, |p| p.compute_slices),
+                                                    uuid: inner
+                                                        .mig_uuids
+                                                        .get(&(n.name.clone(), g.index, i.start))
+                                                        .cloned(),
+                                                    holder: h
+                                                        .get(&(g.index, Some(i.start)))
+                                                        .and_then(|v| v.first().cloned()),
+                                                }
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default(),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let allocations = snap
+            .allocations()
+            .values()
+            .map(|a| AllocationView {
+                state: if a.reserved_until_ms.is_some() {
+                    "reserved"
+                } else if inner.assumed.contains_key(&a.pod) {
+                    "assumed"
+                } else {
+                    "bound"
+                },
+                allocation: a.clone(),
+            })
+            .collect();
+        ClusterView {
+            mode: self.settings.mode,
+            policy: self.policy.name(),
+            generation: inner.generation,
+            leader: self.is_leader(),
+            nodes,
+            allocations,
+            packing: PackingView { cluster: all, pools },
+        }
+    }
+
+    /// `GET /api/v1/explain/{ns}/{pod}`: the parsed demand and every node's verdict from the
+    /// last filter of that pod, plus what it holds now.
+    pub fn explain(&self, key: &PodKey) -> Option<Explanation> {
+        let inner = self.lock();
+        let seen = inner.seen.get(key);
+        let allocation = inner.snap.allocation(key).cloned();
+        if seen.is_none() && allocation.is_none() {
+            return None;
+        }
+        Some(Explanation {
+            pod: key.0.clone(),
+            uid: seen.map(|s| s.uid.clone()).unwrap_or_default(),
+            demand: seen.and_then(|s| s.demand.as_ref().ok().cloned()),
+            error: seen.and_then(|s| s.demand.as_ref().err().cloned()),
+            filtered_at_ms: seen.map(|s| s.at_ms),
+            stale: seen.is_some_and(|s| s.generation != inner.generation),
+            nodes: seen
+                .map(|s| {
+                    s.verdicts
+                        .iter()
+                        .map(|v| NodeReason {
+                            node: v.node.0.clone(),
+                            result: verdict_kind(v),
+                            reason: v.outcome.as_ref().err().map(|r| r.reason().to_owned()),
+                            score: v.outcome.as_ref().ok().map(|(_, s)| s.node),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            allocation,
+        })
+    }
+}
+
+/// What a filter or prioritize still has to do after the locked part.
+enum Verdicts {
+    Done(Vec<NodeVerdict>),
+    Evaluate { snap: Arc<Snapshot>, workload: Arc<Workload> },
+}
+
+/// Below this many offered nodes per thread, splitting an evaluation costs more than it saves.
+const PARALLEL_MIN_NODES: usize = 128;
+
+/// What a bind must do on the cluster.
+#[derive(Debug)]
+struct Prepared {
+    gpus: Vec<GpuSpec>,
+    wanted: Vec<WantedInstance>,
+    assignment: Assignment,
+}
+
+fn mode_name(m: GpuMode) -> &'static str {
+    match m {
+        GpuMode::Full => "full",
+        GpuMode::Shared => "shared",
+        GpuMode::Mig => "mig",
+    }
+}
+
+/// The desired `GpuNode.spec` entry of a GPU as the snapshot has it.
+pub fn gpu_spec(g: &tessera_core::Gpu) -> GpuSpec {
+    match g.mig_layout() {
+        Some(l) if g.mode() == GpuMode::Mig => GpuSpec {
+            index: g.index,
+            mode: Mode::Mig,
+            instances: l
+                .instances()
+                .iter()
+                .filter_map(|i| {
+                    l.geometry()
+                        .profile(i.class)
+                        .map(|p| MigInstanceSpec { profile: p.name.to_owned(), start: i.start })
+                })
+                .collect(),
+        },
+        _ => GpuSpec { index: g.index, mode: Mode::Full, instances: Vec::new() },
+    }
+}
+
+/// `GET /api/v1/cluster`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    pub mode: &'static str,
+    pub policy: &'static str,
+    pub generation: u64,
+    pub leader: bool,
+    pub nodes: Vec<NodeView>,
+    pub allocations: Vec<AllocationView>,
+    pub packing: PackingView,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    pub name: String,
+    pub pool: String,
+    pub schedulable: bool,
+    pub cpu_milli: u64,
+    pub used_cpu_milli: u64,
+    pub memory_mib: u64,
+    pub used_memory_mib: u64,
+    pub labels: BTreeMap<String, String>,
+    pub pods: Vec<String>,
+    pub gpus: Vec<GpuView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuView {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_mib: u64,
+    pub numa: Option<u32>,
+    pub healthy: bool,
+    /// `full`, `shared` or `mig`.
+    pub mode: &'static str,
+    /// Allocated milli-GPU (MIG instances by compute slices).
+    pub allocated_milli: u32,
+    pub free_milli: u32,
+    /// Pods holding the GPU whole or a share of it.
+    pub holders: Vec<String>,
+    /// Largest MIG profile that could still be created (MIG-capable GPUs).
+    pub largest_placeable: Option<&'static str>,
+    pub mig: Vec<MigView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigView {
+    pub profile: &'static str,
+    pub start: u8,
+    pub memory_slices: u8,
+    pub compute_slices: u8,
+    pub uuid: Option<String>,
+    pub holder: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocationView {
+    /// `bound`, `assumed` (bound by this replica, not yet seen by the informer) or `reserved`
+    /// (devices held while the bind is in progress).
+    pub state: &'static str,
+    #[serde(flatten)]
+    pub allocation: Allocation,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackingView {
+    pub cluster: Packing,
+    pub pools: BTreeMap<String, Packing>,
+}
+
+/// `GET /api/v1/explain/{ns}/{pod}`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    pub pod: String,
+    pub uid: String,
+    pub demand: Option<Demand>,
+    /// Why the pod's demand could not be read.
+    pub error: Option<String>,
+    pub filtered_at_ms: Option<u64>,
+    /// The cluster changed since that filter.
+    pub stale: bool,
+    pub nodes: Vec<NodeReason>,
+    pub allocation: Option<Allocation>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReason {
+    pub node: String,
+    /// `fits`, `unschedulable` or `unresolvable`.
+    pub result: &'static str,
+    pub reason: Option<String>,
+    pub score: Option<f64>,
+}

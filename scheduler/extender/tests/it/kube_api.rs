@@ -1,0 +1,286 @@
+//! kube paths against a tower-test mock API server: the Binding with the assignment
+//! annotation, the GpuNode spec patch and the bounded wait for status, and the restart rebuild
+//! from running pods (reflectors listing through the mock).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode};
+use tessera_core::{Grant, PodKey};
+use tessera_scheduler::binder::{BindRequest, Binder, KubeBinder, WantedInstance};
+use tessera_scheduler::cluster::Watch;
+use tessera_scheduler::http::{App, Surface};
+use tessera_scheduler::state::{Scheduler, Settings};
+
+use crate::http::{call, pod};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Send = tower_test::mock::SendResponse<Response<Body>>;
+
+fn respond(code: StatusCode, v: Value) -> Response<Body> {
+    Response::builder().status(code).body(Body::from(serde_json::to_vec(&v).unwrap())).unwrap()
+}
+
+async fn next(handle: &mut Handle) -> (Request<Body>, Send) {
+    tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("timeout_after_1s")
+        .expect("request")
+}
+
+async fn body(req: Request<Body>) -> Value {
+    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap()
+}
+
+fn mock() -> (kube::Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(svc, "default"), handle)
+}
+
+fn gpunode(spec: Value, status: Value) -> Value {
+    json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode",
+           "metadata": {"name": "n1", "resourceVersion": "41", "generation": 3}, "spec": spec, "status": status})
+}
+
+fn h100_status(instances: Value) -> Value {
+    json!({"gpus": [
+        {"index": 0, "uuid": "GPU-0", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "full", "health": "Healthy"},
+        {"index": 1, "uuid": "GPU-1", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "full", "health": "Healthy"},
+        {"index": 2, "uuid": "GPU-2", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "full", "health": "Healthy"},
+        {"index": 3, "uuid": "GPU-3", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "mig", "health": "Healthy",
+         "instances": instances}
+    ]})
+}
+
+#[tokio::test]
+async fn bind_posts_the_binding_with_the_assignment_annotation() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client);
+    let req = BindRequest {
+        namespace: "ml".into(),
+        name: "p".into(),
+        uid: "u-1".into(),
+        node: "n1".into(),
+        annotations: [("tessera.dev/assignment".to_owned(), "{\"node\":\"n1\",\"devices\":[]}".to_owned())].into(),
+    };
+    let verifier = tokio::spawn(async move {
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.method(), Method::POST);
+        assert_eq!(r.uri().path(), "/api/v1/namespaces/ml/pods/p/binding");
+        let b = body(r).await;
+        assert_eq!(b["kind"], "Binding");
+        assert_eq!(b["metadata"]["uid"], "u-1");
+        assert_eq!(b["metadata"]["annotations"]["tessera.dev/assignment"], "{\"node\":\"n1\",\"devices\":[]}");
+        assert_eq!(b["target"], json!({"apiVersion": "v1", "kind": "Node", "name": "n1"}));
+        send.send_response(respond(
+            StatusCode::CREATED,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        ));
+    });
+    binder.bind(&req).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn bind_conflict_is_an_error_that_names_the_pod() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client);
+    let req = BindRequest {
+        namespace: "ml".into(),
+        name: "p".into(),
+        uid: String::new(),
+        node: "n1".into(),
+        annotations: Default::default(),
+    };
+    let verifier = tokio::spawn(async move {
+        let (_, send) = next(&mut handle).await;
+        send.send_response(respond(
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "pod p is already assigned to node n2"}),
+        ));
+    });
+    let e = binder.bind(&req).await.unwrap_err();
+    assert_eq!(e.kind(), "bind");
+    assert!(e.chain().contains("ml/p") && e.chain().contains("already assigned"), "{}", e.chain());
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn reconfigure_patches_spec_conditionally_and_waits_for_status() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client).with_poll(Duration::from_millis(5));
+    let verifier = tokio::spawn(async move {
+        let (r, send) = next(&mut handle).await;
+        assert_eq!((r.method(), r.uri().path()), (&Method::GET, "/apis/tessera.dev/v1alpha1/gpunodes/n1"));
+        let existing =
+            json!({"gpus": [{"index": 3, "mode": "mig", "instances": [{"profile": "3g.40gb", "start": 4}]}]});
+        send.send_response(respond(StatusCode::OK, gpunode(existing, h100_status(json!([])))));
+        let (r, send) = next(&mut handle).await;
+        assert_eq!((r.method(), r.uri().path()), (&Method::PATCH, "/apis/tessera.dev/v1alpha1/gpunodes/n1"));
+        assert_eq!(r.headers()["content-type"], "application/merge-patch+json");
+        let b = body(r).await;
+        assert_eq!(b["metadata"]["resourceVersion"], "41");
+        // GPU 3's entry is kept, GPU 0's is added.
+        assert_eq!(
+            b["spec"]["gpus"],
+            json!([{"index": 0, "mode": "mig", "instances": [{"profile": "1g.10gb", "start": 0}]},
+                   {"index": 3, "mode": "mig", "instances": [{"profile": "3g.40gb", "start": 4}]}])
+        );
+        send.send_response(respond(StatusCode::OK, gpunode(b["spec"].clone(), h100_status(json!([])))));
+        // First poll: not there yet; second: reported.
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.uri().path(), "/apis/tessera.dev/v1alpha1/gpunodes/n1/status");
+        send.send_response(respond(StatusCode::OK, gpunode(json!({}), h100_status(json!([])))));
+        let (_, send) = next(&mut handle).await;
+        let mut st = h100_status(json!([]));
+        st["gpus"][0]["mode"] = json!("mig");
+        st["gpus"][0]["instances"] = json!([{"profile": "1g.10gb", "start": 0, "size": 1, "uuid": "MIG-new"}]);
+        send.send_response(respond(StatusCode::OK, gpunode(json!({}), st)));
+    });
+    let gpus = [GpuSpec {
+        index: 0,
+        mode: Mode::Mig,
+        instances: vec![MigInstanceSpec { profile: "1g.10gb".into(), start: 0 }],
+    }];
+    let wanted = [WantedInstance { gpu: 0, profile: "1g.10gb".into(), start: 0 }];
+    let uuids = binder.reconfigure("n1", &gpus, &wanted, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(uuids.get(&(0, 0)).map(String::as_str), Some("MIG-new"));
+    verifier.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconfigure_gives_up_after_its_deadline() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client).with_poll(Duration::from_millis(500));
+    tokio::spawn(async move {
+        while let Some((_, send)) = handle.next_request().await {
+            send.send_response(respond(StatusCode::OK, gpunode(json!({"gpus": []}), h100_status(json!([])))));
+        }
+    });
+    let gpus = [GpuSpec {
+        index: 0,
+        mode: Mode::Mig,
+        instances: vec![MigInstanceSpec { profile: "1g.10gb".into(), start: 0 }],
+    }];
+    let wanted = [WantedInstance { gpu: 0, profile: "1g.10gb".into(), start: 0 }];
+    let e = binder.reconfigure("n1", &gpus, &wanted, Duration::from_secs(2)).await.unwrap_err();
+    assert_eq!(e.kind(), "mig_timeout");
+    assert!(e.to_string().contains("GPU 0 1g.10gb at 0"), "{e}");
+}
+
+fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "100"}, "items": items})
+}
+
+fn running(name: &str, uid: &str, limits: Value, annotations: Value) -> Value {
+    let mut p = pod("ml", name, uid, limits, annotations);
+    p["spec"]["nodeName"] = json!("n1");
+    p["status"] = json!({"phase": "Running"});
+    p
+}
+
+/// Serves the reflectors' initial lists from `objects` and parks their watches.
+fn serve_lists(mut handle: Handle, objects: Vec<(&'static str, Value)>) -> tokio::task::JoinHandle<Vec<Send>> {
+    tokio::spawn(async move {
+        let mut parked = Vec::new();
+        while let Ok(Some((r, send))) = tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await {
+            let query = r.uri().query().unwrap_or("");
+            if query.contains("watch=true") {
+                parked.push(send);
+                continue;
+            }
+            let path = r.uri().path().to_owned();
+            match objects.iter().find(|(p, _)| *p == path) {
+                Some((_, v)) => send.send_response(respond(StatusCode::OK, v.clone())),
+                None => send.send_response(respond(StatusCode::NOT_FOUND, json!({"kind": "Status", "code": 404}))),
+            }
+        }
+        parked
+    })
+}
+
+#[tokio::test]
+async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocates() {
+    let (client, handle) = mock();
+    let node = json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "4"}}});
+    let mig = json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-a"}, {"profile": "3g.40gb", "start": 4, "size": 4, "uuid": "MIG-b"}]);
+    let assignment = |d: Value| json!({"tessera.dev/assignment": json!({"node": "n1", "devices": d}).to_string()});
+    let pods = vec![
+        running(
+            "whole",
+            "uid-whole",
+            json!({"tessera.dev/gpu": "1"}),
+            assignment(json!([{"gpu": "GPU-0", "index": 0}])),
+        ),
+        running(
+            "slice",
+            "uid-slice",
+            json!({"tessera.dev/gpu": "1"}),
+            assignment(json!([{"gpu": "GPU-3", "index": 3, "profile": "3g.40gb", "start": 4, "mig": "MIG-b"}])),
+        ),
+        // Scheduled elsewhere with NVIDIA's plugin: counted on the lowest free GPUs.
+        running("legacy", "uid-legacy", json!({"nvidia.com/gpu": "2"}), json!({})),
+    ];
+    let lists = serve_lists(
+        handle,
+        vec![
+            ("/api/v1/nodes", list("v1", "NodeList", vec![node])),
+            ("/api/v1/pods", list("v1", "PodList", pods)),
+            (
+                "/apis/tessera.dev/v1alpha1/gpunodes",
+                list("tessera.dev/v1alpha1", "GpuNodeList", vec![gpunode(json!({}), h100_status(mig))]),
+            ),
+            (
+                "/apis/scheduling.x-k8s.io/v1alpha1/podgroups",
+                list("scheduling.x-k8s.io/v1alpha1", "PodGroupList", vec![]),
+            ),
+        ],
+    );
+    let watch = Watch::start(&client);
+    let binder = Arc::new(tessera_scheduler::binder::MemoryBinder::default());
+    let sched = Arc::new(Scheduler::new(
+        tessera_core::Snapshot::default(),
+        tessera_core::policy::by_name("tessera").unwrap(),
+        binder.clone(),
+        Arc::new(watch.lookup()),
+        Settings { mode: "live", ..Settings::default() },
+    ));
+    sched.set_synced(false);
+    tokio::spawn(watch.sync(sched.clone(), Duration::from_millis(10)));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !sched.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("synced");
+    let allocs = sched.with_snapshot(|s| s.allocations().clone());
+    assert_eq!(allocs.len(), 3);
+    assert_eq!(allocs[&PodKey::from("ml/whole")].grants, [Grant::Whole { gpu: 0 }]);
+    assert_eq!(allocs[&PodKey::from("ml/legacy")].grants, [Grant::Whole { gpu: 1 }, Grant::Whole { gpu: 2 }]);
+    assert!(matches!(allocs[&PodKey::from("ml/slice")].grants[..], [Grant::Mig { gpu: 3, start: 4, .. }]));
+    sched.with_snapshot(|s| s.audit()).unwrap();
+
+    // A new whole-GPU pod finds nothing free; a 3g pod gets the free instance at 0, not 4.
+    let app = App::new(sched.clone(), Surface::ALL);
+    let whole = pod("ml", "new-whole", "u-nw", json!({"nvidia.com/gpu": "1"}), json!({}));
+    let (_, v) = call(&app, Method::POST, "/filter", json!({"Pod": whole, "NodeNames": ["n1"]}).to_string()).await;
+    assert!(v["NodeNames"].as_array().unwrap().is_empty(), "{v}");
+    let slice = pod("ml", "new-slice", "u-ns", json!({"nvidia.com/mig-3g.40gb": "1"}), json!({}));
+    let (_, v) = call(&app, Method::POST, "/filter", json!({"Pod": slice, "NodeNames": ["n1"]}).to_string()).await;
+    assert_eq!(v["NodeNames"], json!(["n1"]));
+    let (_, r) = call(
+        &app,
+        Method::POST,
+        "/bind",
+        json!({"PodName": "new-slice", "PodNamespace": "ml", "PodUID": "u-ns", "Node": "n1"}).to_string(),
+    )
+    .await;
+    assert_eq!(r["Error"], "");
+    let a = tessera_api::Assignment::from_annotation(&binder.bound()[0].annotations["tessera.dev/assignment"]).unwrap();
+    assert_eq!((a.devices[0].index, a.devices[0].start, a.devices[0].mig.as_deref()), (3, Some(0), Some("MIG-a")));
+    drop(lists);
+}

@@ -1,0 +1,10 @@
+//! Integration tests of tessera-scheduler: wire fixtures, HTTP handlers, kube paths against a
+//! mock API server, loopback HTTP, and the opt-in end-to-end suite.
+
+mod e2e;
+mod fixtures;
+mod gang;
+mod http;
+mod kube_api;
+mod loopback;
+mod wire;
