@@ -14,7 +14,7 @@ use serde::Serialize;
 use tessera_core::cluster::{Node, Snapshot};
 use tessera_core::demand::Demand;
 use tessera_core::metrics::packing;
-use tessera_core::policy::{Context, Policy, Workload, place};
+use tessera_core::policy::{Context, Memo, Policy, Workload, place_memo};
 
 use crate::trace::PodRow;
 
@@ -95,10 +95,11 @@ pub fn replay(
     // Per event: (arrived %, allocated %), discretised below.
     let mut events: Vec<(i64, f64)> = Vec::with_capacity(order.len());
     let n = order.len() as u64;
+    let mut memo = Memo::new();
     for (i, pod) in order.iter().enumerate() {
         let demand = pod.demand(format!("openb/{}#{i}", pod.name));
         arrived += pod.gpu_request_milli();
-        match place(&snap, &demand, policy, &ctx) {
+        match place_memo(&snap, &demand, policy, &ctx, &mut memo) {
             Ok(p) => {
                 p.apply(&mut snap, &demand, None)?;
                 allocated += pod.gpu_request_milli();

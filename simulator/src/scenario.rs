@@ -18,7 +18,7 @@ use tessera_core::demand::{Demand, GpuDemand};
 use tessera_core::gang::plan_gang;
 use tessera_core::mig::{MigLayout, MigProduct};
 use tessera_core::placement::Candidate;
-use tessera_core::policy::{Context, Policy, Score, Workload, place};
+use tessera_core::policy::{Context, Memo, Policy, Score, Workload, place_memo};
 use tessera_core::testing::model_memory_mib;
 use tessera_core::topology::Topology;
 
@@ -360,8 +360,9 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
             }
         }
     }
+    let mut memo = Memo::new();
     for d in &pods {
-        match place(&snap, d, policy, &ctx) {
+        match place_memo(&snap, d, policy, &ctx, &mut memo) {
             Ok(p) if !is_static || p.ops.is_empty() => {
                 p.apply(&mut snap, d, None)?;
                 out.placed += 1;

@@ -1,12 +1,15 @@
 //! Placement throughput: one decision (filter + score + choose) over synthetic clusters of
 //! 1,000 and 5,000 nodes × 8 GPUs with mixed MIG (`testing::synth_cluster`).
 //!
-//! Run: `cargo bench -p tessera-core --bench placement`. Each iteration places one demand on
-//! an unchanged snapshot, so the time is one scheduling decision.
+//! Run: `cargo bench -p tessera-core --bench placement`. Group `filter`: each iteration places
+//! one demand on an unchanged snapshot from scratch (`place`), so the time is one cold
+//! scheduling decision. Group `memo`: the same with a warm [`Memo`] (`place_memo`), the steady
+//! state of a running scheduler, where only nodes changed since the last decision of the same
+//! shape are evaluated again.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_core::demand::{Demand, GpuDemand};
-use tessera_core::policy::{Context, Workload, by_name, place};
+use tessera_core::policy::{Context, Memo, Workload, by_name, place, place_memo};
 use tessera_core::testing::synth_cluster;
 
 fn demands() -> Vec<(&'static str, Demand)> {
@@ -40,5 +43,29 @@ fn filter_and_score(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, filter_and_score);
+fn memoised(c: &mut Criterion) {
+    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
+    let workload = Workload::from_demands(mix.iter());
+    let mut group = c.benchmark_group("memo");
+    group.sample_size(20);
+    for nodes in [1_000usize, 5_000] {
+        let snap = synth_cluster(7, nodes);
+        for policy in ["tessera", "fgd"] {
+            let p = by_name(policy).unwrap_or_else(|| unreachable!());
+            for (kind, d) in demands() {
+                let param = format!("nodes={nodes},gpus=8,mig=mixed,policy={policy},demand={kind}");
+                let ctx = Context { workload: &workload, seed: 1 };
+                let mut memo = Memo::new();
+                let _ = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo);
+                group.throughput(Throughput::Elements(1));
+                group.bench_with_input(BenchmarkId::from_parameter(param), &d, |b, d| {
+                    b.iter(|| place_memo(&snap, d, p.as_ref(), &ctx, &mut memo));
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, filter_and_score, memoised);
 criterion_main!(benches);

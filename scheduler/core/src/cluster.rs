@@ -177,7 +177,7 @@ impl Gpu {
 }
 
 /// One node: capacity, labels, GPUs and their interconnect.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Node {
     pub name: NodeName,
     pub cpu_milli: u64,
@@ -191,7 +191,34 @@ pub struct Node {
     pub(crate) used_memory_mib: u64,
     /// Pods holding allocations here, sorted.
     pub(crate) pods: Vec<PodKey>,
+    /// Identifies this node's state: a fresh value from a process-wide counter after every
+    /// change, so equal versions mean equal state (across snapshot clones too). Lets callers
+    /// memoise per-node decisions.
+    pub(crate) version: u64,
 }
+
+static NEXT_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_version() -> u64 {
+    NEXT_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl PartialEq for Node {
+    /// Equal state; the version is an identity for caching and is not compared.
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name
+            && self.cpu_milli == o.cpu_milli
+            && self.memory_mib == o.memory_mib
+            && self.labels == o.labels
+            && self.schedulable == o.schedulable
+            && self.gpus == o.gpus
+            && self.topology == o.topology
+            && self.used_cpu_milli == o.used_cpu_milli
+            && self.used_memory_mib == o.used_memory_mib
+            && self.pods == o.pods
+    }
+}
+impl Eq for Node {}
 
 impl Node {
     pub fn new(name: &str, cpu_milli: u64, memory_mib: u64, gpus: Vec<Gpu>) -> Self {
@@ -207,7 +234,13 @@ impl Node {
             used_cpu_milli: 0,
             used_memory_mib: 0,
             pods: Vec::new(),
+            version: next_version(),
         }
+    }
+
+    /// The node's state identity (see the field's documentation).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Pods holding allocations on this node, in key order.
@@ -399,6 +432,9 @@ impl Snapshot {
         }
         let name = node.name.clone();
         let pos = self.nodes.partition_point(|n| n.name < name);
+        let mut node = node;
+        // Fields are public before a node joins a snapshot: stamp the state it joins with.
+        node.version = next_version();
         self.nodes.insert(pos, node);
         self.reindex();
         self.record(Undo::NodeAdded(name));
@@ -421,6 +457,7 @@ impl Snapshot {
     pub fn set_schedulable(&mut self, name: &NodeName, schedulable: bool) -> Result<(), Error> {
         let i = self.require_node(name)?;
         self.nodes[i].schedulable = schedulable;
+        self.nodes[i].version = next_version();
         Ok(())
     }
 
@@ -464,6 +501,7 @@ impl Snapshot {
 
     fn apply_at(&mut self, ni: usize, op: MigOp) -> Result<(), Error> {
         let node = &mut self.nodes[ni];
+        node.version = next_version();
         let name = node.name.clone();
         let gi = node.gpu_pos(match op {
             MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
@@ -579,6 +617,7 @@ impl Snapshot {
 
     fn add_usage(&mut self, ni: usize, alloc: &Allocation) {
         let node = &mut self.nodes[ni];
+        node.version = next_version();
         node.used_cpu_milli += alloc.cpu_milli;
         node.used_memory_mib += alloc.memory_mib;
         if let Err(pos) = node.pods.binary_search(&alloc.pod) {
@@ -598,6 +637,7 @@ impl Snapshot {
 
     fn remove_usage(&mut self, ni: usize, alloc: &Allocation) {
         let node = &mut self.nodes[ni];
+        node.version = next_version();
         node.used_cpu_milli -= alloc.cpu_milli;
         node.used_memory_mib -= alloc.memory_mib;
         if let Ok(pos) = node.pods.binary_search(&alloc.pod) {
@@ -709,7 +749,9 @@ impl Snapshot {
             },
             Undo::NodeRemoved(node) => {
                 let pos = self.nodes.partition_point(|n| n.name < node.name);
-                self.nodes.insert(pos, *node);
+                let mut node = *node;
+                node.version = next_version();
+                self.nodes.insert(pos, node);
                 self.reindex();
                 Ok(())
             }

@@ -218,59 +218,75 @@ pub fn node_fragment(views: &[GpuView<'_>], free_cpu_milli: u64, model: &str, m:
 
 /// `F_n(M) = Σ_m p_m F_n(m)`; `model` is the node's GPU model.
 pub fn node_fragmentation(views: &[GpuView<'_>], free_cpu_milli: u64, model: &str, workload: &Workload) -> f64 {
-    let total: u32 = views.iter().map(|v| v.free()).sum();
-    if total == 0 {
-        return 0.0;
-    }
-    // Fast path for nodes without MIG (the openb trace): free milli per GPU, read once.
-    if views.iter().all(|v| v.mode != GpuMode::Mig && v.healthy) {
-        let mut free = [0u32; 16];
-        if views.len() <= free.len() {
-            for (f, v) in free.iter_mut().zip(views) {
-                *f = v.free_milli;
-            }
-            let free = &free[..views.len()];
-            let shared = views.iter().all(|v| v.mode == GpuMode::Shared);
-            return workload
-                .classes
-                .iter()
-                .map(|m| m.weight * plain_fragment(views, free, shared, total, free_cpu_milli, model, m))
-                .sum();
-        }
-    }
-    workload.classes.iter().map(|m| m.weight * node_fragment(views, free_cpu_milli, model, m)).sum()
+    FragBase::new(views, workload).fragmentation(free_cpu_milli, model, workload)
 }
 
-/// [`node_fragment`] for non-MIG GPUs given their free milli-GPU (`shared`: all in shared mode).
-fn plain_fragment(
-    views: &[GpuView<'_>],
-    free: &[u32],
-    shared: bool,
+/// The per-class sums `F_n(M)` is made of, for one node: a candidate changes only the GPUs it
+/// touches, so its fragmentation follows from these by re-evaluating just those GPUs
+/// ([`FragBase::with_change`]) instead of the whole node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FragBase {
+    /// Free milli-GPU on the node.
     total: u32,
-    free_cpu_milli: u64,
-    model: &str,
-    m: &WorkloadClass,
-) -> f64 {
-    let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
-    if m.cpu_milli > free_cpu_milli || !model_ok {
-        return f64::from(total);
+    /// GPUs that are idle with capacity (whole-GPU classes need `count` of them).
+    idle: u32,
+    /// Per workload class: free milli-GPU that class cannot use, GPU by GPU.
+    unusable: Vec<u32>,
+}
+
+impl FragBase {
+    pub fn new(views: &[GpuView<'_>], workload: &Workload) -> Self {
+        let total = views.iter().map(|v| v.free()).sum();
+        let idle = views.iter().filter(|v| v.idle() && v.free() > 0).count() as u32;
+        let unusable = workload.classes.iter().map(|m| views.iter().map(|v| gpu_unusable(v, &m.gpu)).sum()).collect();
+        Self { total, idle, unusable }
     }
-    let (need, count) = match m.gpu {
-        GpuDemand::Share { milli } if shared => (milli, 1),
-        GpuDemand::Whole { count } => (MILLI_PER_GPU, count),
-        GpuDemand::Model { .. } | GpuDemand::Mig { .. } => return node_fragment(views, free_cpu_milli, model, m),
-        _ => return f64::from(total),
-    };
-    let mut fits = 0u32;
-    let mut small = 0u32;
-    for &f in free {
-        if f >= need {
-            fits += 1;
-        } else {
-            small += f;
+
+    /// The base after GPUs at `touched` positions change from `before` to `after` views.
+    pub fn with_change(
+        &self,
+        before: &[GpuView<'_>],
+        after: &[GpuView<'_>],
+        touched: &[usize],
+        workload: &Workload,
+    ) -> Self {
+        let mut next = self.clone();
+        for &t in touched {
+            let (b, a) = (&before[t], &after[t]);
+            next.total = next.total + a.free() - b.free();
+            next.idle = next.idle + u32::from(a.idle() && a.free() > 0) - u32::from(b.idle() && b.free() > 0);
+            for (u, m) in next.unusable.iter_mut().zip(&workload.classes) {
+                *u = *u + gpu_unusable(a, &m.gpu) - gpu_unusable(b, &m.gpu);
+            }
         }
+        next
     }
-    if fits >= count { f64::from(small) } else { f64::from(total) }
+
+    /// `F_n(M)` given the node's free cpu and GPU model.
+    pub fn fragmentation(&self, free_cpu_milli: u64, model: &str, workload: &Workload) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let total = f64::from(self.total);
+        workload
+            .classes
+            .iter()
+            .zip(&self.unusable)
+            .map(|(m, &u)| {
+                // A class that cannot run on this node at all strands every free GPU here (FGD's
+                // Q-I, "no access" for a GPU model it may not use), and so does a class that asks
+                // for no GPU.
+                let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
+                // A whole-GPU class with too few idle GPUs strands everything too.
+                let cannot_run = m.cpu_milli > free_cpu_milli
+                    || m.gpu == GpuDemand::None
+                    || !model_ok
+                    || matches!(m.gpu, GpuDemand::Whole { count } if self.idle < count);
+                let f = if cannot_run { total } else { f64::from(u) };
+                m.weight * f
+            })
+            .sum()
+    }
 }
 
 /// The GPU model a node's fragmentation is judged by (its first GPU's).

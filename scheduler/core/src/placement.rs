@@ -136,10 +136,13 @@ pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Ve
         GpuDemand::Whole { count } => whole(node, ni, &gpus, *count, out)?,
         GpuDemand::Mig { profile } => {
             let mut any_product = false;
+            let mut seen = Vec::new();
             for g in &gpus {
                 if let Some(p) = g.mig_product().and_then(|p| p.geometry().profile_by_name(profile)) {
                     any_product = true;
-                    mig_on_gpu(g, ni, p, out);
+                    if first_of_its_state(g, &mut seen) {
+                        mig_on_gpu(g, ni, p, out);
+                    }
                 }
             }
             if !any_product {
@@ -235,7 +238,7 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
     // that can hold the demand (so a policy can choose which island to spend).
     let free: Vec<u32> = ready.iter().map(|(g, _)| *g).collect();
     let mut sets: Vec<Vec<u32>> = Vec::new();
-    for island in node.topology.nvlink_islands() {
+    for island in node.topology.nvlink_islands().iter() {
         let in_island: Vec<u32> = free.iter().copied().filter(|g| island.contains(g)).collect();
         if let Some(s) = node.topology.best_set(&in_island, k) {
             sets.push(s);
@@ -250,6 +253,22 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
         emit(s, out);
     }
     Ok(())
+}
+
+/// The state that decides a single GPU's MIG options: model, mode, health, layout, held starts.
+type GpuState<'a> = (&'a str, GpuMode, bool, Option<&'a [Instance]>, u8, u32);
+
+/// Whether `g` is the first GPU of its state on this node. GPUs in the same state are
+/// interchangeable for a single-GPU MIG or model demand (all of a node's GPUs share its NVLink
+/// fabric or none of them matters for one GPU), so only the lowest index is offered.
+fn first_of_its_state<'a>(g: &'a Gpu, seen: &mut Vec<GpuState<'a>>) -> bool {
+    let key =
+        (g.model.as_str(), g.mode(), g.healthy, g.mig_layout().map(|l| l.instances()), g.mig_busy, g.used_milli());
+    if seen.contains(&key) {
+        return false;
+    }
+    seen.push(key);
+    true
 }
 
 /// Existing free instances of the profile's class, then every legal new placement (switching
@@ -303,7 +322,12 @@ fn model(
 ) -> Result<(), Rejection> {
     let start = out.len();
     let mut fits_somewhere = false;
+    let mut seen = Vec::new();
     for g in gpus {
+        if !first_of_its_state(g, &mut seen) {
+            // An identical GPU earlier on this node offers the same options.
+            continue;
+        }
         let sub = g.mig_product().and_then(|p| smallest_fitting_profile(p.geometry(), memory_mib, compute));
         match sub {
             Some(p) => {

@@ -52,6 +52,11 @@ pub struct Edge {
 #[derive(Clone, Debug, Default)]
 pub struct Topology {
     graph: UnGraphMap<u32, Link>,
+    /// Dense link weights for GPU indices `0..dense`, so set scoring does not hash.
+    dense: usize,
+    weights: Vec<u32>,
+    nvlink: bool,
+    islands: Vec<Vec<u32>>,
 }
 
 impl PartialEq for Topology {
@@ -68,7 +73,9 @@ impl Topology {
         for g in 0..gpus {
             graph.add_node(g);
         }
-        Self { graph }
+        let mut t = Self { graph, dense: 0, weights: Vec::new(), nvlink: false, islands: Vec::new() };
+        t.index();
+        t
     }
 
     /// Every pair behind one NVSwitch fabric (HGX 8-GPU boards).
@@ -117,7 +124,29 @@ impl Topology {
                 t.graph.add_edge(a, b, link(a, b));
             }
         }
+        t.index();
         t
+    }
+
+    /// Rebuilds the dense weight matrix and the NVLink flag from the graph.
+    fn index(&mut self) {
+        let n = self.graph.nodes().map(|g| g as usize + 1).max().unwrap_or(0).min(64);
+        self.dense = n;
+        self.weights = vec![Link::CrossSocket.weight(); n * n];
+        for (a, b, l) in self.graph.all_edges() {
+            let (a, b) = (a as usize, b as usize);
+            if a < n && b < n {
+                self.weights[a * n + b] = l.weight();
+                self.weights[b * n + a] = l.weight();
+            }
+        }
+        self.nvlink = self.graph.all_edges().any(|(_, _, l)| l.is_nvlink());
+        self.islands = self.compute_islands();
+    }
+
+    fn weight(&self, a: u32, b: u32) -> u32 {
+        let (ai, bi) = (a as usize, b as usize);
+        if ai < self.dense && bi < self.dense { self.weights[ai * self.dense + bi] } else { self.link(a, b).weight() }
     }
 
     /// Builds from explicit edges (e.g. `GpuNode.status` links). Later edges for the same pair
@@ -134,6 +163,7 @@ impl Topology {
             };
             t.graph.add_edge(e.a, e.b, best);
         }
+        t.index();
         t
     }
 
@@ -158,12 +188,16 @@ impl Topology {
 
     /// Whether any pair of GPUs is NVLink/NVSwitch-connected.
     pub fn has_nvlink(&self) -> bool {
-        self.graph.all_edges().any(|(_, _, l)| l.is_nvlink())
+        self.nvlink
     }
 
     /// Connected components over NVLink/NVSwitch edges, each sorted, ordered by first GPU.
     /// A GPU with no NVLink is an island of one.
-    pub fn nvlink_islands(&self) -> Vec<Vec<u32>> {
+    pub fn nvlink_islands(&self) -> &[Vec<u32>] {
+        &self.islands
+    }
+
+    fn compute_islands(&self) -> Vec<Vec<u32>> {
         let gpus = self.gpus();
         let mut seen = std::collections::BTreeSet::new();
         let mut islands = Vec::new();
@@ -192,7 +226,7 @@ impl Topology {
         let mut s = 0;
         for (i, &a) in set.iter().enumerate() {
             for &b in &set[i + 1..] {
-                s += self.link(a, b).weight();
+                s += self.weight(a, b);
             }
         }
         s
@@ -222,6 +256,11 @@ impl Topology {
         if k == 1 {
             return Some(vec![free[0]]);
         }
+        // One uniform fabric (an NVSwitch board, or no links at all): any k are equally good.
+        let w0 = self.weight(free[0], free[1]);
+        if free.iter().enumerate().all(|(i, &a)| free[i + 1..].iter().all(|&b| self.weight(a, b) == w0)) {
+            return Some(free[..k].to_vec());
+        }
         if free.len() <= 16 {
             let mut best: Option<(u32, Vec<u32>)> = None;
             let mut cur = Vec::with_capacity(k);
@@ -237,7 +276,7 @@ impl Topology {
                     .iter()
                     .filter(|g| !set.contains(g))
                     .max_by_key(|&&g| {
-                        let gain: u32 = set.iter().map(|&s| self.link(s, g).weight()).sum();
+                        let gain: u32 = set.iter().map(|&s| self.weight(s, g)).sum();
                         (gain, std::cmp::Reverse(g))
                     })
                     .copied();

@@ -68,6 +68,9 @@ impl Policy for Random {
     fn name(&self) -> &'static str {
         "random"
     }
+    fn memoizable(&self) -> bool {
+        false
+    }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
         // A fresh uniform pick per pod: node and device from a seeded hash of (pod, node, GPU).
         let salt = hash_str(ctx.seed, &d.pod.0);

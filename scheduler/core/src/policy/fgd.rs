@@ -3,12 +3,13 @@
 //! `floor(100 · sigmoid((F_before − F_after) / 1000))`, as the artifact computes it; inside
 //! the node, the GPU with the best (integer) score, lowest index first.
 
+use smallvec::SmallVec;
+
 use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
 use super::{Context, Policy, Score};
-use crate::cluster::Node;
-use crate::cluster::Snapshot;
+use crate::cluster::{MigOp, Node, Snapshot};
 use crate::demand::Demand;
-use crate::metrics::{GpuView, node_fragmentation, node_model, views, views_after};
+use crate::metrics::{FragBase, GpuView, Views, node_model, views, views_after};
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -18,43 +19,70 @@ pub(crate) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// The node's fragmentation before any candidate (all candidates of one call share a node).
-pub(crate) fn frag_before(snap: &Snapshot, c: &Candidate, ctx: &Context<'_>) -> f64 {
-    let node = node_of(snap, c);
-    node_fragmentation(&views(node), node.free_cpu_milli(), node_model(node), ctx.workload)
+/// A node's fragmentation before any candidate, and what is needed to evaluate candidates.
+pub(crate) struct Before<'a> {
+    pub views: Views<'a>,
+    pub base: FragBase,
+    pub frag: f64,
 }
 
-/// `F_before − F_after` for a candidate, in milli-GPU (positive = less fragmentation).
-pub(crate) fn frag_gain(snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> f64 {
-    let node = node_of(snap, c);
-    frag_gain_with(node, d, &views_after(node, c), ctx, before)
+impl<'a> Before<'a> {
+    pub fn of(node: &'a Node, ctx: &Context<'_>) -> Self {
+        let views = views(node);
+        let base = FragBase::new(&views, ctx.workload);
+        let frag = base.fragmentation(node.free_cpu_milli(), node_model(node), ctx.workload);
+        Self { views, base, frag }
+    }
+
+    /// `F_before − F_after` for a candidate whose views after placement are `after`, in
+    /// milli-GPU (positive = less fragmentation). Only the GPUs the candidate touches are
+    /// re-evaluated.
+    pub fn gain(&self, node: &Node, d: &Demand, c: &Candidate, after: &[GpuView<'_>], ctx: &Context<'_>) -> f64 {
+        let touched = touched(node, c);
+        let next = self.base.with_change(&self.views, after, &touched, ctx.workload);
+        let cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
+        self.frag - next.fragmentation(cpu, node_model(node), ctx.workload)
+    }
 }
 
-/// [`frag_gain`] given the node's views after the candidate.
-pub(crate) fn frag_gain_with(node: &Node, d: &Demand, after: &[GpuView<'_>], ctx: &Context<'_>, before: f64) -> f64 {
-    let after_cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
-    let after = node_fragmentation(after, after_cpu, node_model(node), ctx.workload);
-    before - after
+/// Positions (in `node.gpus`) of the GPUs a candidate grants or reconfigures.
+pub(crate) fn touched(node: &Node, c: &Candidate) -> SmallVec<[usize; 8]> {
+    let mut out: SmallVec<[usize; 8]> = SmallVec::new();
+    let ids = c.grants.iter().map(|g| g.gpu()).chain(c.ops.iter().map(|op| match *op {
+        MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
+    }));
+    for id in ids {
+        if let Some(p) = node.gpus.iter().position(|g| g.index == id)
+            && !out.contains(&p)
+        {
+            out.push(p);
+        }
+    }
+    out
 }
 
 impl Policy for Fgd {
     fn name(&self) -> &'static str {
         "fgd"
     }
+
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        self.score_with(snap, d, c, ctx, frag_before(snap, c, ctx))
+        let node = node_of(snap, c);
+        self.score_with(node, d, c, ctx, &Before::of(node, ctx))
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
-        let before = frag_before(snap, first, ctx);
-        out.extend(cands.iter().map(|c| self.score_with(snap, d, c, ctx, before)));
+        let node = node_of(snap, first);
+        let before = Before::of(node, ctx);
+        out.extend(cands.iter().map(|c| self.score_with(node, d, c, ctx, &before)));
     }
 }
 
 impl Fgd {
-    fn score_with(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: f64) -> Score {
-        let s = (sigmoid(frag_gain(snap, d, c, ctx, before) / 1000.0) * MAX_NODE_SCORE).floor();
-        Score::new(s, s * 1000.0 - first_fit_position(c) as f64)
+    fn score_with(&self, node: &Node, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>) -> Score {
+        let gain = before.gain(node, d, c, &views_after(node, c), ctx);
+        let s = (sigmoid(gain / 1000.0) * MAX_NODE_SCORE).floor();
+        Score::new(s, s * 1000.0 - f64::from(first_fit_position(c)))
     }
 }

@@ -7,6 +7,7 @@
 
 mod baselines;
 mod fgd;
+mod memo;
 mod tessera;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::placement::{Candidate, Placement, Rejection, node_candidates};
 
 pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
 pub use fgd::Fgd;
+pub use memo::{Memo, evaluate_memo, place_memo};
 pub use tessera::Tessera;
 
 /// Every policy name, ours first.
@@ -136,6 +138,13 @@ pub trait Policy: fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
     fn score(&self, snap: &Snapshot, demand: &Demand, cand: &Candidate, ctx: &Context<'_>) -> Score;
 
+    /// Whether scores depend only on the node's state, the demand's shape, the workload, the
+    /// seed and the cluster's largest node — not on the pod's identity — so verdicts can be
+    /// memoised across decisions ([`Memo`]).
+    fn memoizable(&self) -> bool {
+        true
+    }
+
     /// Scores all candidates of one node into `out` (same order). Policies whose score has a
     /// per-node part override this to compute it once.
     fn score_node(
@@ -185,7 +194,7 @@ pub fn evaluate(
 }
 
 /// [`evaluate`] over node indices (the demand is already validated).
-fn evaluate_at(
+pub(crate) fn evaluate_at(
     snap: &Snapshot,
     demand: &Demand,
     policy: &dyn Policy,
@@ -235,13 +244,19 @@ pub(crate) fn hash_str(seed: u64, s: &str) -> u64 {
 /// nodes are listed in a seeded random order.
 pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a NodeVerdict> {
     let salt = mix(ctx.seed);
-    verdicts
-        .iter()
-        .filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v, s.node)))
-        .max_by(|(a, sa), (b, sb)| {
-            sa.total_cmp(sb).then_with(|| hash_str(salt, &a.node.0).cmp(&hash_str(salt, &b.node.0)))
-        })
-        .map(|(v, _)| v)
+    let mut best: Option<(&NodeVerdict, f64)> = None;
+    for v in verdicts {
+        let Ok((_, s)) = &v.outcome else { continue };
+        // The order hash is computed only on ties.
+        let better = match best {
+            None => true,
+            Some((b, bs)) => s.node > bs || s.node == bs && hash_str(salt, &v.node.0) > hash_str(salt, &b.node.0),
+        };
+        if better {
+            best = Some((v, s.node));
+        }
+    }
+    best.map(|(v, _)| v)
 }
 
 /// Places one demand: the best candidate over all nodes, or one rejection that explains why

@@ -6,7 +6,7 @@
 //! ```text
 //! gain                      expected fragmentation removed on the node (FGD's measure, extended
 //!                           to MIG by usable capacity), at full precision
-//! + λ · balance             cpu/GPU balance: a GPU pod should leave the node's free cpu close to
+//! + λ · balance             cpu/GPU balance (λ = 0.003): a GPU pod should leave the node's free cpu close to
 //!                           what its free GPUs will need at the workload's cpu-per-GPU; a
 //!                           cpu-only pod should go where cpu is in surplus, not eat the cpu
 //!                           that GPUs on another node still need
@@ -19,9 +19,9 @@
 //! `docs/algorithms.md`.
 
 use super::baselines::{first_fit_position, node_of};
-use super::fgd::{frag_before, frag_gain_with};
+use super::fgd::Before;
 use super::{Context, Policy, Score};
-use crate::cluster::{MigOp, Snapshot};
+use crate::cluster::{MigOp, Node, Snapshot};
 use crate::demand::{Demand, GpuDemand};
 use crate::metrics::views_after;
 use crate::placement::Candidate;
@@ -33,7 +33,7 @@ pub struct Tessera;
 /// worth it when it saves more than a quarter GPU of expected fragmentation.
 const RECONFIG_COST: f64 = 250.0;
 /// Milli-GPU of score per milli-core of cpu imbalance.
-const BALANCE_WEIGHT: f64 = 0.01;
+const BALANCE_WEIGHT: f64 = 0.003;
 /// Milli-GPU of score per milli-GPU left free on the GPUs a candidate touches.
 const PACK_WEIGHT: f64 = 0.001;
 
@@ -56,31 +56,31 @@ impl Policy for Tessera {
     }
 
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        let before = if ctx.workload.is_empty() { 0.0 } else { frag_before(snap, c, ctx) };
-        self.score_with(snap, d, c, ctx, before, cpu_per_gpu(ctx))
+        let node = node_of(snap, c);
+        self.score_with(node, d, c, ctx, &Before::of(node, ctx), cpu_per_gpu(ctx))
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
-        let before = if ctx.workload.is_empty() { 0.0 } else { frag_before(snap, first, ctx) };
+        let node = node_of(snap, first);
+        let before = Before::of(node, ctx);
         let ratio = cpu_per_gpu(ctx);
-        out.extend(cands.iter().map(|c| self.score_with(snap, d, c, ctx, before, ratio)));
+        out.extend(cands.iter().map(|c| self.score_with(node, d, c, ctx, &before, ratio)));
     }
 }
 
 impl Tessera {
     fn score_with(
         &self,
-        snap: &Snapshot,
+        node: &Node,
         d: &Demand,
         c: &Candidate,
         ctx: &Context<'_>,
-        before: f64,
+        before: &Before<'_>,
         ratio: f64,
     ) -> Score {
-        let node = node_of(snap, c);
         let after = views_after(node, c);
-        let gain = if ctx.workload.is_empty() { 0.0 } else { frag_gain_with(node, d, &after, ctx, before) };
+        let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(node, d, c, &after, ctx) };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();
         let touched_free: f64 = c
             .grants

@@ -252,3 +252,96 @@ fn extender_scores_span_zero_to_ten() {
     let scores = extender_scores(&v);
     assert_eq!(scores, vec![(NodeName::from("a"), 10), (NodeName::from("b"), 0)]);
 }
+
+#[test]
+fn memoised_decisions_equal_fresh_ones_over_a_sequence() {
+    let mut a = crate::testing::synth_cluster(11, 30);
+    let mut b = a.clone();
+    let w = mig_workload();
+    let shapes = [
+        GpuDemand::Mig { profile: "1g.10gb".into() },
+        GpuDemand::Share { milli: 300 },
+        GpuDemand::Whole { count: 2 },
+        GpuDemand::Model { memory_mib: 18 * 1024, compute_slices: None },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+    ];
+    for policy in NAMES {
+        let p = by_name(policy).unwrap_or_else(|| panic!("{policy}"));
+        let ctx = Context { workload: &w, seed: 5 };
+        let mut memo = Memo::new();
+        for i in 0..60 {
+            let d =
+                Demand::new(PodKey(format!("ns/{policy}-{i}")), shapes[i % shapes.len()].clone()).with_cpu(1000, 1024);
+            let fresh = place(&a, &d, p.as_ref(), &ctx);
+            let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
+            assert_eq!(fresh, cached, "{policy} decision {i}");
+            if let Ok(pl) = fresh {
+                pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        if p.memoizable() {
+            assert!(memo.hits > 0, "{policy}: the memo was never used");
+        }
+    }
+}
+
+#[test]
+fn memoised_verdicts_equal_fresh_ones() {
+    let mut s = crate::testing::synth_cluster(4, 12);
+    let w = mig_workload();
+    let p = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let ctx = Context { workload: &w, seed: 2 };
+    let mut memo = Memo::new();
+    let names: Vec<NodeName> = s.nodes().iter().map(|n| n.name.clone()).chain([NodeName::from("ghost")]).collect();
+    for i in 0..20 {
+        let d = Demand::new(PodKey(format!("ns/p{i}")), GpuDemand::Mig { profile: "2g.20gb".into() });
+        let fresh = evaluate(&s, &d, p.as_ref(), &ctx, Some(&names)).unwrap_or_else(|e| panic!("{e}"));
+        let cached = evaluate_memo(&s, &d, p.as_ref(), &ctx, Some(&names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fresh, cached, "decision {i}");
+        if let Some(v) = choose(&fresh, &ctx)
+            && let Ok((c, sc)) = &v.outcome
+        {
+            let pl = Placement { node: v.node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: sc.node };
+            pl.apply(&mut s, &d, None).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    assert!(memo.hits > 0);
+}
+
+#[test]
+fn incremental_fragmentation_equals_recomputing_the_node() {
+    use crate::metrics::{FragBase, node_model, views, views_after};
+    let s = crate::testing::synth_cluster(9, 40);
+    let w = mig_workload();
+    let shapes = [
+        GpuDemand::Mig { profile: "1g.10gb".into() },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+        GpuDemand::Share { milli: 450 },
+        GpuDemand::Whole { count: 2 },
+        GpuDemand::Model { memory_mib: 30 * 1024, compute_slices: None },
+    ];
+    let mut checked = 0;
+    for gpu in shapes {
+        let d = Demand::new("ns/x", gpu);
+        for ni in 0..s.nodes().len() {
+            let mut cands = Vec::new();
+            if crate::placement::node_candidates(&s, ni, &d, &mut cands).is_err() {
+                continue;
+            }
+            let node = &s.nodes()[ni];
+            let before = views(node);
+            let base = FragBase::new(&before, &w);
+            for c in &cands {
+                let after = views_after(node, c);
+                // Only the GPUs the candidate grants or reconfigures, as the policies do.
+                let touched = super::fgd::touched(node, c);
+                let fresh = FragBase::new(&after, &w).fragmentation(1 << 40, node_model(node), &w);
+                let incr = base.with_change(&before, &after, &touched, &w).fragmentation(1 << 40, node_model(node), &w);
+                assert!((fresh - incr).abs() < 1e-6, "{fresh} vs {incr}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
+}
