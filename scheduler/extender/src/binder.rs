@@ -170,7 +170,8 @@ impl Binder for KubeBinder {
             api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(patch_err)?;
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let gn = api.get_status(node).await.map_err(patch_err)?;
+                // The object itself carries status; reading it needs only `get` on gpunodes.
+                let gn = api.get(node).await.map_err(patch_err)?;
                 if let Some(found) = reported(&gn, gpus, wanted) {
                     return Ok(found);
                 }

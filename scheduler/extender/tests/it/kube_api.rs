@@ -132,7 +132,7 @@ async fn reconfigure_patches_spec_conditionally_and_waits_for_status() {
         send.send_response(respond(StatusCode::OK, gpunode(b["spec"].clone(), h100_status(json!([])))));
         // First poll: not there yet; second: reported.
         let (r, send) = next(&mut handle).await;
-        assert_eq!(r.uri().path(), "/apis/tessera.dev/v1alpha1/gpunodes/n1/status");
+        assert_eq!(r.uri().path(), "/apis/tessera.dev/v1alpha1/gpunodes/n1");
         send.send_response(respond(StatusCode::OK, gpunode(json!({}), h100_status(json!([])))));
         let (_, send) = next(&mut handle).await;
         let mut st = h100_status(json!([]));
