@@ -134,23 +134,29 @@ fn main() {
         {
             let snap = tessera_core::testing::synth_cluster(7, o.nodes);
             let policy = tessera_core::policy::by_name("tessera").expect("policy");
-            let workload = tessera_core::Workload::default();
+            let demands: Vec<tessera_core::Demand> = bodies[0]
+                .iter()
+                .take(300)
+                .map(|b| {
+                    let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_slice(b).expect("decode");
+                    tessera_api::pod::demand(&args.pod.expect("pod"), None).expect("demand")
+                })
+                .collect();
+            // The workload the server derives from the same recent demands.
+            let workload = tessera_core::Workload::from_demands_top(demands.iter(), 0.95);
             let ctx = tessera_core::Context { workload: &workload, seed: 0 };
             let only: Vec<tessera_core::NodeName> = offered.iter().map(|n| tessera_core::NodeName((*n).clone())).collect();
             let mut times = Vec::new();
-            for (i, b) in bodies[0].iter().take(300).enumerate() {
-                let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_slice(b).expect("decode");
-                let pod = args.pod.expect("pod");
-                let d = tessera_api::pod::demand(&pod, None).expect("demand");
+            for (i, d) in demands.iter().enumerate() {
                 let t = Instant::now();
-                let v = tessera_core::policy::evaluate(&snap, &d, policy.as_ref(), &ctx, Some(&only)).expect("evaluate");
+                let v = tessera_core::policy::evaluate(&snap, d, policy.as_ref(), &ctx, Some(&only)).expect("evaluate");
                 times.push(t.elapsed());
                 if i < 6 {
                     let ok = v.iter().filter(|v| v.outcome.is_ok()).count();
                     println!("  core evaluate {:<40} {:>7.2} ms, {ok} of {} nodes fit", d.gpu.to_string(), t.elapsed().as_secs_f64() * 1000.0, v.len());
                 }
             }
-            println!("core evaluate alone: p50 {:.2} ms p99 {:.2} ms", pct(&mut times, 0.5).as_secs_f64() * 1000.0, pct(&mut times, 0.99).as_secs_f64() * 1000.0);
+            println!("core evaluate alone (one thread, same workload): p50 {:.2} ms p99 {:.2} ms", pct(&mut times, 0.5).as_secs_f64() * 1000.0, pct(&mut times, 0.99).as_secs_f64() * 1000.0);
         }
 
         // Warm-up.
