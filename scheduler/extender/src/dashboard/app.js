@@ -212,17 +212,15 @@
     } else {
       const shares = ctx.ix.shares.get(`${node.name}/${g.index}`) || [];
       let used = 0;
-      if (g.mode === "shared") {
-        for (const s of shares) {
-          const place = { css: { left: pct(used / 1000), width: pct(s.milli / 1000) }, data: { milli: String(s.milli) } };
-          track.append(holderBlock("block", s.pod, ctx, place, `${s.milli}m`));
-          used += s.milli;
-        }
-      } else {
-        for (const pod of g.holders) {
-          track.append(holderBlock("block", pod, ctx, { css: { left: "0%", width: "100%" }, data: {} }, "whole GPU"));
-          used = 1000;
-        }
+      // Holders without a share hold the whole GPU (in full or shared mode).
+      for (const pod of g.holders.filter((p) => !shares.some((s) => s.pod === p))) {
+        track.append(holderBlock("block", pod, ctx, { css: { left: "0%", width: "100%" }, data: {} }, "whole GPU"));
+        used = 1000;
+      }
+      for (const s of used ? [] : shares) {
+        const place = { css: { left: pct(used / 1000), width: pct(s.milli / 1000) }, data: { milli: String(s.milli) } };
+        track.append(holderBlock("block", s.pod, ctx, place, `${s.milli}m`));
+        used += s.milli;
       }
       if (used < 1000) {
         const free = 1000 - used;
@@ -547,24 +545,41 @@
         `${plural(nodes.length, "node")} match; ${drawn.length} are drawn in full below. Each tile is a node, ` +
         "darker = more of its GPUs allocated; outlined tiles are drawn below. Click a tile to open its node, " +
         "or narrow the view by pool, namespace or name.";
+      const tile = (n) => {
+        const r = nodeRatio(n);
+        const isShown = shown.has(n.name);
+        const t = h("button", {
+          type: "button",
+          class: isShown ? "tile drawn" : "tile collapsed",
+          dataset: { node: n.name },
+          title: `${n.name} (${n.pool}): ${(r * 100).toFixed(0)}% of ${n.gpus.length} GPUs allocated`,
+          onclick: () => {
+            if (!isShown) state.opened.add(n.name);
+            draw(true);
+            const card = document.querySelector(`.node[data-node="${CSS.escape(n.name)}"]`);
+            if (card) card.scrollIntoView({ block: "start" });
+          },
+        });
+        t.style.background = `hsl(222 65% ${Math.round(96 - r * 52)}%)`;
+        return t;
+      };
+      const byPool = new Map();
+      for (const n of nodes) {
+        if (!byPool.has(n.pool)) byPool.set(n.pool, []);
+        byPool.get(n.pool).push(n);
+      }
+      $("tiles").classList.toggle("small", nodes.length > 1000);
       $("tiles").replaceChildren(
-        ...nodes.map((n) => {
-          const r = nodeRatio(n);
-          const isShown = shown.has(n.name);
-          const t = h("button", {
-            type: "button",
-            class: isShown ? "tile drawn" : "tile collapsed",
-            dataset: { node: n.name },
-            title: `${n.name} (${n.pool}): ${(r * 100).toFixed(0)}% of ${n.gpus.length} GPUs allocated`,
-            onclick: () => {
-              if (!isShown) state.opened.add(n.name);
-              draw(true);
-              const card = document.querySelector(`.node[data-node="${CSS.escape(n.name)}"]`);
-              if (card) card.scrollIntoView({ block: "start" });
-            },
-          });
-          t.style.background = `hsl(222 65% ${Math.round(96 - r * 52)}%)`;
-          return t;
+        ...Array.from(byPool).sort((a, b) => a[0].localeCompare(b[0])).map(([pool, list]) => {
+          const gpus = list.reduce((s, n) => s + n.gpus.length, 0);
+          const milli = list.reduce((s, n) => s + n.gpus.reduce((t, g) => t + g.allocatedMilli, 0), 0);
+          const ratio = gpus ? milli / (gpus * 1000) : 0;
+          return h(
+            "div",
+            { class: "tile-group", dataset: { pool } },
+            h("h3", null, pool || "no pool", h("small", null, ` ${plural(list.length, "node")} · ${(ratio * 100).toFixed(1)}% of ${plural(gpus, "GPU")} allocated`)),
+            h("div", { class: "tile-row" }, list.map(tile)),
+          );
         }),
       );
     } else {
@@ -585,6 +600,8 @@
   }
 
   async function poll() {
+    const started = performance.now();
+    let next = POLL_MS;
     try {
       const [c, p] = await Promise.all([getJSON("/api/v1/cluster"), getJSON("/api/v1/pending")]);
       const changed = !state.cluster || c.generation !== state.cluster.generation || JSON.stringify(p) !== JSON.stringify(state.pending);
@@ -594,10 +611,12 @@
       meta(c);
       draw(false);
       if (changed && state.selected) explain(state.selected);
+      // Large clusters answer in megabytes: poll less often when a round trip is slow.
+      next = Math.min(30000, Math.max(POLL_MS, 10 * (performance.now() - started)));
     } catch (err) {
       showError(`Cannot read the scheduler's state (${err.message}); showing the last answer.`);
     } finally {
-      setTimeout(poll, POLL_MS);
+      setTimeout(poll, next);
     }
   }
 
