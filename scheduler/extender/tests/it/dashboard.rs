@@ -278,6 +278,14 @@ fn count(b: &mut Browser, selector: &str) -> u64 {
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The explain panel's text once it shows `pod`, else "".
+fn explained(pod: &str) -> String {
+    format!(
+        "(() => {{ const e = document.getElementById('explain'); \
+         return e.dataset.pod === '{pod}' && e.dataset.ready === '1' ? e.innerText : ''; }})()"
+    )
+}
+
 #[test]
 fn dashboard_draws_the_demo_cluster_and_explains_a_pending_gang_in_chromium() {
     let Some(chromium) = find_chromium() else {
@@ -326,13 +334,20 @@ fn dashboard_draws_the_demo_cluster_and_explains_a_pending_gang_in_chromium() {
     let pools = b.eval("Array.from(document.querySelectorAll('.pool')).map(p => p.dataset.pool)");
     assert_eq!(pools, json!(["all pools", "a100", "h100", "l4"]));
 
+    // Click a member of the planned gang: it holds reserved slices, outlined on the map.
+    let pod = "ocr/ocr-recognize-0";
+    b.click(&format!(".pending-pod[data-pod=\"{pod}\"]"));
+    let text = b.wait_for(&explained(pod), WAIT);
+    let text = text.as_str().unwrap();
+    assert!(text.contains("Holds a gang reservation: gpu-node-b GPU 3: MIG 1g.20gb at memory slice 2"), "{text}");
+    assert!(text.contains("1 of 5 offered nodes fit"), "{text}");
+    let picked = b.eval("Array.from(document.querySelectorAll('.slice.picked')).map(e => e.closest('.gpu').dataset.gpu + '@' + e.dataset.start)");
+    assert_eq!(picked, json!(["gpu-node-b/3@2"]));
+
     // Click the gang member that does not fit and read why.
     let pod = "training/vlm-finetune-2";
     b.click(&format!(".pending-pod[data-pod=\"{pod}\"]"));
-    let text = b.wait_for(
-        &format!("(() => {{ const e = document.getElementById('explain'); return e.dataset.pod === '{pod}' && e.dataset.ready === '1' ? e.innerText : ''; }})()"),
-        WAIT,
-    );
+    let text = b.wait_for(&explained(pod), WAIT);
     let text = text.as_str().unwrap();
     let e = server.json(&format!("/api/v1/explain/{pod}"));
     assert!(text.contains("Gang bottleneck"), "{text}");
