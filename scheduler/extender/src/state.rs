@@ -898,7 +898,8 @@ impl Scheduler {
     ) -> Result<BTreeMap<(u32, u8), String>, Error> {
         let mut assignment = prepared.assignment.clone();
         let mut uuids = BTreeMap::new();
-        if !prepared.wanted.is_empty() {
+        // New instances, or a GPU switching mode (an idle MIG GPU handed out whole).
+        if !prepared.gpus.is_empty() {
             self.metrics.mig_reconfig_requests_total.inc();
             uuids = self
                 .binder
