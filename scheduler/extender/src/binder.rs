@@ -47,7 +47,8 @@ pub trait Binder: Send + Sync + fmt::Debug {
     fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>>;
 
     /// Writes `gpus` (the desired state of the GPUs that change) into `GpuNode.spec` and waits
-    /// until `status` shows every wanted instance; returns each one's MIG UUID when reported.
+    /// until `status` shows those GPUs in their desired mode with every wanted instance;
+    /// returns each new instance's MIG UUID when reported.
     fn reconfigure<'a>(
         &'a self,
         node: &'a str,
@@ -110,9 +111,16 @@ pub fn merge_spec(existing: &[GpuSpec], changed: &[GpuSpec]) -> Vec<GpuSpec> {
     by_index.into_values().collect()
 }
 
-/// Finds each wanted instance in a GpuNode's status; `None` until all are there.
-pub fn reported(gn: &GpuNode, wanted: &[WantedInstance]) -> Option<BTreeMap<(u32, u8), String>> {
+/// Whether a GpuNode's status shows every changed GPU in its desired mode and every wanted
+/// instance; returns the instances' UUIDs, or `None` until then.
+pub fn reported(gn: &GpuNode, gpus: &[GpuSpec], wanted: &[WantedInstance]) -> Option<BTreeMap<(u32, u8), String>> {
     let status = gn.status.as_ref()?;
+    for want in gpus {
+        let g = status.gpus.iter().find(|g| g.index == want.index)?;
+        if g.mode != want.mode || g.pending_mode.is_some() {
+            return None;
+        }
+    }
     let mut out = BTreeMap::new();
     for w in wanted {
         let gpu = status.gpus.iter().find(|g| g.index == w.gpu)?;
@@ -163,12 +171,15 @@ impl Binder for KubeBinder {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 let gn = api.get_status(node).await.map_err(patch_err)?;
-                if let Some(found) = reported(&gn, wanted) {
+                if let Some(found) = reported(&gn, gpus, wanted) {
                     return Ok(found);
                 }
                 if tokio::time::Instant::now() + self.poll > deadline {
-                    let what: Vec<String> =
+                    let mut what: Vec<String> =
                         wanted.iter().map(|w| format!("GPU {} {} at {}", w.gpu, w.profile, w.start)).collect();
+                    if what.is_empty() {
+                        what = gpus.iter().map(|g| format!("GPU {} in {:?} mode", g.index, g.mode)).collect();
+                    }
                     return Err(Error::MigTimeout { node: node.to_owned(), what: what.join(", "), timeout });
                 }
                 tokio::time::sleep(self.poll).await;

@@ -468,3 +468,35 @@ async fn splitting_a_long_node_list_across_threads_gives_the_same_answer() {
         assert_eq!(a, b);
     }
 }
+
+#[tokio::test]
+async fn a_whole_gpu_taken_from_an_idle_mig_gpu_asks_the_node_to_leave_mig_mode() {
+    let mut snap = Snapshot::default();
+    let mut gpu = tessera_core::Gpu::new(0, "A100-80GB", 81920, tessera_core::GpuMode::Mig);
+    gpu.uuid = "GPU-x".into();
+    snap.add_node(Node::new("n1", 64_000, 512 * 1024, vec![gpu])).unwrap();
+    let binder = Arc::new(MemoryBinder::default());
+    let sched = Arc::new(Scheduler::new(
+        snap,
+        tessera_core::policy::by_name("tessera").unwrap(),
+        binder.clone(),
+        Arc::new(MemoryLookup::default()),
+        Settings::default(),
+    ));
+    let app = App::new(sched.clone(), Surface::ALL);
+    let p = pod("ml", "w", "u", json!({"nvidia.com/gpu": "1"}), json!({}));
+    let (_, v) = call(&app, Method::POST, "/filter", args(p, &["n1"])).await;
+    assert_eq!(names(&v), ["n1"]);
+    let (_, r) = call(
+        &app,
+        Method::POST,
+        "/bind",
+        json!({"PodName": "w", "PodNamespace": "ml", "PodUID": "u", "Node": "n1"}).to_string(),
+    )
+    .await;
+    assert_eq!(r["Error"], "");
+    let reconf = binder.reconfigured();
+    assert_eq!(reconf.len(), 1);
+    assert_eq!(reconf[0].1[0].mode, tessera_api::gpunode::Mode::Full);
+    sched.with_snapshot(|s| assert_eq!(s.nodes()[0].gpus[0].mode(), tessera_core::GpuMode::Full));
+}
