@@ -27,20 +27,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or(".cache/models/minilm".into());
+    let dir = std::env::args().nth(1).unwrap_or(".cache/models/minilm".into());
     let mut e = engine::load(std::path::Path::new(&dir), &candle_core::Device::Cpu, 0)?;
     let texts: Vec<String> = (0..32).map(|i| TEXTS[i % 8].to_string()).collect();
-    let enc = e
-        .tokenizer()
-        .encode_batch(texts, true)
-        .map_err(anyhow::Error::msg)?;
+    let enc = e.tokenizer().encode_batch(texts, true).map_err(anyhow::Error::msg)?;
     let groups = length_groups(&enc, 32);
-    println!(
-        "groups: {:?}",
-        groups.iter().map(Vec::len).collect::<Vec<_>>()
-    );
+    println!("groups: {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
     e.embed(&enc)?; // warm-up
     let (mut one, mut grouped) = (Vec::new(), Vec::new());
     for _ in 0..9 {
@@ -54,10 +46,6 @@ fn main() -> anyhow::Result<()> {
         }
         grouped.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    println!(
-        "one pass: median {:.1} ms; grouped: median {:.1} ms",
-        median(one),
-        median(grouped)
-    );
+    println!("one pass: median {:.1} ms; grouped: median {:.1} ms", median(one), median(grouped));
     Ok(())
 }

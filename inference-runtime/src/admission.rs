@@ -24,12 +24,7 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            max_input_tokens: 8192,
-            max_output_tokens: 512,
-            max_concurrent: 64,
-            daily_token_budget: 10_000_000,
-        }
+        Policy { max_input_tokens: 8192, max_output_tokens: 512, max_concurrent: 64, daily_token_budget: 10_000_000 }
     }
 }
 
@@ -48,18 +43,12 @@ pub struct Admission {
 
 /// Days since the Unix epoch, UTC: the budget's reset boundary.
 pub fn utc_day() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0)
 }
 
 impl Admission {
     pub fn new(policy: Policy) -> Self {
-        Admission {
-            policy,
-            tenants: Arc::default(),
-        }
+        Admission { policy, tenants: Arc::default() }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -68,13 +57,7 @@ impl Admission {
 
     /// Admits one request or says why not. Input/output size violations are the request's
     /// fault (400/413); concurrency and budget are the tenant's state (429).
-    pub fn admit(
-        &self,
-        tenant: &str,
-        input_tokens: u64,
-        max_output_tokens: u64,
-        day: u64,
-    ) -> Result<Permit> {
+    pub fn admit(&self, tenant: &str, input_tokens: u64, max_output_tokens: u64, day: u64) -> Result<Permit> {
         let p = &self.policy;
         if input_tokens > p.max_input_tokens {
             return Err(Error::InputTooLarge(format!(
@@ -88,10 +71,7 @@ impl Admission {
                 p.max_output_tokens
             )));
         }
-        let over = |reason: String| Error::OverLimit {
-            tenant: tenant.to_string(),
-            reason,
-        };
+        let over = |reason: String| Error::OverLimit { tenant: tenant.to_string(), reason };
         let reserved = input_tokens + max_output_tokens;
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let t = tenants.entry(tenant.to_string()).or_default();
@@ -100,10 +80,7 @@ impl Admission {
             t.used_tokens = 0;
         }
         if t.in_flight >= p.max_concurrent {
-            return Err(over(format!(
-                "{} requests in flight; the limit is {}",
-                t.in_flight, p.max_concurrent
-            )));
+            return Err(over(format!("{} requests in flight; the limit is {}", t.in_flight, p.max_concurrent)));
         }
         if t.used_tokens + reserved > p.daily_token_budget {
             return Err(over(format!(
@@ -113,13 +90,7 @@ impl Admission {
         }
         t.in_flight += 1;
         t.used_tokens += reserved;
-        Ok(Permit {
-            admission: self.clone(),
-            tenant: tenant.to_string(),
-            day,
-            reserved,
-            used: None,
-        })
+        Ok(Permit { admission: self.clone(), tenant: tenant.to_string(), day, reserved, used: None })
     }
 
     /// Tokens the tenant has been charged today (reservations included).
@@ -148,11 +119,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut tenants = self
-            .admission
-            .tenants
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut tenants = self.admission.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = tenants.get_mut(&self.tenant) {
             t.in_flight = t.in_flight.saturating_sub(1);
             // A request that never settled (failed, cancelled) keeps its reservation charged:
@@ -171,12 +138,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            max_input_tokens: 100,
-            max_output_tokens: 50,
-            max_concurrent: 2,
-            daily_token_budget: 300,
-        }
+        Policy { max_input_tokens: 100, max_output_tokens: 50, max_concurrent: 2, daily_token_budget: 300 }
     }
 
     #[test]
@@ -214,9 +176,6 @@ mod tests {
         let e = a.admit("t", 40, 1, 7).unwrap_err();
         assert_eq!(e.status(), 429);
         assert!(e.to_string().contains("budget"), "{e}");
-        assert!(
-            a.admit("t", 40, 1, 8).is_ok(),
-            "a new UTC day resets the budget"
-        );
+        assert!(a.admit("t", 40, 1, 8).is_ok(), "a new UTC day resets the budget");
     }
 }

@@ -38,8 +38,7 @@ pub fn length_groups(inputs: &[Encoding], max_batch: usize) -> Vec<Vec<usize>> {
     for i in order {
         let len = inputs[i].len().max(1);
         let fits = groups.last().is_some_and(|g| {
-            g.len() < max_batch.max(1)
-                && (len * (g.len() + 1)) as f64 <= PADDING_SLACK * (real + len) as f64
+            g.len() < max_batch.max(1) && (len * (g.len() + 1)) as f64 <= PADDING_SLACK * (real + len) as f64
         });
         match groups.last_mut() {
             Some(g) if fits => {
@@ -109,16 +108,7 @@ impl Queue {
         let m = metrics.clone();
         thread::Builder::new()
             .name("tessera-worker".into())
-            .spawn(move || {
-                Worker {
-                    engine,
-                    rx,
-                    limits,
-                    metrics: m,
-                    carry: None,
-                }
-                .run()
-            })?;
+            .spawn(move || Worker { engine, rx, limits, metrics: m, carry: None }.run())?;
         Ok(Queue { tx, metrics })
     }
 
@@ -268,9 +258,7 @@ impl Worker {
         self.metrics.exec_count.inc_by(1);
         let events = job.events.clone();
         let mut on_text = |piece: &str| events.send(GenerateEvent::Text(piece.to_string())).is_ok();
-        let outcome = self
-            .engine
-            .generate(&job.prompt, &job.sampling, &mut on_text);
+        let outcome = self.engine.generate(&job.prompt, &job.sampling, &mut on_text);
         self.metrics.running.dec();
         self.metrics.inference_count.inc_by(1);
         let _ = job.events.send(match outcome {
@@ -302,11 +290,7 @@ mod tests {
         let groups = length_groups(&inputs, 32);
         let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
         seen.sort();
-        assert_eq!(
-            seen,
-            (0..32).collect::<Vec<_>>(),
-            "every input exactly once"
-        );
+        assert_eq!(seen, (0..32).collect::<Vec<_>>(), "every input exactly once");
         for g in &groups {
             let longest = g.iter().map(|&i| inputs[i].len()).max().unwrap();
             let real: usize = g.iter().map(|&i| inputs[i].len()).sum();
@@ -314,12 +298,6 @@ mod tests {
         }
         assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [4, 16, 12]);
         let same: Vec<Encoding> = (0..10).map(|_| enc(7)).collect();
-        assert_eq!(
-            length_groups(&same, 4)
-                .iter()
-                .map(Vec::len)
-                .collect::<Vec<_>>(),
-            [4, 4, 2]
-        );
+        assert_eq!(length_groups(&same, 4).iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
     }
 }

@@ -57,33 +57,20 @@ pub fn open() -> (Device, DeviceInfo) {
         tracing::warn!("a GPU is visible but this build has no `cuda` feature; using CPU");
     }
     let (total, free) = host_memory();
-    let info = DeviceInfo {
-        kind: "cpu",
-        visible_devices: visible,
-        memory_total_bytes: total,
-        memory_free_bytes: free,
-    };
+    let info = DeviceInfo { kind: "cpu", visible_devices: visible, memory_total_bytes: total, memory_free_bytes: free };
     (Device::Cpu, info)
 }
 
 /// (MemTotal, MemAvailable) in bytes from `/proc/meminfo`; zeros where unreadable.
 fn host_memory() -> (u64, u64) {
-    std::fs::read_to_string("/proc/meminfo")
-        .map(|s| parse_meminfo(&s))
-        .unwrap_or((0, 0))
+    std::fs::read_to_string("/proc/meminfo").map(|s| parse_meminfo(&s)).unwrap_or((0, 0))
 }
 
 fn parse_meminfo(s: &str) -> (u64, u64) {
     let field = |name: &str| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kib| kib * 1024)
             .unwrap_or(0)
     };
@@ -97,28 +84,14 @@ mod tests {
     #[test]
     fn cuda_visible_devices_wins_and_void_means_none() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
         };
         assert_eq!(
-            visible_devices(env(&[
-                ("CUDA_VISIBLE_DEVICES", "MIG-1234"),
-                ("NVIDIA_VISIBLE_DEVICES", "GPU-9")
-            ])),
+            visible_devices(env(&[("CUDA_VISIBLE_DEVICES", "MIG-1234"), ("NVIDIA_VISIBLE_DEVICES", "GPU-9")])),
             Some("MIG-1234".into())
         );
-        assert_eq!(
-            visible_devices(env(&[("NVIDIA_VISIBLE_DEVICES", "GPU-9")])),
-            Some("GPU-9".into())
-        );
-        assert_eq!(
-            visible_devices(env(&[("NVIDIA_VISIBLE_DEVICES", "void")])),
-            None
-        );
+        assert_eq!(visible_devices(env(&[("NVIDIA_VISIBLE_DEVICES", "GPU-9")])), Some("GPU-9".into()));
+        assert_eq!(visible_devices(env(&[("NVIDIA_VISIBLE_DEVICES", "void")])), None);
         assert_eq!(visible_devices(env(&[("CUDA_VISIBLE_DEVICES", "")])), None);
         assert_eq!(visible_devices(env(&[])), None);
     }

@@ -56,24 +56,18 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::UnknownModel(_) | Error::NoRoute(_) => StatusCode::NOT_FOUND,
-            Error::Unsupported { .. } | Error::BadRequest(_) | Error::Tokenize(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Error::Unsupported { .. } | Error::BadRequest(_) | Error::Tokenize(_) => StatusCode::BAD_REQUEST,
             Error::InputTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::QueueFull | Error::Draining | Error::NotReady => StatusCode::SERVICE_UNAVAILABLE,
-            Error::LoadModel { .. } | Error::Inference(_) | Error::WorkerGone => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::LoadModel { .. } | Error::Inference(_) | Error::WorkerGone => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// The message shown to clients. Internal failures keep their detail in the logs.
     pub fn public_message(&self) -> String {
         match self {
-            Error::Inference(_) | Error::WorkerGone | Error::LoadModel { .. } => {
-                "internal error".to_string()
-            }
+            Error::Inference(_) | Error::WorkerGone | Error::LoadModel { .. } => "internal error".to_string(),
             other => other.to_string(),
         }
     }

@@ -22,9 +22,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let state = AppState::new(&args.model_name, info.clone(), args.serving());
     // Listen before loading so the startup probe can say "not yet" instead of refusing.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "Listening");
     let server = tokio::spawn(serve(listener, state.clone(), shutdown_signal()));
 

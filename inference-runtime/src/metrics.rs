@@ -90,19 +90,13 @@ impl Metrics {
             registry: Registry::default(),
         };
         {
-            let v = m
-                .registry
-                .sub_registry_with_label(("model_name".into(), model.to_string().into()));
+            let v = m.registry.sub_registry_with_label(("model_name".into(), model.to_string().into()));
             v.register(
                 "tessera_runtime:num_requests_waiting",
                 "Requests admitted and waiting for a worker",
                 m.waiting.clone(),
             );
-            v.register(
-                "tessera_runtime:num_requests_running",
-                "Requests being computed",
-                m.running.clone(),
-            );
+            v.register("tessera_runtime:num_requests_running", "Requests being computed", m.running.clone());
             v.register(
                 "tessera_runtime:time_to_first_token_seconds",
                 "Arrival to first generated text (chat)",
@@ -118,35 +112,15 @@ impl Metrics {
                 "Time spent waiting for a worker",
                 m.queue_time.clone(),
             );
-            v.register(
-                "tessera_runtime:prompt_tokens",
-                "Input tokens processed",
-                m.prompt_tokens.clone(),
-            );
-            v.register(
-                "tessera_runtime:generation_tokens",
-                "Tokens generated",
-                m.generation_tokens.clone(),
-            );
-            v.register(
-                "tessera_runtime:request_success",
-                "Requests answered successfully",
-                m.request_success.clone(),
-            );
+            v.register("tessera_runtime:prompt_tokens", "Input tokens processed", m.prompt_tokens.clone());
+            v.register("tessera_runtime:generation_tokens", "Tokens generated", m.generation_tokens.clone());
+            v.register("tessera_runtime:request_success", "Requests answered successfully", m.request_success.clone());
         }
         {
             let t = m.registry.sub_registry_with_labels(
-                [
-                    ("model".into(), model.to_string().into()),
-                    ("version".into(), "1".into()),
-                ]
-                .into_iter(),
+                [("model".into(), model.to_string().into()), ("version".into(), "1".into())].into_iter(),
             );
-            t.register(
-                "nv_inference_pending_request_count",
-                "Requests waiting for a worker",
-                m.waiting.clone(),
-            );
+            t.register("nv_inference_pending_request_count", "Requests waiting for a worker", m.waiting.clone());
             t.register(
                 "nv_inference_queue_duration_us",
                 "Cumulative microseconds requests waited in the queue",
@@ -157,21 +131,9 @@ impl Metrics {
                 "Cumulative microseconds from arrival to answer",
                 m.request_duration_us.clone(),
             );
-            t.register(
-                "nv_inference_request_success",
-                "Successful requests",
-                m.triton_success.clone(),
-            );
-            t.register(
-                "nv_inference_request_failure",
-                "Failed requests",
-                m.triton_failure.clone(),
-            );
-            t.register(
-                "nv_inference_count",
-                "Inferences performed (one per input)",
-                m.inference_count.clone(),
-            );
+            t.register("nv_inference_request_success", "Successful requests", m.triton_success.clone());
+            t.register("nv_inference_request_failure", "Failed requests", m.triton_failure.clone());
+            t.register("nv_inference_count", "Inferences performed (one per input)", m.inference_count.clone());
             t.register(
                 "nv_inference_exec_count",
                 "Batches executed (count / exec_count = average batch size)",

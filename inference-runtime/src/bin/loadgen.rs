@@ -77,9 +77,7 @@ async fn one(client: &HttpClient, url: &str, body: Bytes) -> anyhow::Result<()> 
 }
 
 fn body(model: &str, i: usize, batch: usize) -> Bytes {
-    let texts: Vec<&str> = (0..batch)
-        .map(|k| TEXTS[(i * batch + k) % TEXTS.len()])
-        .collect();
+    let texts: Vec<&str> = (0..batch).map(|k| TEXTS[(i * batch + k) % TEXTS.len()]).collect();
     Bytes::from(json!({"model": model, "input": texts}).to_string())
 }
 
@@ -113,12 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, url, next, model) = (
-            client.clone(),
-            url.clone(),
-            next.clone(),
-            args.model.clone(),
-        );
+        let (client, url, next, model) = (client.clone(), url.clone(), next.clone(), args.model.clone());
         let (n, batch) = (args.requests, args.batch);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();

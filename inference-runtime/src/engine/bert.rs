@@ -24,9 +24,7 @@ pub struct Embedder {
 
 impl std::fmt::Debug for Embedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Embedder")
-            .field("info", &self.info)
-            .finish()
+        f.debug_struct("Embedder").field("info", &self.info).finish()
     }
 }
 
@@ -37,15 +35,10 @@ struct SentenceBertConfig {
 
 impl Embedder {
     pub fn load(dir: &Path, device: &Device, free_memory_bytes: u64) -> Result<Self> {
-        let err = |reason: String| Error::LoadModel {
-            dir: dir.display().to_string(),
-            reason,
-        };
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| err(format!("{name}: {e}")))
-        };
-        let config: Config = serde_json::from_str(&read("config.json")?)
-            .map_err(|e| err(format!("config.json: {e}")))?;
+        let err = |reason: String| Error::LoadModel { dir: dir.display().to_string(), reason };
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| err(format!("{name}: {e}")));
+        let config: Config =
+            serde_json::from_str(&read("config.json")?).map_err(|e| err(format!("config.json: {e}")))?;
         let max_seq_length = match read("sentence_bert_config.json") {
             Ok(s) => serde_json::from_str::<SentenceBertConfig>(&s)
                 .map_err(|e| err(format!("sentence_bert_config.json: {e}")))?
@@ -55,22 +48,19 @@ impl Embedder {
         }
         .min(config.max_position_embeddings);
 
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| err(format!("tokenizer.json: {e}")))?;
+        let mut tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| err(format!("tokenizer.json: {e}")))?;
         // tokenizer.json ships fixed padding to 128 and truncation at 128; sentence-transformers
         // truncates at max_seq_length and pads per batch, which `embed` does itself.
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_seq_length,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length: max_seq_length, ..Default::default() }))
             .map_err(|e| err(format!("truncation: {e}")))?;
 
         // Read, not mmap: candle's mmap loader is `unsafe` (the file must not change while
         // mapped) and this crate forbids unsafe code. 90 MB read once at startup.
-        let weights = std::fs::read(dir.join("model.safetensors"))
-            .map_err(|e| err(format!("model.safetensors: {e}")))?;
+        let weights =
+            std::fs::read(dir.join("model.safetensors")).map_err(|e| err(format!("model.safetensors: {e}")))?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
             .map_err(|e| err(format!("model.safetensors: {e}")))?;
         let model = BertModel::load(vb, &config).map_err(|e| err(e.to_string()))?;
@@ -82,12 +72,7 @@ impl Embedder {
             max_input_tokens: max_seq_length,
             memory_cap: batch_cap(&config, max_seq_length, free_memory_bytes),
         };
-        Ok(Embedder {
-            model,
-            tokenizer: Arc::new(tokenizer),
-            device: device.clone(),
-            info,
-        })
+        Ok(Embedder { model, tokenizer: Arc::new(tokenizer), device: device.clone(), info })
     }
 
     /// Runs one batch. Sequences are padded to the longest; padding is masked out of both
@@ -98,12 +83,7 @@ impl Embedder {
         let mut ids = vec![0u32; n * len];
         let mut mask = vec![0u32; n * len];
         for (row, enc) in inputs.iter().enumerate() {
-            for (col, (&id, &m)) in enc
-                .get_ids()
-                .iter()
-                .zip(enc.get_attention_mask())
-                .enumerate()
-            {
+            for (col, (&id, &m)) in enc.get_ids().iter().zip(enc.get_attention_mask()).enumerate() {
                 ids[row * len + col] = id;
                 mask[row * len + col] = m;
             }
@@ -126,11 +106,8 @@ impl Embedder {
 /// How many max-length sequences fit in half of the free memory: attention scores plus the
 /// feed-forward and hidden activations of one layer live at a time (f32).
 fn batch_cap(config: &Config, max_len: usize, free_memory_bytes: u64) -> usize {
-    let per_seq = 4
-        * max_len
-        * (config.num_attention_heads * max_len
-            + 2 * config.intermediate_size
-            + 8 * config.hidden_size);
+    let per_seq =
+        4 * max_len * (config.num_attention_heads * max_len + 2 * config.intermediate_size + 8 * config.hidden_size);
     if free_memory_bytes == 0 {
         return usize::MAX; // unknown: the configured limit applies
     }
@@ -160,18 +137,10 @@ mod tests {
 
     #[test]
     fn batch_cap_follows_free_memory() {
-        let cfg = Config {
-            hidden_size: 384,
-            intermediate_size: 1536,
-            ..Config::default()
-        };
+        let cfg = Config { hidden_size: 384, intermediate_size: 1536, ..Config::default() };
         // 4 B * 256 * (12*256 + 2*1536 + 8*384) = 9 437 184 B per sequence.
         assert_eq!(batch_cap(&cfg, 256, 2 * 9_437_184 * 10), 10);
         assert_eq!(batch_cap(&cfg, 256, 1024), 1, "never below one");
-        assert_eq!(
-            batch_cap(&cfg, 256, 0),
-            usize::MAX,
-            "unknown memory: no cap"
-        );
+        assert_eq!(batch_cap(&cfg, 256, 0), usize::MAX, "unknown memory: no cap");
     }
 }

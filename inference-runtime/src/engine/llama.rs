@@ -38,25 +38,12 @@ pub struct Message {
 
 impl Chat {
     pub fn load(path: &Path, device: &Device, free_memory_bytes: u64) -> Result<Self> {
-        let err = |reason: String| Error::LoadModel {
-            dir: path.display().to_string(),
-            reason,
-        };
+        let err = |reason: String| Error::LoadModel { dir: path.display().to_string(), reason };
         let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| err(e.to_string()))?;
-        let md_u32 = |key: &str| {
-            content
-                .metadata
-                .get(key)
-                .and_then(|v| v.to_u32().ok())
-                .map(|v| v as usize)
-        };
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let md_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        let arch =
+            content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         if arch != "llama" {
             return Err(err(format!("architecture `{arch}`; expected llama")));
         }
@@ -70,10 +57,7 @@ impl Chat {
         let heads = md_u32("llama.attention.head_count").unwrap_or(1).max(1);
         let kv_heads = md_u32("llama.attention.head_count_kv").unwrap_or(heads);
         let width = md_u32("llama.embedding_length").unwrap_or(0);
-        let mut eos: Vec<u32> = md_u32("tokenizer.ggml.eos_token_id")
-            .map(|v| v as u32)
-            .into_iter()
-            .collect();
+        let mut eos: Vec<u32> = md_u32("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect();
 
         let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| err(e.to_string()))?;
         // ChatML ends an assistant turn with <|im_end|>, whatever the GGUF calls its eos.
@@ -82,8 +66,7 @@ impl Chat {
         {
             eos.push(id);
         }
-        let model =
-            ModelWeights::from_gguf(content, &mut file, device).map_err(|e| err(e.to_string()))?;
+        let model = ModelWeights::from_gguf(content, &mut file, device).map_err(|e| err(e.to_string()))?;
 
         // KV cache: keys and values, f32, per layer and kv head.
         let kv_bytes_per_token = 2 * layers * kv_heads * (width / heads) * 4;
@@ -99,13 +82,7 @@ impl Chat {
             max_input_tokens: context,
             memory_cap,
         };
-        Ok(Chat {
-            model,
-            tokenizer: Arc::new(tokenizer),
-            device: device.clone(),
-            eos,
-            info,
-        })
+        Ok(Chat { model, tokenizer: Arc::new(tokenizer), device: device.clone(), eos, info })
     }
 }
 
@@ -150,9 +127,7 @@ struct Detokenizer<'a> {
 
 impl<'a> Detokenizer<'a> {
     fn text(&self) -> Result<String> {
-        self.tokenizer
-            .decode(&self.tokens, true)
-            .map_err(|e| Error::Tokenize(e.to_string()))
+        self.tokenizer.decode(&self.tokens, true).map_err(|e| Error::Tokenize(e.to_string()))
     }
 
     /// Adds a token; returns the new text to send and whether a stop string was reached.
@@ -219,12 +194,7 @@ impl Engine for Chat {
         }
         self.model.clear_kv_cache();
         let tokenizer = self.tokenizer.clone();
-        let mut detok = Detokenizer {
-            tokenizer: &tokenizer,
-            stop: &sampling.stop,
-            tokens: Vec::new(),
-            sent: 0,
-        };
+        let mut detok = Detokenizer { tokenizer: &tokenizer, stop: &sampling.stop, tokens: Vec::new(), sent: 0 };
         let mut sampler = LogitsProcessor::from_sampling(sampling.seed, strategy(sampling));
         let mut text = String::new();
         let mut finish = FinishReason::Length;
@@ -264,11 +234,7 @@ impl Engine for Chat {
                 on_text(&rest);
             }
         }
-        Ok(Generation {
-            text,
-            completion_tokens: generated,
-            finish_reason: finish,
-        })
+        Ok(Generation { text, completion_tokens: generated, finish_reason: finish })
     }
 }
 
@@ -278,17 +244,11 @@ mod tests {
 
     #[test]
     fn chatml_adds_default_system_prompt_only_when_missing() {
-        let user = Message {
-            role: "user".into(),
-            content: "hi".into(),
-        };
+        let user = Message { role: "user".into(), content: "hi".into() };
         let r = render_chatml(std::slice::from_ref(&user));
         assert!(r.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
         assert!(r.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"));
-        let sys = Message {
-            role: "system".into(),
-            content: "Be terse.".into(),
-        };
+        let sys = Message { role: "system".into(), content: "Be terse.".into() };
         let r = render_chatml(&[sys, user]);
         assert!(r.starts_with("<|im_start|>system\nBe terse.<|im_end|>\n"));
         assert_eq!(r.matches("system").count(), 1);
@@ -296,25 +256,10 @@ mod tests {
 
     #[test]
     fn zero_temperature_is_greedy() {
-        let s = |t, p| Sampling {
-            max_tokens: 1,
-            temperature: t,
-            top_p: p,
-            seed: 0,
-            stop: vec![],
-        };
+        let s = |t, p| Sampling { max_tokens: 1, temperature: t, top_p: p, seed: 0, stop: vec![] };
         assert!(matches!(strategy(&s(None, None)), Strategy::ArgMax));
-        assert!(matches!(
-            strategy(&s(Some(0.0), Some(0.5))),
-            Strategy::ArgMax
-        ));
-        assert!(matches!(
-            strategy(&s(Some(0.7), Some(0.9))),
-            Strategy::TopP { .. }
-        ));
-        assert!(matches!(
-            strategy(&s(Some(0.7), None)),
-            Strategy::All { .. }
-        ));
+        assert!(matches!(strategy(&s(Some(0.0), Some(0.5))), Strategy::ArgMax));
+        assert!(matches!(strategy(&s(Some(0.7), Some(0.9))), Strategy::TopP { .. }));
+        assert!(matches!(strategy(&s(Some(0.7), None)), Strategy::All { .. }));
     }
 }

@@ -70,10 +70,7 @@ pub trait Engine: Send {
 
     /// One L2-normalised vector per encoding.
     fn embed(&mut self, _inputs: &[Encoding]) -> Result<Vec<Vec<f32>>> {
-        Err(Error::Unsupported {
-            model: self.info().architecture.clone(),
-            op: "embeddings",
-        })
+        Err(Error::Unsupported { model: self.info().architecture.clone(), op: "embeddings" })
     }
 
     /// Generates from prompt token ids. `on_text` gets each new piece of text as it becomes
@@ -84,19 +81,13 @@ pub trait Engine: Send {
         _sampling: &Sampling,
         _on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        Err(Error::Unsupported {
-            model: self.info().architecture.clone(),
-            op: "chat completions",
-        })
+        Err(Error::Unsupported { model: self.info().architecture.clone(), op: "chat completions" })
     }
 }
 
 /// Loads whichever model `dir` holds, on `device`, sizing limits from `free_memory_bytes`.
 pub fn load(dir: &Path, device: &Device, free_memory_bytes: u64) -> Result<Box<dyn Engine>> {
-    let load_err = |reason: String| Error::LoadModel {
-        dir: dir.display().to_string(),
-        reason,
-    };
+    let load_err = |reason: String| Error::LoadModel { dir: dir.display().to_string(), reason };
     let entries = std::fs::read_dir(dir).map_err(|e| load_err(e.to_string()))?;
     let mut gguf: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -105,17 +96,8 @@ pub fn load(dir: &Path, device: &Device, free_memory_bytes: u64) -> Result<Box<d
     gguf.sort();
     match gguf.as_slice() {
         [one] => Ok(Box::new(llama::Chat::load(one, device, free_memory_bytes)?)),
-        [] if dir.join("config.json").is_file() => Ok(Box::new(bert::Embedder::load(
-            dir,
-            device,
-            free_memory_bytes,
-        )?)),
-        [] => Err(load_err(
-            "no *.gguf and no config.json: not a model folder".into(),
-        )),
-        _ => Err(load_err(format!(
-            "{} *.gguf files; expected one",
-            gguf.len()
-        ))),
+        [] if dir.join("config.json").is_file() => Ok(Box::new(bert::Embedder::load(dir, device, free_memory_bytes)?)),
+        [] => Err(load_err("no *.gguf and no config.json: not a model folder".into())),
+        _ => Err(load_err(format!("{} *.gguf files; expected one", gguf.len()))),
     }
 }

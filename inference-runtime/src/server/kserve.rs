@@ -26,15 +26,9 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v2/health/live", get(|| async { probe(true, "live") }))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{name}", get(model_metadata))
-        .route(
-            "/v2/models/{name}/versions/{version}",
-            get(model_metadata_v),
-        )
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata_v))
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route(
-            "/v2/models/{name}/versions/{version}/ready",
-            get(model_ready_v),
-        )
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
 }
@@ -147,10 +141,7 @@ struct InferRequest {
 /// BYTES data, flattened: row-major nesting is allowed by the protocol.
 fn strings(t: &Tensor) -> Result<Vec<String>> {
     if t.datatype != "BYTES" {
-        return Err(Error::BadRequest(format!(
-            "input `{}` has datatype {}; expected BYTES",
-            t.name, t.datatype
-        )));
+        return Err(Error::BadRequest(format!("input `{}` has datatype {}; expected BYTES", t.name, t.datatype)));
     }
     fn walk(v: &Value, out: &mut Vec<String>) -> Result<()> {
         match v {
@@ -225,18 +216,11 @@ async fn run_infer(
         }
         Kind::Chat => {
             let texts = strings(input(&req, "text_input").map_err(err)?).map_err(err)?;
-            let [text] = <[String; 1]>::try_from(texts).map_err(|t| {
-                err(Error::BadRequest(format!(
-                    "text_input must hold one string, not {}",
-                    t.len()
-                )))
-            })?;
+            let [text] = <[String; 1]>::try_from(texts)
+                .map_err(|t| err(Error::BadRequest(format!("text_input must hold one string, not {}", t.len()))))?;
             let p = &req.parameters;
             let request = GenerateRequest {
-                messages: vec![Message {
-                    role: "user".into(),
-                    content: text,
-                }],
+                messages: vec![Message { role: "user".into(), content: text }],
                 max_tokens: p.get("max_tokens").and_then(Value::as_u64),
                 temperature: p.get("temperature").and_then(Value::as_f64),
                 top_p: p.get("top_p").and_then(Value::as_f64),

@@ -80,9 +80,7 @@ impl AppState {
             admission: Admission::new(serving.policy.clone()),
             serving: Arc::new(serving),
             metrics: Arc::new(Metrics::new(model_name)),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             life: Arc::default(),
         }
     }
@@ -95,26 +93,10 @@ impl AppState {
             Kind::Embedding => self.serving.max_batch.min(info.memory_cap).max(1),
             Kind::Chat => 1,
         };
-        let limits = BatchLimits {
-            max_batch,
-            max_wait: self.serving.max_wait,
-        };
-        let queue = Queue::start(
-            engine,
-            self.serving.queue_capacity,
-            limits,
-            self.metrics.clone(),
-        )
-        .map_err(|e| Error::LoadModel {
-            dir: String::new(),
-            reason: format!("starting worker: {e}"),
-        })?;
-        let loaded = Loaded {
-            info,
-            tokenizer,
-            queue,
-            max_batch,
-        };
+        let limits = BatchLimits { max_batch, max_wait: self.serving.max_wait };
+        let queue = Queue::start(engine, self.serving.queue_capacity, limits, self.metrics.clone())
+            .map_err(|e| Error::LoadModel { dir: String::new(), reason: format!("starting worker: {e}") })?;
+        let loaded = Loaded { info, tokenizer, queue, max_batch };
         if self.life.loaded.set(loaded).is_err() {
             return Err(Error::BadRequest("model already loaded".into()));
         }
@@ -161,19 +143,13 @@ impl AppState {
 
     /// Checks a requested model name.
     fn check_model(&self, name: &str) -> Result<()> {
-        if name == &*self.model_name {
-            Ok(())
-        } else {
-            Err(Error::UnknownModel(name.to_string()))
-        }
+        if name == &*self.model_name { Ok(()) } else { Err(Error::UnknownModel(name.to_string())) }
     }
 
     /// Counts a request as in flight until the guard drops (drain waits for zero).
     fn track(&self) -> InFlight {
         self.life.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight {
-            life: self.life.clone(),
-        }
+        InFlight { life: self.life.clone() }
     }
 
     async fn wait_idle(&self) {
@@ -305,18 +281,11 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 async fn not_found(req: Request) -> Response {
-    error_response(
-        &Error::NoRoute(req.uri().path().to_string()),
-        Dialect::OpenAi,
-    )
+    error_response(&Error::NoRoute(req.uri().path().to_string()), Dialect::OpenAi)
 }
 
 fn probe(ok: bool, what: &str) -> Response {
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ what: ok }))).into_response()
 }
 
@@ -334,21 +303,11 @@ async fn live() -> Response {
 
 async fn drain(State(s): State<AppState>) -> Response {
     s.start_drain();
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"draining": true, "in_flight": s.in_flight()})),
-    )
-        .into_response()
+    (StatusCode::ACCEPTED, Json(json!({"draining": true, "in_flight": s.in_flight()}))).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
         .into_response()
 }
 
@@ -369,10 +328,7 @@ pub async fn serve(
         }
         let deadline = s.serving.drain_timeout;
         if tokio::time::timeout(deadline, s.wait_idle()).await.is_err() {
-            tracing::warn!(
-                in_flight = s.in_flight(),
-                "Drain timeout passed; stopping anyway"
-            );
+            tracing::warn!(in_flight = s.in_flight(), "Drain timeout passed; stopping anyway");
         }
         tracing::info!("Drained; stopping");
     };

@@ -66,27 +66,17 @@ struct EmbeddingsRequest {
 }
 
 /// Tokenises, admits and runs texts through the embedding batcher. Shared with KServe `infer`.
-pub(super) async fn embed_texts(
-    s: &AppState,
-    tenant: &str,
-    texts: Vec<String>,
-) -> Result<(Vec<Vec<f32>>, usize)> {
+pub(super) async fn embed_texts(s: &AppState, tenant: &str, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize)> {
     let started = Instant::now();
     let loaded = s.accepting()?;
     if loaded.info.kind != Kind::Embedding {
-        return Err(Error::Unsupported {
-            model: s.model_name.to_string(),
-            op: "embeddings",
-        });
+        return Err(Error::Unsupported { model: s.model_name.to_string(), op: "embeddings" });
     }
     if texts.is_empty() {
         return Err(Error::BadRequest("input is empty".into()));
     }
     if texts.len() > MAX_EMBEDDING_INPUTS {
-        return Err(Error::InputTooLarge(format!(
-            "{} inputs; the limit is {MAX_EMBEDDING_INPUTS}",
-            texts.len()
-        )));
+        return Err(Error::InputTooLarge(format!("{} inputs; the limit is {MAX_EMBEDDING_INPUTS}", texts.len())));
     }
     let tokenizer = loaded.tokenizer.clone();
     let encodings = tokio::task::spawn_blocking(move || tokenizer.encode_batch(texts, true))
@@ -96,11 +86,7 @@ pub(super) async fn embed_texts(
     let tokens: usize = encodings.iter().map(|e| e.len()).sum();
     let mut permit = s.admission.admit(tenant, tokens as u64, 0, utc_day())?;
     let (reply, rx) = oneshot::channel();
-    loaded.queue.embed(EmbedJob {
-        inputs: encodings,
-        enqueued: Instant::now(),
-        reply,
-    })?;
+    loaded.queue.embed(EmbedJob { inputs: encodings, enqueued: Instant::now(), reply })?;
     let result = rx.await.map_err(|_| Error::WorkerGone).and_then(|r| r);
     finish(s, &mut permit, &result, tokens, 0, started);
     result.map(|v| (v, tokens))
@@ -135,32 +121,24 @@ async fn embeddings(
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
-            return Err(err(Error::BadRequest(format!(
-                "encoding_format `{other}`; expected float or base64"
-            ))));
+            return Err(err(Error::BadRequest(format!("encoding_format `{other}`; expected float or base64"))));
         }
     };
     if let (Some(d), Some(l)) = (req.dimensions, s.loaded())
         && d != l.info.dim
     {
-        return Err(err(Error::BadRequest(format!(
-            "dimensions {d}: this model only produces {}",
-            l.info.dim
-        ))));
+        return Err(err(Error::BadRequest(format!("dimensions {d}: this model only produces {}", l.info.dim))));
     }
     let texts = match req.input {
         EmbeddingInput::One(t) => vec![t],
         EmbeddingInput::Many(t) => t,
         EmbeddingInput::Other(_) => {
             return Err(err(Error::BadRequest(
-                "input must be a string or an array of strings (token ids are not supported)"
-                    .into(),
+                "input must be a string or an array of strings (token ids are not supported)".into(),
             )));
         }
     };
-    let (vectors, tokens) = embed_texts(&s, &tenant(&headers), texts)
-        .await
-        .map_err(err)?;
+    let (vectors, tokens) = embed_texts(&s, &tenant(&headers), texts).await.map_err(err)?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -259,10 +237,7 @@ fn messages(raw: Vec<ChatMessage>) -> Result<Vec<Message>> {
     }
     raw.into_iter()
         .map(|m| {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "developer"
-            ) {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
                 return Err(Error::BadRequest(format!("unknown role `{}`", m.role)));
             }
             let content = match m.content {
@@ -283,11 +258,7 @@ fn messages(raw: Vec<ChatMessage>) -> Result<Vec<Message>> {
                     text
                 }
             };
-            let role = if m.role == "developer" {
-                "system".into()
-            } else {
-                m.role
-            };
+            let role = if m.role == "developer" { "system".into() } else { m.role };
             Ok(Message { role, content })
         })
         .collect()
@@ -302,24 +273,14 @@ pub(super) struct Started {
 }
 
 fn random_seed() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-pub(super) async fn start_generation(
-    s: &AppState,
-    tenant: &str,
-    req: GenerateRequest,
-) -> Result<Started> {
+pub(super) async fn start_generation(s: &AppState, tenant: &str, req: GenerateRequest) -> Result<Started> {
     let started = Instant::now();
     let loaded = s.accepting()?;
     if loaded.info.kind != Kind::Chat {
-        return Err(Error::Unsupported {
-            model: s.model_name.to_string(),
-            op: "chat completions",
-        });
+        return Err(Error::Unsupported { model: s.model_name.to_string(), op: "chat completions" });
     }
     let prompt = render_chatml(&req.messages);
     let tokenizer = loaded.tokenizer.clone();
@@ -340,10 +301,7 @@ pub(super) async fn start_generation(
         )));
     }
     if prompt_ids.len() >= context {
-        return Err(Error::InputTooLarge(format!(
-            "{} prompt tokens; the context holds {context}",
-            prompt_ids.len()
-        )));
+        return Err(Error::InputTooLarge(format!("{} prompt tokens; the context holds {context}", prompt_ids.len())));
     }
     let room = (context - prompt_ids.len()) as u64;
     let max_tokens = match req.max_tokens {
@@ -367,9 +325,7 @@ pub(super) async fn start_generation(
     {
         return Err(Error::BadRequest(format!("top_p {p} outside (0, 1]")));
     }
-    let permit = s
-        .admission
-        .admit(tenant, prompt_ids.len() as u64, max_tokens, utc_day())?;
+    let permit = s.admission.admit(tenant, prompt_ids.len() as u64, max_tokens, utc_day())?;
     let (tx, events) = mpsc::unbounded_channel();
     let prompt_tokens = prompt_ids.len();
     loaded.queue.generate(GenerateJob {
@@ -385,28 +341,18 @@ pub(super) async fn start_generation(
         enqueued: Instant::now(),
         events: tx,
     })?;
-    Ok(Started {
-        events,
-        prompt_tokens,
-        permit,
-        started,
-    })
+    Ok(Started { events, prompt_tokens, permit, started })
 }
 
 /// Waits for a whole generation, recording TTFT when the first text arrives.
-pub(super) async fn collect_generation(
-    s: &AppState,
-    mut g: Started,
-) -> Result<(Generation, usize)> {
+pub(super) async fn collect_generation(s: &AppState, mut g: Started) -> Result<(Generation, usize)> {
     let mut first = true;
     let result = loop {
         match g.events.recv().await {
             Some(GenerateEvent::Text(_)) => {
                 if first {
                     first = false;
-                    s.metrics
-                        .time_to_first_token
-                        .observe(g.started.elapsed().as_secs_f64());
+                    s.metrics.time_to_first_token.observe(g.started.elapsed().as_secs_f64());
                 }
             }
             Some(GenerateEvent::Done(done)) => break Ok(done),
@@ -415,14 +361,7 @@ pub(super) async fn collect_generation(
         }
     };
     let completion = result.as_ref().map_or(0, |g| g.completion_tokens);
-    finish(
-        s,
-        &mut g.permit,
-        &result,
-        g.prompt_tokens,
-        completion,
-        g.started,
-    );
+    finish(s, &mut g.permit, &result, g.prompt_tokens, completion, g.started);
     result.map(|done| (done, g.prompt_tokens))
 }
 
@@ -431,9 +370,7 @@ fn completion_id() -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -468,9 +405,7 @@ async fn chat_completions(
             Some(Stop::Many(v)) => v,
         },
     };
-    let started = start_generation(&s, &tenant(&headers), gen_req)
-        .await
-        .map_err(err)?;
+    let started = start_generation(&s, &tenant(&headers), gen_req).await.map_err(err)?;
     let id = completion_id();
     let created = unix_now();
     if stream {
@@ -517,12 +452,7 @@ fn stream_chat(
     };
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        let Started {
-            mut events,
-            prompt_tokens,
-            mut permit,
-            started,
-        } = g;
+        let Started { mut events, prompt_tokens, mut permit, started } = g;
         let send = |v: String| {
             let tx = tx.clone();
             async move { tx.send(Ok(Event::default().data(v))).await.is_ok() }
@@ -536,9 +466,7 @@ fn stream_chat(
                 GenerateEvent::Text(t) => {
                     if !saw_text {
                         saw_text = true;
-                        s.metrics
-                            .time_to_first_token
-                            .observe(started.elapsed().as_secs_f64());
+                        s.metrics.time_to_first_token.observe(started.elapsed().as_secs_f64());
                     }
                     if !send(chunk(json!({"content": t}), None).to_string()).await {
                         // Client gone: dropping `events` stops the worker.
@@ -549,14 +477,7 @@ fn stream_chat(
                 }
                 GenerateEvent::Done(done) => {
                     let ok: Result<()> = Ok(());
-                    finish(
-                        &s,
-                        &mut permit,
-                        &ok,
-                        prompt_tokens,
-                        done.completion_tokens,
-                        started,
-                    );
+                    finish(&s, &mut permit, &ok, prompt_tokens, done.completion_tokens, started);
                     let last = chunk(json!({}), Some(finish_reason(done.finish_reason)));
                     send(last.to_string()).await;
                     if include_usage {

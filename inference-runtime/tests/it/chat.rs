@@ -10,13 +10,7 @@ fn france() -> Value {
 }
 
 fn greedy(max_tokens: usize) -> Sampling {
-    Sampling {
-        max_tokens,
-        temperature: None,
-        top_p: None,
-        seed: 0,
-        stop: vec![],
-    }
+    Sampling { max_tokens, temperature: None, top_p: None, seed: 0, stop: vec![] }
 }
 
 #[test]
@@ -25,18 +19,10 @@ fn smollm2_answers_greedily_and_samples_reproducibly() {
         return;
     };
     let tok = engine.tokenizer();
-    let prompt = render_chatml(&[Message {
-        role: "user".into(),
-        content: "What is the capital of France?".into(),
-    }]);
+    let prompt = render_chatml(&[Message { role: "user".into(), content: "What is the capital of France?".into() }]);
     let ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
-    let im_start = tok
-        .token_to_id("<|im_start|>")
-        .expect("ChatML token in vocab");
-    assert_eq!(
-        ids[0], im_start,
-        "special tokens are parsed, not spelled out"
-    );
+    let im_start = tok.token_to_id("<|im_start|>").expect("ChatML token in vocab");
+    assert_eq!(ids[0], im_start, "special tokens are parsed, not spelled out");
 
     let mut pieces = Vec::new();
     let g = engine
@@ -47,27 +33,14 @@ fn smollm2_answers_greedily_and_samples_reproducibly() {
         .unwrap();
     assert!(g.text.contains("Paris"), "{:?}", g.text);
     assert_eq!(g.finish_reason, FinishReason::Stop, "ends with <|im_end|>");
-    assert_eq!(
-        pieces.concat(),
-        g.text,
-        "streamed pieces add up to the text"
-    );
+    assert_eq!(pieces.concat(), g.text, "streamed pieces add up to the text");
 
-    let sampled = |seed| Sampling {
-        max_tokens: 12,
-        temperature: Some(1.0),
-        top_p: Some(0.95),
-        seed,
-        stop: vec![],
-    };
+    let sampled = |seed| Sampling { max_tokens: 12, temperature: Some(1.0), top_p: Some(0.95), seed, stop: vec![] };
     let mut run = |s: Sampling| engine.generate(&ids, &s, &mut |_| true).unwrap().text;
     let a = run(sampled(7));
     assert_eq!(a, run(sampled(7)), "same seed, same text");
     let others: Vec<String> = (1..=3).map(|s| run(sampled(s))).collect();
-    assert!(
-        others.iter().any(|o| *o != a),
-        "four seeds all gave {a:?}: sampling ignores the seed"
-    );
+    assert!(others.iter().any(|o| *o != a), "four seeds all gave {a:?}: sampling ignores the seed");
 
     // A stop string cuts the answer before it.
     let mut s = greedy(24);
@@ -98,10 +71,7 @@ async fn chat_completions_over_http() {
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    let answer = v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
     assert!(answer.contains("Paris"), "{answer}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     let u = &v["usage"];
@@ -130,45 +100,21 @@ async fn chat_completions_over_http() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(
-        r.content_type.starts_with("text/event-stream"),
-        "{}",
-        r.content_type
-    );
+    assert!(r.content_type.starts_with("text/event-stream"), "{}", r.content_type);
     let text = r.text();
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(streamed, answer);
     assert!(chunks.len() > 4, "tokens arrive as separate chunks");
-    let finish = chunks
-        .iter()
-        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
-        .unwrap();
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
     assert_eq!(finish, "stop");
-    assert!(
-        chunks.last().unwrap()["usage"]["completion_tokens"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
     let m = get(a, "/metrics").await.text();
-    assert!(
-        m.contains("tessera_runtime:time_to_first_token_seconds_count{model_name=\"smollm2\"} 3"),
-        "{m}"
-    );
+    assert!(m.contains("tessera_runtime:time_to_first_token_seconds_count{model_name=\"smollm2\"} 3"), "{m}");
     assert!(m.contains("tessera_runtime:generation_tokens_total{model_name=\"smollm2\"}"));
 }
 
@@ -182,27 +128,13 @@ async fn chat_refusals_say_why() {
         return;
     };
     let a = srv.addr;
-    let r = post(
-        a,
-        "/v1/chat/completions",
-        json!({"model": "gpt-4", "messages": france()}),
-    )
-    .await;
+    let r = post(a, "/v1/chat/completions", json!({"model": "gpt-4", "messages": france()})).await;
     assert_error(&r, 404, "model `gpt-4` is not served here");
-    let r = post(
-        a,
-        "/v1/chat/completions",
-        json!({"model": SMOLLM2, "messages": france(), "max_tokens": 65}),
-    )
-    .await;
+    let r = post(a, "/v1/chat/completions", json!({"model": SMOLLM2, "messages": france(), "max_tokens": 65})).await;
     assert_error(&r, 400, "max_tokens 65; the limit is 64");
     let long = "tell me about GPUs ".repeat(100);
-    let r = post(
-        a,
-        "/v1/chat/completions",
-        json!({"model": SMOLLM2, "messages": [{"role": "user", "content": long}]}),
-    )
-    .await;
+    let r = post(a, "/v1/chat/completions", json!({"model": SMOLLM2, "messages": [{"role": "user", "content": long}]}))
+        .await;
     assert_error(&r, 413, "prompt tokens; the limit is 200");
     let r = post(
         a,
@@ -211,12 +143,7 @@ async fn chat_refusals_say_why() {
     )
     .await;
     assert_error(&r, 400, "content part `image_url` is not supported");
-    let r = post(
-        a,
-        "/v1/chat/completions",
-        json!({"model": SMOLLM2, "messages": france(), "temperature": 7}),
-    )
-    .await;
+    let r = post(a, "/v1/chat/completions", json!({"model": SMOLLM2, "messages": france(), "temperature": 7})).await;
     assert_error(&r, 400, "temperature 7");
     let r = post(a, "/v1/embeddings", json!({"model": SMOLLM2, "input": "x"})).await;
     assert_error(&r, 400, "does not support embeddings");
@@ -261,11 +188,5 @@ async fn kserve_v2_infer_generates_text() {
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["outputs"][0]["name"], "text_output");
-    assert!(
-        v["outputs"][0]["data"][0]
-            .as_str()
-            .unwrap()
-            .contains("Paris"),
-        "{v}"
-    );
+    assert!(v["outputs"][0]["data"][0].as_str().unwrap().contains("Paris"), "{v}");
 }

@@ -33,26 +33,13 @@ async fn drain_fails_readiness_finishes_in_flight_then_stops() {
 
     assert_error(&get(a, "/health/ready").await, 503, "false");
     assert_error(&get(a, "/v2/health/ready").await, 503, "false");
-    assert_eq!(
-        get(a, "/health/live").await.status,
-        200,
-        "alive while draining"
-    );
-    let r = post(
-        a,
-        "/v1/chat/completions",
-        json!({"model": SMOLLM2, "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    assert_eq!(get(a, "/health/live").await.status, 200, "alive while draining");
+    let r = post(a, "/v1/chat/completions", json!({"model": SMOLLM2, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
     assert_error(&r, 503, "server is draining");
 
     let done = long.await.unwrap();
-    assert_eq!(
-        done.status,
-        200,
-        "in-flight request finished: {}",
-        done.text()
-    );
+    assert_eq!(done.status, 200, "in-flight request finished: {}", done.text());
     assert_eq!(done.json()["usage"]["completion_tokens"], 48);
 
     // With nothing in flight the server stops by itself.
@@ -61,8 +48,5 @@ async fn drain_fails_readiness_finishes_in_flight_then_stops() {
         .expect("server stops after drain")
         .unwrap()
         .unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(a).await.is_err(),
-        "listener closed"
-    );
+    assert!(tokio::net::TcpStream::connect(a).await.is_err(), "listener closed");
 }

@@ -10,12 +10,7 @@ use tower::ServiceExt;
 
 use crate::support::{self, MINILM};
 
-async fn send(
-    state: &AppState,
-    method: &str,
-    uri: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
+async fn send(state: &AppState, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -32,30 +27,12 @@ async fn send(
 #[tokio::test]
 async fn probes_tell_the_truth_before_the_model_loads() {
     let state = AppState::new("m", support::cpu(), Serving::default());
-    assert_eq!(
-        send(&state, "GET", "/health/live", None).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(send(&state, "GET", "/health/live", None).await.0, StatusCode::OK);
     let (s, v) = send(&state, "GET", "/health/startup", None).await;
-    assert_eq!(
-        (s, v),
-        (StatusCode::SERVICE_UNAVAILABLE, json!({"started": false}))
-    );
-    assert_eq!(
-        send(&state, "GET", "/health/ready", None).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        send(&state, "GET", "/v2/models/m/ready", None).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    let (s, v) = send(
-        &state,
-        "POST",
-        "/v1/embeddings",
-        Some(json!({"model": "m", "input": "x"})),
-    )
-    .await;
+    assert_eq!((s, v), (StatusCode::SERVICE_UNAVAILABLE, json!({"started": false})));
+    assert_eq!(send(&state, "GET", "/health/ready", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(send(&state, "GET", "/v2/models/m/ready", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, v) = send(&state, "POST", "/v1/embeddings", Some(json!({"model": "m", "input": "x"}))).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(v["error"]["message"], "model is not ready");
     let (s, v) = send(&state, "GET", "/no/such/route", None).await;
@@ -72,21 +49,9 @@ async fn loaded_model_flips_startup_and_readiness() {
     let Some(state) = support::state(MINILM, Serving::default()) else {
         return;
     };
-    assert_eq!(
-        send(&state, "GET", "/health/startup", None).await.0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        send(&state, "GET", "/health/ready", None).await.0,
-        StatusCode::OK
-    );
-    let (s, v) = send(
-        &state,
-        "POST",
-        "/v1/embeddings",
-        Some(json!({"model": MINILM, "input": "hello"})),
-    )
-    .await;
+    assert_eq!(send(&state, "GET", "/health/startup", None).await.0, StatusCode::OK);
+    assert_eq!(send(&state, "GET", "/health/ready", None).await.0, StatusCode::OK);
+    let (s, v) = send(&state, "POST", "/v1/embeddings", Some(json!({"model": MINILM, "input": "hello"}))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 384);
     state.start_drain();
@@ -95,17 +60,12 @@ async fn loaded_model_flips_startup_and_readiness() {
         StatusCode::OK,
         "startup stays true while draining"
     );
-    assert_eq!(
-        send(&state, "GET", "/health/ready", None).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(send(&state, "GET", "/health/ready", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (s, v) = send(
         &state,
         "POST",
         "/v2/models/minilm/infer",
-        Some(
-            json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}),
-        ),
+        Some(json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]})),
     )
     .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);

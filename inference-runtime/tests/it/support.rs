@@ -27,18 +27,10 @@ pub fn model_dir(name: &str) -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var_os("CI").is_some() {
-        panic!(
-            "model cache {} is missing; run `bash scripts/fetch-models.sh` first",
-            dir.display()
-        );
+        panic!("model cache {} is missing; run `bash scripts/fetch-models.sh` first", dir.display());
     }
     static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        println!(
-            "skipping real-model tests: {} missing (run scripts/fetch-models.sh)",
-            dir.display()
-        )
-    });
+    ONCE.get_or_init(|| println!("skipping real-model tests: {} missing (run scripts/fetch-models.sh)", dir.display()));
     None
 }
 
@@ -48,12 +40,7 @@ pub fn load(name: &str) -> Option<Box<dyn Engine>> {
 }
 
 pub fn cpu() -> DeviceInfo {
-    DeviceInfo {
-        kind: "cpu",
-        visible_devices: None,
-        memory_total_bytes: 0,
-        memory_free_bytes: 0,
-    }
+    DeviceInfo { kind: "cpu", visible_devices: None, memory_total_bytes: 0, memory_free_bytes: 0 }
 }
 
 /// A state serving `model` (folder name doubles as model name), or `None` when skipped.
@@ -76,11 +63,7 @@ pub async fn start(model: &str, serving: Serving) -> Option<Server> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = tokio::spawn(serve(listener, state.clone(), std::future::pending()));
-    Some(Server {
-        addr,
-        state,
-        handle,
-    })
+    Some(Server { addr, state, handle })
 }
 
 pub struct Reply {
@@ -91,8 +74,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -107,9 +89,7 @@ pub async fn call(
     body: Option<Value>,
 ) -> Reply {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
+    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -122,18 +102,9 @@ pub async fn call(
     };
     let resp = client.request(req.body(body).unwrap()).await.unwrap();
     let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        content_type,
-        body,
-    }
+    Reply { status, content_type, body }
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use tessera_api::podgroup::PodGroupSpec;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use tessera_api::podgroup::{POD_GROUP_LABEL, PodGroupSpec};
 use tessera_core::mig::MigProduct;
 use tessera_core::policy::Workload;
 use tessera_core::topology::Topology;
@@ -14,6 +16,7 @@ use tessera_core::{Context, Demand, Gpu, GpuDemand, GpuMode, MigOp, Node, Policy
 
 use crate::binder::MemoryBinder;
 use crate::state::{MemoryLookup, Scheduler, Settings};
+use crate::wire::ExtenderArgs;
 
 const GIB: u64 = 1024;
 
@@ -170,10 +173,119 @@ pub fn scheduler(policy: Box<dyn Policy>, seed: u64) -> (Arc<Scheduler>, Arc<Mem
     lookup.add_group("ml", "train-job-7", PodGroupSpec { min_member: 1, ..Default::default() });
     let binder = Arc::new(MemoryBinder::default());
     let settings = Settings { mode: "demo", seed, ..Default::default() };
-    let sched = Arc::new(Scheduler::new(snap, policy, binder.clone(), lookup, settings));
+    let sched = Arc::new(Scheduler::new(snap, policy, binder.clone(), lookup.clone(), settings));
     sched.set_workload(workload);
     for (i, pod) in placed.into_iter().enumerate() {
         sched.remember_uid(&format!("demo-uid-{i:04}"), pod);
     }
+    waiting(&sched, &lookup);
     (sched, binder)
+}
+
+/// One pending demo pod: namespace, name, pod-group label, limits, annotations.
+type PendingSpec = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, &'static str)],
+);
+
+/// Pods that wait, so `explain` and the dashboard have real answers to show: a VLM too large
+/// for any node, a gang whose third member does not fit, a gang holding its reservation until
+/// both members bind, and a pod with a malformed annotation.
+const PENDING: &[PendingSpec] = &[
+    (
+        "vision",
+        "qwen2-vl-72b-tp8-0",
+        None,
+        &[("tessera.dev/gpu", "1")],
+        &[("tessera.dev/gpus", "8"), ("tessera.dev/gpu-models", "H100-80GB")],
+    ),
+    (
+        "training",
+        "vlm-finetune-0",
+        None,
+        &[("nvidia.com/gpu", "4")],
+        &[
+            ("tessera.dev/gang-name", "vlm-finetune"),
+            ("tessera.dev/gang-size", "3"),
+            ("tessera.dev/gpu-models", "A100-80GB"),
+        ],
+    ),
+    (
+        "training",
+        "vlm-finetune-1",
+        None,
+        &[("nvidia.com/gpu", "4")],
+        &[
+            ("tessera.dev/gang-name", "vlm-finetune"),
+            ("tessera.dev/gang-size", "3"),
+            ("tessera.dev/gpu-models", "A100-80GB"),
+        ],
+    ),
+    (
+        "training",
+        "vlm-finetune-2",
+        None,
+        &[("nvidia.com/gpu", "4")],
+        &[
+            ("tessera.dev/gang-name", "vlm-finetune"),
+            ("tessera.dev/gang-size", "3"),
+            ("tessera.dev/gpu-models", "A100-80GB"),
+        ],
+    ),
+    ("ocr", "ocr-detect-0", Some("ocr-pipeline"), &[("nvidia.com/mig-1g.10gb", "1")], &[]),
+    (
+        "ocr",
+        "ocr-recognize-0",
+        Some("ocr-pipeline"),
+        &[("tessera.dev/gpu", "1")],
+        &[("tessera.dev/gpu-memory", "16Gi")],
+    ),
+    ("models", "bge-reranker-1", None, &[("tessera.dev/gpu", "1")], &[("tessera.dev/gpu-memory", "lots")]),
+];
+
+fn pending_pod(i: usize, (ns, name, group, limits, annotations): &PendingSpec) -> Option<Pod> {
+    let map =
+        |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>();
+    let labels = group.map_or_else(serde_json::Map::new, |g| map(&[(POD_GROUP_LABEL, g)]));
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name, "namespace": ns, "uid": format!("demo-pending-{i:04}"),
+            "labels": labels, "annotations": map(annotations),
+        },
+        "spec": {
+            "schedulerName": "tessera",
+            "containers": [{"name": "model", "resources": {
+                "limits": map(limits), "requests": {"cpu": "2", "memory": "8Gi"},
+            }}],
+        },
+        "status": {"phase": "Pending"},
+    }))
+    .ok()
+}
+
+/// Files the pending pods with the lookup and filters each on every node, as kube-scheduler
+/// would; then once more, so the first gang members see their gang's outcome.
+fn waiting(sched: &Scheduler, lookup: &MemoryLookup) {
+    let day = 24 * 60 * 60;
+    lookup.add_group(
+        "ocr",
+        "ocr-pipeline",
+        PodGroupSpec { min_member: 2, schedule_timeout_seconds: Some(day), ..Default::default() },
+    );
+    let nodes: Vec<String> = NODES.iter().map(|s| s.name.to_owned()).collect();
+    let pods: Vec<Pod> = PENDING.iter().enumerate().filter_map(|(i, s)| pending_pod(i, s)).collect();
+    if let Ok(mut known) = lookup.pods.write() {
+        for (p, (ns, name, ..)) in pods.iter().zip(PENDING) {
+            known.insert(((*ns).to_owned(), (*name).to_owned()), p.clone());
+        }
+    }
+    for _ in 0..2 {
+        for p in &pods {
+            let args = ExtenderArgs { pod: Some(Box::new(p.clone())), nodes: None, node_names: Some(nodes.clone()) };
+            let _ = sched.filter(args);
+        }
+    }
 }

@@ -176,6 +176,11 @@ impl App {
                 &ErrorBody { error: format!("{method} {path} is not served") },
             );
         }
+        if self.surface.read_only
+            && let Some(page) = crate::dashboard::asset(path)
+        {
+            return page.response();
+        }
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
             "/readyz" if s.is_ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
@@ -184,7 +189,7 @@ impl App {
                 text(StatusCode::OK, s.metrics_text(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
             }
             "/api/v1/cluster" if self.surface.read_only => json(StatusCode::OK, &s.cluster_view()),
-            "/" if self.surface.read_only => text(StatusCode::OK, INDEX.into(), "text/plain"),
+            "/api/v1/pending" if self.surface.read_only => json(StatusCode::OK, &s.pending()),
             p if self.surface.read_only && p.starts_with("/api/v1/explain/") => {
                 let rest = &p["/api/v1/explain/".len()..];
                 match rest.split_once('/') {
@@ -261,13 +266,6 @@ impl App {
         }
     }
 }
-
-const INDEX: &str = "tessera-scheduler\n\
-POST /filter /prioritize /bind /preempt   kube-scheduler extender verbs\n\
-GET  /healthz /readyz                      liveness, readiness\n\
-GET  /metrics                              Prometheus metrics (tessera_*)\n\
-GET  /api/v1/cluster                       nodes, GPUs, MIG instances, allocations, packing\n\
-GET  /api/v1/explain/{namespace}/{pod}     why a pod is pending: demand and per-node reasons\n";
 
 /// Serves `app` on `listener` until `shutdown` resolves; connections in flight finish.
 pub async fn serve(listener: TcpListener, app: App, shutdown: impl std::future::Future<Output = ()>) {

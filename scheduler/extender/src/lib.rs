@@ -8,12 +8,14 @@
 //! - [`cluster`]: reflectors of Nodes, Pods, GpuNodes, PodGroups → core snapshot.
 //! - [`leader`]: which replica binds (follows its kube-scheduler's Lease).
 //! - [`metrics`]: `tessera_*` metrics.
+//! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
 //! - [`config`]: command line.
 
 pub mod binder;
 pub mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod http;

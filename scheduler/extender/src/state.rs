@@ -1231,6 +1231,8 @@ impl Scheduler {
                                 free_milli: view.free(),
                                 holders: h.get(&(g.index, None)).cloned().unwrap_or_default(),
                                 largest_placeable: view.largest_placeable().map(|p| p.name),
+                                memory_slices: g.mig_product().map(|p| p.geometry().memory_slices),
+                                compute_slices: g.mig_product().map(|p| p.geometry().compute_slices),
                                 mig: g
                                     .mig_layout()
                                     .map(|l| {
@@ -1411,6 +1413,10 @@ pub struct GpuView {
     pub holders: Vec<String>,
     /// Largest MIG profile that could still be created (MIG-capable GPUs).
     pub largest_placeable: Option<&'static str>,
+    /// Memory and compute slices of the GPU's MIG geometry (MIG-capable GPUs): where
+    /// instances start and how wide they are is counted in memory slices.
+    pub memory_slices: Option<u8>,
+    pub compute_slices: Option<u8>,
     pub mig: Vec<MigView>,
 }
 
@@ -1466,4 +1472,92 @@ pub struct NodeReason {
     pub result: &'static str,
     pub reason: Option<String>,
     pub score: Option<f64>,
+}
+
+// ---- pending pods (the dashboard's list) ---------------------------------------------------
+
+/// `GET /api/v1/pending`: one pod this replica filtered that is not running yet.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingView {
+    pub pod: String,
+    /// `pending` (holds nothing) or `reserved` (holds its gang's reservation until every member
+    /// reaches bind).
+    pub state: &'static str,
+    pub gang: Option<String>,
+    /// The demand in words, or why the pod's demand could not be read.
+    pub demand: String,
+    pub filtered_at_ms: u64,
+    /// The cluster changed since that filter.
+    pub stale: bool,
+    /// Offered nodes that fit, of all offered.
+    pub fits: usize,
+    pub nodes: usize,
+    /// The reason most offered nodes gave (the gang's bottleneck for a gang member).
+    pub reason: Option<String>,
+}
+
+impl Scheduler {
+    /// Pods filtered by this replica that hold no devices or only a gang reservation, sorted by
+    /// name. Pods the cluster reports bound, finished or gone are left out.
+    pub fn pending(&self) -> Vec<PendingView> {
+        let mut out: Vec<PendingView> = {
+            let inner = self.lock();
+            inner
+                .seen
+                .map
+                .iter()
+                .filter_map(|(key, seen)| {
+                    let state = match inner.snap.allocation(key) {
+                        None => "pending",
+                        Some(a) if a.reserved_until_ms.is_some() => "reserved",
+                        Some(_) => return None,
+                    };
+                    // Counted without the `node NAME: ` prefix, so one cause on many nodes adds up.
+                    // Reasons that can change (unschedulable now) come before "never fits".
+                    let mut reasons: BTreeMap<(bool, &str), usize> = BTreeMap::new();
+                    for v in &seen.verdicts {
+                        if let Err(r) = &v.outcome {
+                            let why = r.reason();
+                            let why = why
+                                .strip_prefix("node ")
+                                .and_then(|w| w.strip_prefix(v.node.0.as_str()))
+                                .and_then(|w| w.strip_prefix(": "))
+                                .unwrap_or(why);
+                            *reasons.entry((!r.is_unresolvable(), why)).or_default() += 1;
+                        }
+                    }
+                    let reason = reasons
+                        .iter()
+                        .max_by_key(|((changeable, why), n)| (*changeable, **n, std::cmp::Reverse(*why)))
+                        .map(|((_, why), _)| (*why).to_owned());
+                    Some(PendingView {
+                        pod: key.0.clone(),
+                        state,
+                        gang: seen.demand.as_ref().ok().and_then(|d| d.gang.as_ref()).map(|g| g.name.clone()),
+                        demand: match &seen.demand {
+                            Ok(d) => d.gpu.to_string(),
+                            Err(e) => format!("invalid: {e}"),
+                        },
+                        filtered_at_ms: seen.at_ms,
+                        stale: seen.generation != inner.generation,
+                        fits: seen.verdicts.iter().filter(|v| v.outcome.is_ok()).count(),
+                        nodes: seen.verdicts.len(),
+                        reason,
+                    })
+                })
+                .collect()
+        };
+        // The lookup takes its own locks; ask it without ours.
+        out.retain(|p| {
+            let Some((ns, name)) = p.pod.split_once('/') else { return false };
+            self.lookup.pod(ns, name).is_some_and(|pod| {
+                let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+                !bound && !matches!(phase, Some("Succeeded" | "Failed"))
+            })
+        });
+        out.sort_by(|a, b| a.pod.cmp(&b.pod));
+        out
+    }
 }

@@ -1,6 +1,9 @@
 //! Integration tests of tessera-scheduler: wire fixtures, HTTP handlers, kube paths against a
-//! mock API server, loopback HTTP, and the opt-in end-to-end suite.
+//! mock API server, loopback HTTP, the dashboard in headless Chromium, and the opt-in
+//! end-to-end suite.
 
+mod browser;
+mod dashboard;
 mod e2e;
 mod fixtures;
 mod gang;
