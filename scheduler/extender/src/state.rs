@@ -231,6 +231,8 @@ impl Inner {
 pub struct Scheduler {
     inner: Mutex<Inner>,
     policy: Box<dyn Policy>,
+    /// Per-node verdicts reused while a node's state is unchanged (the core's `Memo`).
+    memo: Mutex<policy::Memo>,
     binder: Arc<dyn Binder>,
     lookup: Arc<dyn Lookup>,
     pub metrics: Metrics,
@@ -297,6 +299,7 @@ impl Scheduler {
                 base_reconfigs,
                 gangs: BTreeMap::new(),
             }),
+            memo: Mutex::new(policy::Memo::new()),
             policy,
             binder,
             lookup,
@@ -485,7 +488,13 @@ impl Scheduler {
         let ctx = Context { workload, seed: self.settings.seed };
         let run = |chunk: &[NodeName]| policy::evaluate(snap, demand, self.policy.as_ref(), &ctx, Some(chunk));
         let parts = self.settings.threads.max(1).min(names.len() / PARALLEL_MIN_NODES).max(1);
-        let result = if parts == 1 {
+        // Memoised: only nodes whose state changed since this demand shape was last filtered are
+        // scored again (same verdicts as a fresh evaluation). A poisoned memo lock falls back to
+        // the fresh, threaded path.
+        let memo = if self.policy.memoizable() { self.memo.lock().ok() } else { None };
+        let result = if let Some(mut memo) = memo {
+            policy::evaluate_memo(snap, demand, self.policy.as_ref(), &ctx, Some(names), &mut memo)
+        } else if parts == 1 {
             run(names)
         } else {
             let size = names.len().div_ceil(parts);
