@@ -193,29 +193,6 @@ pub fn gpu_unusable(v: &GpuView<'_>, m: &GpuDemand) -> u32 {
     if usable { 0 } else { free }
 }
 
-/// `F_n(m)`: free GPU capacity (milli-GPU) on the node that class `m` cannot use.
-/// `views` are the node's GPUs (possibly after a hypothetical placement) and `free_cpu` its
-/// free cpu.
-pub fn node_fragment(views: &[GpuView<'_>], free_cpu_milli: u64, model: &str, m: &WorkloadClass) -> f64 {
-    let total: u32 = views.iter().map(|v| v.free()).sum();
-    if total == 0 {
-        return 0.0;
-    }
-    // A class that cannot run on this node at all strands every free GPU here (FGD's Q-I,
-    // "no access" for a GPU model it may not use), and so does a class that asks for no GPU.
-    let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
-    if m.cpu_milli > free_cpu_milli || m.gpu == GpuDemand::None || !model_ok {
-        return f64::from(total);
-    }
-    if let GpuDemand::Whole { count } = &m.gpu {
-        let usable = views.iter().filter(|v| v.idle() && v.free() > 0).count() as u32;
-        if usable < *count {
-            return f64::from(total);
-        }
-    }
-    f64::from(views.iter().map(|v| gpu_unusable(v, &m.gpu)).sum::<u32>())
-}
-
 /// `F_n(M) = Σ_m p_m F_n(m)`; `model` is the node's GPU model.
 pub fn node_fragmentation(views: &[GpuView<'_>], free_cpu_milli: u64, model: &str, workload: &Workload) -> f64 {
     FragBase::new(views, workload).fragmentation(free_cpu_milli, model, workload)

@@ -465,14 +465,6 @@ impl Placement {
     }
 }
 
-/// MIG instances a candidate creates, for accounting.
-pub fn created_instances(c: &Candidate) -> impl Iterator<Item = (u32, Instance)> + '_ {
-    c.ops.iter().filter_map(|op| match *op {
-        MigOp::Create { gpu, class, start } => Some((gpu, Instance { class, start })),
-        _ => None,
-    })
-}
-
 /// Milli-GPU a candidate takes from each GPU it touches (MIG by compute slices).
 pub fn candidate_milli(node: &Node, c: &Candidate) -> u32 {
     c.grants
