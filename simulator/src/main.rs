@@ -1,7 +1,9 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
 mod compare;
+mod occupancy;
 mod openb;
+mod report;
 mod scenario;
 mod trace;
 
@@ -40,6 +42,9 @@ struct ScenarioArgs {
     /// Write the outcomes as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a self-contained HTML report (charts, tables, slice maps) here.
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +70,9 @@ struct OpenbArgs {
     /// The FGD authors' `analysis_allo_discrete.csv`, to print their numbers beside ours.
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Write a self-contained HTML report (curves, fragmentation, slice maps) here.
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -141,8 +149,34 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
             if rej.is_empty() { "-".to_owned() } else { rej.join(" ") }
         );
     }
+    if outcomes.iter().any(|o| o.dynamics.is_some()) {
+        println!();
+        println!(
+            "{:<16} {:>8} {:>10} {:>9} {:>10} {:>9} {:>10}",
+            "over time", "arrivals", "departures", "peak GPUs", "peak bound", "mean GPUs", "mean bound"
+        );
+        for o in &outcomes {
+            if let Some(d) = &o.dynamics {
+                println!(
+                    "{:<16} {:>8} {:>10} {:>9} {:>10} {:>9.1} {:>10.1}",
+                    o.policy,
+                    d.arrivals,
+                    d.departures,
+                    d.peak_gpus_used,
+                    d.peak_lower_bound,
+                    d.mean_gpus_used,
+                    d.mean_lower_bound
+                );
+            }
+        }
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcomes)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report::scenario_html(&sc, &outcomes, &report::command_line())?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
@@ -245,6 +279,11 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
             serde_json::to_string_pretty(&reports)?
         };
         std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report::openb_html(&reports, &report::command_line())?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())

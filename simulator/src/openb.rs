@@ -16,6 +16,7 @@ use tessera_core::demand::Demand;
 use tessera_core::metrics::packing;
 use tessera_core::policy::{Context, Memo, Policy, Workload, place_memo};
 
+use crate::occupancy::Occupancy;
 use crate::trace::PodRow;
 
 /// The replay order for one seed: shuffled originals followed by tuned copies.
@@ -68,6 +69,9 @@ pub struct Run {
     /// FGD fragmentation at the end, % of cluster GPU.
     pub fragmentation_pct: f64,
     pub elapsed_seconds: f64,
+    /// The final cluster state, for the HTML report's slice map.
+    #[serde(skip)]
+    pub occupancy: Occupancy,
 }
 
 /// Replays one trace under one policy and seed. `now` is only used for timing the run.
@@ -134,6 +138,7 @@ pub fn replay(
         curve,
         fragmentation_pct: 100.0 * pack.fragmentation_milli / capacity as f64,
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        occupancy: Occupancy::of(&snap),
     })
 }
 

@@ -1,19 +1,24 @@
-//! MIG inference-fleet scenarios: GPU node pools, a model catalogue with replica counts, and
-//! gangs, placed through the same core entry points the extender uses.
+//! MIG inference-fleet scenarios: GPU node pools, a model catalogue with replica counts or
+//! arrival processes, and gangs, placed through the same core entry points the extender uses.
+//!
+//! Gangs and replicas are placed at time 0 and stay. Models with an `arrival:` process add pods
+//! that arrive as a Poisson process and leave after an exponential lifetime; the simulation is
+//! an event queue, and a departing pod's devices are released through `Snapshot::release`.
 //!
 //! Each policy starts from the same empty pools (full-mode GPUs that tessera may partition on
 //! demand). The `static` baseline instead pre-partitions a fraction of every pool's MIG-capable
 //! GPUs with a fixed mig-parted layout and never reconfigures, as clusters do today.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tessera_core::cluster::{Gpu, GpuMode, Grant, MigOp, Node, Snapshot};
+use tessera_core::cluster::{Allocation, Gpu, GpuMode, Grant, MigOp, Node, Snapshot};
 use tessera_core::demand::{Demand, GpuDemand};
 use tessera_core::gang::plan_gang;
 use tessera_core::mig::{MigLayout, MigProduct};
@@ -21,6 +26,8 @@ use tessera_core::placement::Candidate;
 use tessera_core::policy::{Context, Memo, Policy, Score, Workload, place_memo};
 use tessera_core::testing::model_memory_mib;
 use tessera_core::topology::Topology;
+
+use crate::occupancy::Occupancy;
 
 /// A scenario file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -70,12 +77,17 @@ fn default_topology() -> String {
     "nvswitch".into()
 }
 
-/// One model served with `replicas` pods.
+/// One model served with `replicas` pods, or with pods that come and go (`arrival`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Model {
     pub name: String,
-    pub replicas: u32,
+    /// Pods placed at time 0 that never leave.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// Pods arriving over time, each leaving after its lifetime.
+    #[serde(default)]
+    pub arrival: Option<Arrival>,
     /// Device memory one replica needs (weights + KV cache + activations), MiB.
     #[serde(default)]
     pub gpu_memory_mib: Option<u64>,
@@ -94,6 +106,57 @@ pub struct Model {
     pub cpu_milli: u64,
     #[serde(default = "default_pod_mem")]
     pub memory_mib: u64,
+}
+
+/// A Poisson arrival process with exponential lifetimes, active from `start_hour` for
+/// `duration_hours` of simulated time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arrival {
+    pub rate_per_hour: f64,
+    pub mean_lifetime_minutes: f64,
+    pub duration_hours: f64,
+    #[serde(default)]
+    pub start_hour: f64,
+}
+
+impl Arrival {
+    fn check(&self) -> Result<()> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.rate_per_hour) || !positive(self.mean_lifetime_minutes) || !positive(self.duration_hours) {
+            bail!("rate_per_hour, mean_lifetime_minutes and duration_hours must be positive numbers");
+        }
+        if !(self.start_hour.is_finite() && self.start_hour >= 0.0) {
+            bail!("start_hour {} must be a number ≥ 0", self.start_hour);
+        }
+        // A typo in the rate should not turn into an hour-long run.
+        if self.rate_per_hour * self.duration_hours > 1e6 {
+            bail!("about {:.0} arrivals expected; at most 1,000,000", self.rate_per_hour * self.duration_hours);
+        }
+        Ok(())
+    }
+
+    fn end_ms(&self) -> u64 {
+        hours_to_ms(self.start_hour + self.duration_hours)
+    }
+}
+
+fn hours_to_ms(h: f64) -> u64 {
+    (h * 3_600_000.0).round() as u64
+}
+
+/// One pod of an arrival process: when it comes, how long it stays, what it asks for.
+#[derive(Debug, Clone)]
+pub struct Arrived {
+    pub at_ms: u64,
+    pub lifetime_ms: u64,
+    pub demand: Demand,
+}
+
+/// A draw from the exponential distribution with this mean.
+fn exponential(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
+    // random() is in [0, 1), so 1 - u is in (0, 1] and the logarithm finite.
+    -(1.0 - rng.random::<f64>()).ln() * mean
 }
 
 fn default_pod_cpu() -> u64 {
@@ -160,6 +223,12 @@ impl Scenario {
             if kinds.iter().filter(|k| **k).count() != 1 {
                 bail!("model {}: set exactly one of gpu_memory_mib, gpus, mig_profile", m.name);
             }
+            match (&m.replicas, &m.arrival) {
+                (Some(_), None) => {}
+                (None, Some(a)) => a.check().with_context(|| format!("model {}: arrival", m.name))?,
+                (Some(_), Some(_)) => bail!("model {}: set exactly one of replicas, arrival (both are set)", m.name),
+                (None, None) => bail!("model {}: set exactly one of replicas, arrival (neither is set)", m.name),
+            }
         }
         if !(0.0..=1.0).contains(&self.static_baseline.fraction) {
             bail!("static_baseline.fraction {} is outside 0..=1", self.static_baseline.fraction);
@@ -212,21 +281,60 @@ impl Scenario {
             .collect();
         let mut pods = Vec::new();
         for m in &self.models {
-            let gpu = match (m.gpus, m.gpu_memory_mib, &m.mig_profile) {
-                (Some(n), _, _) => GpuDemand::Whole { count: n },
-                (_, Some(mem), _) => GpuDemand::Model { memory_mib: mem, compute_slices: m.gpu_compute },
-                (_, _, Some(p)) => GpuDemand::Mig { profile: p.clone() },
-                _ => GpuDemand::None,
-            };
-            for r in 0..m.replicas {
-                let mut d = Demand::new(format!("serving/{}-{r}", m.name).as_str(), gpu.clone())
-                    .with_cpu(m.cpu_milli, m.memory_mib);
-                d.gpu_models = m.gpu_models.clone();
-                pods.push(d);
+            for r in 0..m.replicas.unwrap_or(0) {
+                pods.push(m.demand(&format!("{r}")));
             }
         }
         pods.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         (gangs, pods)
+    }
+
+    /// The pods of the arrival processes, by arrival time (ties: model order). Each model draws
+    /// from its own stream of the seed, so adding a model leaves the others' arrivals as they were.
+    pub fn arrivals(&self, seed: u64) -> Vec<Arrived> {
+        let mut out = Vec::new();
+        for (mi, m) in self.models.iter().enumerate() {
+            let Some(a) = &m.arrival else { continue };
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(mi as u64 + 1);
+            let (mut t, end) = (a.start_hour, a.start_hour + a.duration_hours);
+            for n in 0.. {
+                t += exponential(&mut rng, 1.0 / a.rate_per_hour);
+                if t >= end {
+                    break;
+                }
+                let life_min = exponential(&mut rng, a.mean_lifetime_minutes);
+                out.push(Arrived {
+                    at_ms: hours_to_ms(t),
+                    // At least a millisecond: a pod leaves after it came.
+                    lifetime_ms: ((life_min * 60_000.0).round() as u64).max(1),
+                    demand: m.demand(&format!("a{n}")),
+                });
+            }
+        }
+        out.sort_by_key(|a| a.at_ms);
+        out
+    }
+
+    /// Where the simulated time ends: the last arrival process's end (0 without any).
+    pub fn horizon_ms(&self) -> u64 {
+        self.models.iter().filter_map(|m| m.arrival.as_ref()).map(Arrival::end_ms).max().unwrap_or(0)
+    }
+}
+
+impl Model {
+    /// A pod of this model named `serving/{model}-{suffix}`.
+    fn demand(&self, suffix: &str) -> Demand {
+        let gpu = match (self.gpus, self.gpu_memory_mib, &self.mig_profile) {
+            (Some(n), _, _) => GpuDemand::Whole { count: n },
+            (_, Some(mem), _) => GpuDemand::Model { memory_mib: mem, compute_slices: self.gpu_compute },
+            (_, _, Some(p)) => GpuDemand::Mig { profile: p.clone() },
+            _ => GpuDemand::None,
+        };
+        let mut d = Demand::new(format!("serving/{}-{suffix}", self.name).as_str(), gpu)
+            .with_cpu(self.cpu_milli, self.memory_mib);
+        d.gpu_models = self.gpu_models.clone();
+        d
     }
 }
 
@@ -309,11 +417,71 @@ pub struct Outcome {
     pub placed: u32,
     pub rejected: u32,
     pub rejected_by_model: BTreeMap<String, u32>,
-    /// GPUs holding at least one pod, per product.
+    /// GPUs holding at least one pod at the end, per product.
     pub gpus_used: BTreeMap<String, u32>,
-    /// max(Σ compute slices / 7, Σ memory slices / 8) per product over what was placed there.
+    /// max(Σ compute slices / 7, Σ memory slices / 8) per product over what is placed at the end.
     pub lower_bound: BTreeMap<String, u32>,
     pub mig_reconfigs: u64,
+    /// Over time, when the scenario has arrival processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamics: Option<Dynamics>,
+    /// The final cluster state, for the HTML report's slice map.
+    #[serde(skip)]
+    pub occupancy: Occupancy,
+}
+
+/// GPUs in use over simulated time (all products together).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dynamics {
+    pub horizon_hours: f64,
+    pub arrivals: u32,
+    pub departures: u32,
+    pub peak_gpus_used: u32,
+    /// Time-weighted over `[0, horizon]`.
+    pub mean_gpus_used: f64,
+    /// The lower bound (as in `lower_bound`, summed over products) of what was placed at the time.
+    pub peak_lower_bound: u32,
+    pub mean_lower_bound: f64,
+    /// `[hours, GPUs used, lower bound, MIG reconfigurations so far]` at every change.
+    pub timeline: Vec<(f64, u32, u32, u64)>,
+}
+
+/// Compute and memory share of one GPU that a grant takes, with the GPU's product.
+fn grant_share(snap: &Snapshot, alloc: &Allocation) -> Vec<(String, f64, f64)> {
+    let Some(node) = snap.node(&alloc.node) else { return vec![] };
+    alloc
+        .grants
+        .iter()
+        .filter_map(|gr| {
+            let g = node.gpu(gr.gpu())?;
+            let (c, m) = match *gr {
+                Grant::Whole { .. } => (1.0, 1.0),
+                Grant::Share { milli, .. } => (f64::from(milli) / 1000.0, f64::from(milli) / 1000.0),
+                Grant::Mig { class, .. } => g
+                    .mig_product()
+                    .and_then(|p| {
+                        let geom = p.geometry();
+                        geom.profile(class).map(|pr| {
+                            (
+                                f64::from(pr.compute_slices) / f64::from(geom.compute_slices),
+                                f64::from(pr.memory_slices) / f64::from(geom.memory_slices),
+                            )
+                        })
+                    })
+                    .unwrap_or((0.0, 0.0)),
+            };
+            Some((g.model.clone(), c, m))
+        })
+        .collect()
+}
+
+/// Σ over products of ⌈max(compute, memory)⌉.
+fn bound_of(shares: &BTreeMap<String, (f64, f64)>) -> BTreeMap<String, u32> {
+    shares.iter().map(|(k, &(c, m))| (k.clone(), (c.max(m) - 1e-9).ceil().max(0.0) as u32)).collect()
+}
+
+fn gpus_in_use(snap: &Snapshot) -> u32 {
+    snap.nodes().iter().flat_map(|n| n.gpus.iter()).filter(|g| !g.is_unused()).count() as u32
 }
 
 /// Places a scenario under `policy` (`static` = first-fit on the fixed layout, no reconfig).
@@ -329,7 +497,9 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
     }
     let reconfigs_before = snap.reconfigs();
     let (gangs, pods) = sc.demands(seed);
-    let all: Vec<Demand> = gangs.iter().flatten().chain(pods.iter()).cloned().collect();
+    let arrivals = sc.arrivals(seed);
+    let all: Vec<Demand> =
+        gangs.iter().flatten().chain(pods.iter()).chain(arrivals.iter().map(|a| &a.demand)).cloned().collect();
     let workload = Workload::from_demands(all.iter());
     let ctx = Context { workload: &workload, seed };
     let mut out = Outcome {
@@ -340,6 +510,8 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
         gpus_used: BTreeMap::new(),
         lower_bound: BTreeMap::new(),
         mig_reconfigs: 0,
+        dynamics: None,
+        occupancy: Occupancy::default(),
     };
     let model_of = |d: &Demand| {
         d.pod.0.split('/').nth(1).and_then(|n| n.rsplit_once('-')).map_or(String::new(), |(m, _)| m.to_owned())
@@ -361,21 +533,35 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
         }
     }
     let mut memo = Memo::new();
-    for d in &pods {
-        match place_memo(&snap, d, policy, &ctx, &mut memo) {
+    let mut place_one = |snap: &mut Snapshot, d: &Demand, out: &mut Outcome| -> Result<bool> {
+        match place_memo(snap, d, policy, &ctx, &mut memo) {
             Ok(p) if !is_static || p.ops.is_empty() => {
-                p.apply(&mut snap, d, None)?;
+                p.apply(snap, d, None)?;
                 out.placed += 1;
+                Ok(true)
             }
             _ => {
                 out.rejected += 1;
                 *out.rejected_by_model.entry(model_of(d)).or_default() += 1;
+                Ok(false)
             }
         }
+    };
+    for d in &pods {
+        place_one(&mut snap, d, &mut out)?;
+    }
+    if sc.horizon_ms() > 0 {
+        let dynamics = simulate(
+            sc,
+            &mut snap,
+            &arrivals,
+            reconfigs_before,
+            &mut |snap, d, out| place_one(snap, d, out),
+            &mut out,
+        )?;
+        out.dynamics = Some(dynamics);
     }
     out.mig_reconfigs = snap.reconfigs() - reconfigs_before;
-    let mut compute: BTreeMap<String, f64> = BTreeMap::new();
-    let mut memory: BTreeMap<String, f64> = BTreeMap::new();
     for n in snap.nodes() {
         for g in &n.gpus {
             if g.is_unused() {
@@ -384,35 +570,105 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
             *out.gpus_used.entry(g.model.clone()).or_default() += 1;
         }
     }
+    let mut shares: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for a in snap.allocations().values() {
-        let Some(node) = snap.node(&a.node) else { continue };
-        for gr in &a.grants {
-            let Some(g) = node.gpu(gr.gpu()) else { continue };
-            let (c, m) = match *gr {
-                Grant::Whole { .. } => (1.0, 1.0),
-                Grant::Share { milli, .. } => (f64::from(milli) / 1000.0, f64::from(milli) / 1000.0),
-                Grant::Mig { class, .. } => g
-                    .mig_product()
-                    .and_then(|p| {
-                        let geom = p.geometry();
-                        geom.profile(class).map(|pr| {
-                            (
-                                f64::from(pr.compute_slices) / f64::from(geom.compute_slices),
-                                f64::from(pr.memory_slices) / f64::from(geom.memory_slices),
-                            )
-                        })
-                    })
-                    .unwrap_or((0.0, 0.0)),
-            };
-            *compute.entry(g.model.clone()).or_default() += c;
-            *memory.entry(g.model.clone()).or_default() += m;
+        for (model, c, m) in grant_share(&snap, a) {
+            let e = shares.entry(model).or_default();
+            e.0 += c;
+            e.1 += m;
         }
     }
-    for (model, c) in compute {
-        let m = memory.get(&model).copied().unwrap_or(0.0);
-        out.lower_bound.insert(model, (c.max(m) - 1e-9).ceil().max(0.0) as u32);
-    }
+    out.lower_bound = bound_of(&shares);
+    out.occupancy = Occupancy::of(&snap);
     Ok(out)
+}
+
+type PlaceFn<'a> = dyn FnMut(&mut Snapshot, &Demand, &mut Outcome) -> Result<bool> + 'a;
+
+/// The event queue: arrivals are placed (or rejected and dropped), placed pods leave after their
+/// lifetime. Departures at the same millisecond go before arrivals, so freed devices are reusable.
+fn simulate(
+    sc: &Scenario,
+    snap: &mut Snapshot,
+    arrivals: &[Arrived],
+    reconfigs_before: u64,
+    place: &mut PlaceFn<'_>,
+    out: &mut Outcome,
+) -> Result<Dynamics> {
+    const DEPART: u8 = 0;
+    const ARRIVE: u8 = 1;
+    let horizon = sc.horizon_ms();
+    let mut queue: BinaryHeap<Reverse<(u64, u8, usize)>> =
+        arrivals.iter().enumerate().map(|(i, a)| Reverse((a.at_ms, ARRIVE, i))).collect();
+    let mut shares: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for a in snap.allocations().values() {
+        for (model, c, m) in grant_share(snap, a) {
+            let e = shares.entry(model).or_default();
+            e.0 += c;
+            e.1 += m;
+        }
+    }
+    let bound_now = |shares: &BTreeMap<String, (f64, f64)>| bound_of(shares).values().sum::<u32>();
+    let (mut used, mut bound) = (gpus_in_use(snap), bound_now(&shares));
+    let mut d = Dynamics {
+        horizon_hours: horizon as f64 / 3_600_000.0,
+        arrivals: 0,
+        departures: 0,
+        peak_gpus_used: used,
+        mean_gpus_used: 0.0,
+        peak_lower_bound: bound,
+        mean_lower_bound: 0.0,
+        timeline: vec![(0.0, used, bound, snap.reconfigs() - reconfigs_before)],
+    };
+    let (mut area_used, mut area_bound, mut last) = (0.0, 0.0, 0u64);
+    while let Some(Reverse((t, kind, i))) = queue.pop() {
+        if t > horizon {
+            break;
+        }
+        let dt = (t - last) as f64;
+        area_used += f64::from(used) * dt;
+        area_bound += f64::from(bound) * dt;
+        last = t;
+        let a = &arrivals[i];
+        if kind == ARRIVE {
+            d.arrivals += 1;
+            if place(snap, &a.demand, out)? {
+                let alloc = snap.allocation(&a.demand.pod).context("placed pod has no allocation")?;
+                for (model, c, m) in grant_share(snap, alloc) {
+                    let e = shares.entry(model).or_default();
+                    e.0 += c;
+                    e.1 += m;
+                }
+                queue.push(Reverse((t + a.lifetime_ms, DEPART, i)));
+            }
+        } else {
+            d.departures += 1;
+            let alloc = snap.release(&a.demand.pod)?;
+            for (model, c, m) in grant_share(snap, &alloc) {
+                let e = shares.entry(model).or_default();
+                e.0 -= c;
+                e.1 -= m;
+            }
+        }
+        (used, bound) = (gpus_in_use(snap), bound_now(&shares));
+        d.peak_gpus_used = d.peak_gpus_used.max(used);
+        d.peak_lower_bound = d.peak_lower_bound.max(bound);
+        let hours = t as f64 / 3_600_000.0;
+        let reconfigs = snap.reconfigs() - reconfigs_before;
+        match d.timeline.last_mut() {
+            // Several events at one instant: keep the state after the last of them.
+            Some(p) if p.0 == hours => *p = (hours, used, bound, reconfigs),
+            Some(p) if (p.1, p.2, p.3) == (used, bound, reconfigs) => {}
+            _ => d.timeline.push((hours, used, bound, reconfigs)),
+        }
+    }
+    let dt = (horizon - last) as f64;
+    area_used += f64::from(used) * dt;
+    area_bound += f64::from(bound) * dt;
+    d.mean_gpus_used = area_used / horizon as f64;
+    d.mean_lower_bound = area_bound / horizon as f64;
+    d.timeline.push((d.horizon_hours, used, bound, snap.reconfigs() - reconfigs_before));
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -457,6 +713,95 @@ static_baseline: { layout: all-balanced, fraction: 0.5 }
         let sc: Scenario = serde_yaml::from_str(&bad).unwrap_or_else(|e| panic!("{e}"));
         assert!(sc.check().is_err());
         assert!(serde_yaml::from_str::<Scenario>("name: x\npools: []\nbogus: 1\n").is_err());
+    }
+
+    const ONE_GPU: &str = r#"
+name: one-gpu
+pools:
+  - { name: h100, product: H100-80GB, nodes: 1, gpus_per_node: 1 }
+models:
+  - name: job
+    gpus: 1
+    arrival: { rate_per_hour: 6, mean_lifetime_minutes: 1, duration_hours: 20 }
+"#;
+
+    #[test]
+    fn departures_free_capacity() {
+        // One GPU, about 120 whole-GPU pods that stay a minute each: without departures only the
+        // first could ever be placed.
+        let sc: Scenario = serde_yaml::from_str(ONE_GPU).unwrap_or_else(|e| panic!("{e}"));
+        sc.check().unwrap_or_else(|e| panic!("{e:#}"));
+        let arrivals = sc.arrivals(7);
+        assert!(arrivals.len() > 60, "{}", arrivals.len());
+        let o = run(&sc, "tessera", 7).unwrap_or_else(|e| panic!("{e:#}"));
+        let d = o.dynamics.clone().unwrap_or_else(|| panic!("no dynamics: {o:?}"));
+        assert_eq!(d.arrivals as usize, arrivals.len());
+        assert_eq!(o.placed + o.rejected, d.arrivals);
+        assert!(o.placed as usize > arrivals.len() / 2, "{o:?}");
+        assert!(d.departures + 1 >= o.placed, "every placed pod but the last leaves: {d:?}");
+        assert_eq!(d.peak_gpus_used, 1);
+        // Busy about a minute in ten: the time-weighted mean is far below the peak.
+        assert!(d.mean_gpus_used > 0.0 && d.mean_gpus_used < 0.5, "{d:?}");
+        assert_eq!(d.horizon_hours, 20.0);
+    }
+
+    #[test]
+    fn arrivals_are_seeded() {
+        let sc: Scenario = serde_yaml::from_str(ONE_GPU).unwrap_or_else(|e| panic!("{e}"));
+        let times = |seed| sc.arrivals(seed).iter().map(|a| (a.at_ms, a.lifetime_ms)).collect::<Vec<_>>();
+        assert_eq!(times(3), times(3));
+        assert_ne!(times(3), times(4));
+        let a = run(&sc, "tessera", 3).unwrap_or_else(|e| panic!("{e:#}"));
+        let b = run(&sc, "tessera", 3).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(serde_json::to_string(&a).ok(), serde_json::to_string(&b).ok());
+        assert_eq!(a.occupancy, b.occupancy);
+        // Arrivals are within the window and ordered.
+        let all = sc.arrivals(3);
+        assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        assert!(all.iter().all(|x| x.at_ms < 20 * 3_600_000 && x.lifetime_ms > 0));
+    }
+
+    #[test]
+    fn a_model_needs_exactly_one_of_replicas_and_arrival() {
+        let both = ONE_GPU.replace("gpus: 1\n", "gpus: 1\n    replicas: 2\n");
+        let sc: Scenario = serde_yaml::from_str(&both).unwrap_or_else(|e| panic!("{e}"));
+        let e = sc.check().expect_err("both accepted");
+        assert!(e.to_string().contains("exactly one of replicas, arrival (both"), "{e}");
+        let neither = SMALL.replace("replicas: 7, ", "");
+        let sc: Scenario = serde_yaml::from_str(&neither).unwrap_or_else(|e| panic!("{e}"));
+        let e = sc.check().expect_err("neither accepted");
+        assert!(e.to_string().contains("model embed: set exactly one of replicas, arrival (neither"), "{e}");
+        let bad = ONE_GPU.replace("rate_per_hour: 6", "rate_per_hour: 0");
+        let sc: Scenario = serde_yaml::from_str(&bad).unwrap_or_else(|e| panic!("{e}"));
+        let e = sc.check().expect_err("zero rate accepted");
+        assert!(format!("{e:#}").contains("model job: arrival: rate_per_hour"), "{e:#}");
+        let typo = ONE_GPU.replace("duration_hours", "duration_hour");
+        assert!(serde_yaml::from_str::<Scenario>(&typo).is_err());
+    }
+
+    #[test]
+    fn scenario_report_has_charts_for_every_policy() {
+        let text = SMALL.replace(
+            "gangs:",
+            "  - { name: ocr, gpu_memory_mib: 9000, arrival: { rate_per_hour: 20, mean_lifetime_minutes: 30, duration_hours: 4 } }\ngangs:",
+        );
+        let sc: Scenario = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        sc.check().unwrap_or_else(|e| panic!("{e:#}"));
+        let outcomes: Vec<Outcome> = ["tessera", "first-fit", "static"]
+            .iter()
+            .map(|p| run(&sc, p, 1).unwrap_or_else(|e| panic!("{e:#}")))
+            .collect();
+        assert!(outcomes.iter().all(|o| o.dynamics.as_ref().is_some_and(|d| d.arrivals > 20)));
+        let html = crate::report::scenario_html(&sc, &outcomes, "tessera-sim scenario x.yaml --html r.html")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        // Used vs bound, reconfigurations, over time, and one slice map per policy.
+        assert_eq!(html.matches("<svg").count(), 3 + outcomes.len());
+        for name in ["tessera", "first-fit", "static"] {
+            assert!(html.contains(&format!("<td>{name}</td>")), "{name}");
+        }
+        assert!(html.contains("lower bound (tessera)"));
+        assert_eq!(crate::report::check::external_refs(&html), Vec::<String>::new());
+        crate::report::check::balanced(&html).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]
