@@ -153,6 +153,11 @@ pub struct Arrived {
     pub demand: Demand,
 }
 
+/// FNV-1a: a stable hash (std's hashers may change between releases).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// A draw from the exponential distribution with this mean.
 fn exponential(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
     // random() is in [0, 1), so 1 - u is in (0, 1] and the logarithm finite.
@@ -218,7 +223,12 @@ impl Scenario {
         for p in &self.pools {
             parse_topology(&p.topology, p.gpus_per_node).with_context(|| format!("pool {}", p.name))?;
         }
+        let mut names = std::collections::BTreeSet::new();
         for m in &self.models {
+            // Names key the pods and the arrival streams.
+            if !names.insert(m.name.as_str()) {
+                bail!("model {}: the name is used twice", m.name);
+            }
             let kinds = [m.gpu_memory_mib.is_some(), m.gpus.is_some(), m.mig_profile.is_some()];
             if kinds.iter().filter(|k| **k).count() != 1 {
                 bail!("model {}: set exactly one of gpu_memory_mib, gpus, mig_profile", m.name);
@@ -290,13 +300,14 @@ impl Scenario {
     }
 
     /// The pods of the arrival processes, by arrival time (ties: model order). Each model draws
-    /// from its own stream of the seed, so adding a model leaves the others' arrivals as they were.
+    /// from the seed's stream named by the model, so adding, removing or reordering models
+    /// leaves the others' arrivals as they were.
     pub fn arrivals(&self, seed: u64) -> Vec<Arrived> {
         let mut out = Vec::new();
-        for (mi, m) in self.models.iter().enumerate() {
+        for m in &self.models {
             let Some(a) = &m.arrival else { continue };
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(mi as u64 + 1);
+            rng.set_stream(fnv1a(&m.name));
             let (mut t, end) = (a.start_hour, a.start_hour + a.duration_hours);
             for n in 0.. {
                 t += exponential(&mut rng, 1.0 / a.rate_per_hour);
@@ -755,6 +766,20 @@ models:
         let b = run(&sc, "tessera", 3).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(serde_json::to_string(&a).ok(), serde_json::to_string(&b).ok());
         assert_eq!(a.occupancy, b.occupancy);
+        // Another model, listed first, leaves this one's arrivals as they were.
+        let more = ONE_GPU.replace(
+            "models:\n",
+            "models:\n  - { name: ocr, gpu_memory_mib: 6000, arrival: { rate_per_hour: 3, mean_lifetime_minutes: 5, duration_hours: 2 } }\n",
+        );
+        let more: Scenario = serde_yaml::from_str(&more).unwrap_or_else(|e| panic!("{e}"));
+        let jobs = |a: Vec<Arrived>| {
+            a.into_iter()
+                .filter(|x| x.demand.pod.0.contains("/job-"))
+                .map(|x| (x.at_ms, x.lifetime_ms))
+                .collect::<Vec<_>>()
+        };
+        assert!(more.arrivals(3).len() > times(3).len());
+        assert_eq!(jobs(more.arrivals(3)), times(3));
         // Arrivals are within the window and ordered.
         let all = sc.arrivals(3);
         assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
@@ -775,6 +800,9 @@ models:
         let sc: Scenario = serde_yaml::from_str(&bad).unwrap_or_else(|e| panic!("{e}"));
         let e = sc.check().expect_err("zero rate accepted");
         assert!(format!("{e:#}").contains("model job: arrival: rate_per_hour"), "{e:#}");
+        let twice = SMALL.replace("name: llm13b", "name: embed");
+        let sc: Scenario = serde_yaml::from_str(&twice).unwrap_or_else(|e| panic!("{e}"));
+        assert!(sc.check().expect_err("duplicate name").to_string().contains("embed: the name is used twice"));
         let typo = ONE_GPU.replace("duration_hours", "duration_hour");
         assert!(serde_yaml::from_str::<Scenario>(&typo).is_err());
     }
