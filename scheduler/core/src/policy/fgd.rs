@@ -39,9 +39,8 @@ impl<'a> Before<'a> {
     /// re-evaluated.
     pub fn gain(&self, node: &Node, d: &Demand, c: &Candidate, after: &[GpuView<'_>], ctx: &Context<'_>) -> f64 {
         let touched = touched(node, c);
-        let next = self.base.with_change(&self.views, after, &touched, ctx.workload);
         let cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
-        self.frag - next.fragmentation(cpu, node_model(node), ctx.workload)
+        self.frag - self.base.fragmentation_after(&self.views, after, &touched, cpu, node_model(node), ctx.workload)
     }
 }
 
