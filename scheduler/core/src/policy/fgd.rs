@@ -86,7 +86,14 @@ impl Policy for Fgd {
 }
 
 impl Fgd {
-    fn score_with<'a>(&self, node: &'a Node, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'a>) -> Score {
+    fn score_with<'a>(
+        &self,
+        node: &'a Node,
+        d: &Demand,
+        c: &Candidate,
+        ctx: &Context<'_>,
+        before: &Before<'a>,
+    ) -> Score {
         let gain = before.gain(node, d, c, &before.after(node, c), ctx);
         let s = (sigmoid(gain / 1000.0) * MAX_NODE_SCORE).floor();
         Score::new(s, s * 1000.0 - f64::from(first_fit_position(c)))
