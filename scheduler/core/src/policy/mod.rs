@@ -308,21 +308,17 @@ pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a 
 /// reasons; the reasons are built only when no node fits.
 pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
     demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
-    let open: Vec<usize> =
-        (0..snap.nodes().len()).filter(|&i| !crate::placement::quick_reject(&snap.nodes()[i], demand)).collect();
-    let verdicts = evaluate_at(snap, demand, policy, ctx, open.iter().copied());
-    let verdicts = if choose(&verdicts, ctx).is_none() {
-        // Every open node refused: explain over the whole cluster.
-        evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?
-    } else {
-        verdicts
-    };
-    match choose(&verdicts, ctx) {
-        Some(NodeVerdict { node, outcome: Ok((c, s)) }) => {
-            Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node })
-        }
-        _ => Err(summarize(demand, &verdicts)),
+    let n = snap.nodes().len();
+    let open: Vec<bool> = snap.nodes().iter().map(|node| !crate::placement::quick_reject(node, demand)).collect();
+    let verdicts = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| open[i]));
+    if let Some(NodeVerdict { node, outcome: Ok((c, s)) }) = choose(&verdicts, ctx) {
+        return Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node });
     }
+    // Every open node refused and says why: explain the skipped ones too, in node order.
+    let mut skipped = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| !open[i])).into_iter();
+    let mut refused = verdicts.into_iter();
+    let all: Vec<NodeVerdict> = open.iter().filter_map(|&o| if o { refused.next() } else { skipped.next() }).collect();
+    Err(summarize(demand, &all))
 }
 
 /// One rejection for the whole cluster, kube-scheduler style: "0/N nodes fit ...".
