@@ -166,6 +166,7 @@ where
         }
         let node = NodeName(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default());
         if b.snap.node(&node).is_none() {
+            b.warnings.push(format!("pod {key}: bound to node {node}, which is not listed"));
             continue;
         }
         let (cpu_milli, memory_mib) = podparse::requests(pod).unwrap_or((0, 0));
