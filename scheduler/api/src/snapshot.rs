@@ -272,3 +272,83 @@ fn grants_of(snap: &Snapshot, node: &NodeName, pod: &Pod) -> Result<Vec<Grant>, 
     }
     Ok(grants)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tessera_core::mig::ProfileClass;
+
+    use super::*;
+
+    fn node(name: &str, labels: serde_json::Value, gpus: &str) -> KubeNode {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": gpus}}
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, node: &str, annotations: serde_json::Value, limits: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ml", "annotations": annotations},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"limits": limits}}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap()
+    }
+
+    fn gpunode() -> GpuNode {
+        let gpu = |i: u32, mode: &str, instances: serde_json::Value| {
+            json!({"index": i, "uuid": format!("GPU-{i}"), "product": "A100-80GB", "memoryMib": 81920,
+                   "migCapable": true, "mode": mode, "health": "Healthy", "instances": instances})
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": "a"}, "spec": {},
+            "status": {"gpus": [
+                gpu(0, "mig", json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-0-0"},
+                                     {"profile": "3g.40gb", "start": 4, "size": 4, "uuid": "MIG-0-4"}])),
+                gpu(1, "full", json!([])),
+                gpu(2, "full", json!([])),
+            ]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn annotated_pods_hold_their_devices_and_nvidia_plugin_pods_the_lowest_free_ones() {
+        let assignment = r#"{"node":"a","devices":[{"gpu":"GPU-0","index":0,"profile":"3g.40gb","start":4}]}"#;
+        let pods = [
+            // Listed first, yet the annotated pods are counted before it.
+            pod("plugin", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+            pod("mig", "a", json!({annotations::ASSIGNMENT: assignment}), json!({"tessera.dev/gpu": "1"})),
+            pod(
+                "whole",
+                "a",
+                json!({annotations::ASSIGNMENT: r#"{"node":"a","devices":[{"gpu":"GPU-1","index":1}]}"#}),
+                json!({"tessera.dev/gpu": "1"}),
+            ),
+            pod("elsewhere", "gone", json!({}), json!({"nvidia.com/gpu": "1"})),
+        ];
+        let b = build(&[node("a", json!({}), "3")], &[gpunode()], &pods);
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("mig"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]));
+        assert_eq!(grants("whole"), Some(vec![Grant::Whole { gpu: 1 }]));
+        assert_eq!(grants("plugin"), Some(vec![Grant::Whole { gpu: 2 }]));
+        assert_eq!(grants("elsewhere"), None);
+        assert_eq!(b.warnings, ["pod ml/elsewhere: bound to node gone, which is not listed"]);
+        assert_eq!(b.mig_uuids.get(&(NodeName("a".into()), 0, 4)).map(String::as_str), Some("MIG-0-4"));
+    }
+
+    #[test]
+    fn a_node_without_gpunode_is_described_by_gpu_feature_discovery_labels() {
+        let n = node("b", json!({GFD_PRODUCT: "L4", GFD_MEMORY: "23034", SHARING_LABEL: "time-sliced"}), "2");
+        let b = build(&[Arc::new(n)], &[] as &[Arc<GpuNode>], &[] as &[Arc<Pod>]);
+        let node = b.snap.node(&NodeName("b".into())).unwrap();
+        assert_eq!(node.gpus.len(), 2);
+        assert_eq!(
+            (node.gpus[1].model.as_str(), node.gpus[1].memory_mib, node.gpus[1].mode()),
+            ("L4", 23034, GpuMode::Shared)
+        );
+        assert_eq!((node.cpu_milli, node.memory_mib), (32_000, 256 * 1024));
+    }
+}
