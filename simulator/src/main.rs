@@ -59,7 +59,7 @@ struct WhatifArgs {
     add_nodes_like: Option<String>,
     /// Like --add-nodes-like, for a node type: PRODUCT[:GPUS] (e.g. H100-80GB:8; NVSwitch, 192
     /// cores, 2 TiB) or a YAML file with a scenario pool's keys (product, gpus_per_node,
-    /// cpu_milli, memory_mib, topology) plus optional name and labels.
+    /// cpu_milli, memory_mib, topology) plus optional name, labels and gpu_memory_mib.
     #[arg(long, value_name = "TYPE")]
     add_node_type: Option<String>,
     /// Most nodes to add in the search.

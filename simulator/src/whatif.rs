@@ -326,6 +326,9 @@ pub struct NodeType {
     pub product: String,
     #[serde(default = "scenario::default_gpus")]
     pub gpus_per_node: u32,
+    /// Memory of each GPU; default: the product's (MIG products and common models are known).
+    #[serde(default)]
+    pub gpu_memory_mib: Option<u64>,
     #[serde(default = "scenario::default_cpu")]
     pub cpu_milli: u64,
     #[serde(default = "scenario::default_mem")]
@@ -338,6 +341,10 @@ pub struct NodeType {
 }
 
 impl NodeType {
+    fn memory_per_gpu(&self) -> u64 {
+        self.gpu_memory_mib.unwrap_or_else(|| model_memory_mib(&self.product))
+    }
+
     /// `PRODUCT` or `PRODUCT:GPUS` (e.g. `H100-80GB:8`), or a YAML file with the keys above.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
@@ -360,6 +367,7 @@ impl NodeType {
                 name: None,
                 product: product.to_owned(),
                 gpus_per_node: gpus,
+                gpu_memory_mib: None,
                 cpu_milli: scenario::default_cpu(),
                 memory_mib: scenario::default_mem(),
                 topology: scenario::default_topology(),
@@ -393,15 +401,17 @@ impl Template {
                 Ok(Vec::new())
             }
             Template::Type(t) => {
-                let known = tessera_core::mig::MigProduct::from_name(&t.product).is_some()
+                let known = t.gpu_memory_mib.is_some()
+                    || tessera_core::mig::MigProduct::from_name(&t.product).is_some()
                     || snap.nodes().iter().flat_map(|n| &n.gpus).any(|g| g.model == t.product);
                 Ok(if known {
                     Vec::new()
                 } else {
                     vec![format!(
-                        "node type {}: not a MIG product and no GPU of the capture is one; its GPUs get {} MiB",
+                        "node type {}: not a MIG product nor a GPU model of the capture; each GPU is taken to \
+                         have {} MiB (set gpu_memory_mib in a node type file to change it)",
                         t.product,
-                        model_memory_mib(&t.product)
+                        t.memory_per_gpu()
                     )]
                 })
             }
@@ -439,7 +449,7 @@ impl Template {
             Template::Type(t) => {
                 let prefix = t.name.clone().unwrap_or_else(|| t.product.to_lowercase());
                 let name = format!("{prefix}-new-{i}");
-                let mem = model_memory_mib(&t.product);
+                let mem = t.memory_per_gpu();
                 let gpus = (0..t.gpus_per_node)
                     .map(|g| {
                         let mut gpu = Gpu::new(g, &t.product, mem, GpuMode::Full);

@@ -331,5 +331,8 @@ fn unknown_template_nodes_and_zero_replicas_are_errors() {
     assert!(e.contains("no node gpu-z"), "{e}");
     let w = Template::Type(NodeType::parse("H100-80G").unwrap()).check(&c.snap).unwrap();
     assert!(w[0].contains("not a MIG product"), "{w:?}");
+    let mut quiet = NodeType::parse("H100-80G").unwrap();
+    quiet.gpu_memory_mib = Some(81920);
+    assert!(Template::Type(quiet).check(&c.snap).unwrap().is_empty());
     assert!(load_pods(&[fixture("extra.yaml")], &c, 0, false).is_err());
 }
