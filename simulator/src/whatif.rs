@@ -70,7 +70,9 @@ pub fn load_pods(paths: &[impl AsRef<Path>], cluster: &Cluster, replicas: u32, p
                 Kind::PodGroup => {
                     let g: tessera_api::PodGroup = capture::typed(item)?;
                     let ns = g.metadata.namespace.as_deref().unwrap_or("default");
-                    let name = g.metadata.name.as_deref().unwrap_or_default();
+                    let Some(name) = g.metadata.name.as_deref() else {
+                        bail!("{}: PodGroup without metadata.name", item.origin);
+                    };
                     groups.insert(format!("{ns}/{name}"), g.spec);
                 }
                 Kind::Node | Kind::GpuNode => {
@@ -118,13 +120,17 @@ pub fn load_pods(paths: &[impl AsRef<Path>], cluster: &Cluster, replicas: u32, p
                 Some(g) => match gang_at.get(&g.name) {
                     Some(&i) => {
                         if let Unit::Gang { members, .. } = &mut units[i] {
-                            if members[0].gang.as_ref() != Some(&g) {
+                            if let Some(first) = members[0].gang.as_ref().filter(|f| **f != g) {
                                 bail!(
-                                    "{origin}: pod {} says gang {} has {} members, an earlier member says {}",
+                                    "{origin}: pod {} declares gang {} with {} members and a {} ms timeout; \
+                                     pod {} declares {} members and {} ms",
                                     d.pod,
                                     g.name,
                                     g.min_member,
-                                    members[0].gang.as_ref().map_or(0, |x| x.min_member)
+                                    g.timeout_ms,
+                                    members[0].pod,
+                                    first.min_member,
+                                    first.timeout_ms
                                 );
                             }
                             members.push(d);
@@ -663,13 +669,13 @@ pub fn render(r: &Report) -> String {
                 if gangs_done.insert(g) {
                     let members: Vec<&Outcome> =
                         r.outcomes.iter().filter(|x| x.gang.as_deref() == Some(g.as_str())).collect();
-                    let _ = match members.iter().all(|m| m.fits) {
-                        true => writeln!(s, "gang {g}: {} members, all placed", members.len()),
-                        false => {
-                            let why = members[0].reason.as_deref().unwrap_or("no reason given");
-                            let why = why.strip_prefix(&format!("gang {g}: ")).unwrap_or(why);
-                            writeln!(s, "gang {g}: {} members, none placed: {why}", members.len())
-                        }
+                    let _ = if members.iter().all(|m| m.fits) {
+                        writeln!(s, "gang {g}: {} members, all placed", members.len())
+                    } else {
+                        // The core's reason starts with the gang's name, already printed.
+                        let why = members[0].reason.as_deref().unwrap_or("no reason given");
+                        let why = why.strip_prefix(&format!("gang {g}: ")).unwrap_or(why);
+                        writeln!(s, "gang {g}: {} members, none placed: {why}", members.len())
                     };
                 }
                 "  "

@@ -59,6 +59,25 @@ fn a_kubectl_tessera_capture_rebuilds_nodes_mig_layouts_and_running_pods() {
 }
 
 #[test]
+fn the_sparsest_capture_kubectl_tessera_writes_loads() {
+    // What `kubectl tessera capture` writes when kubectl lists objects without kind or
+    // apiVersion, a GpuNode has no spec yet, and the PodGroup CRD is not installed.
+    let doc = json!({
+        "kind": "TesseraCapture", "version": 1, "context": null,
+        "nodes": [{"metadata": {"name": "gpu-a"}}],
+        "pods": [{"metadata": {"name": "p", "namespace": "default"},
+                  "spec": {"schedulerName": "tessera", "containers": [{"name": "c", "env": [{"name": "API_KEY", "value": "(removed)"}]}]}}],
+        "gpuNodes": [{"metadata": {"name": "gpu-a"}, "status": {"gpus": []}}],
+        "podGroups": [],
+        "notes": ["podgroups.scheduling.x-k8s.io: not served by this cluster (CRD not installed); captured as empty"]
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = capture::load(&[file(&dir, "capture.json", &doc.to_string())]).unwrap();
+    assert_eq!((c.snap.nodes().len(), c.snap.allocations().len(), c.pending.len()), (1, 0, 0));
+    assert!(c.snap.nodes()[0].gpus.is_empty());
+}
+
+#[test]
 fn a_small_model_takes_the_free_mig_instance_and_the_gang_lands_on_the_free_a100s() {
     let r = whatif(&cluster(), &["extra.yaml"], None);
     assert!(r.fits, "{r:#?}");
@@ -314,6 +333,14 @@ fn bad_pods_are_refused_with_the_pod_and_the_annotation_named() {
         ),
         (pod("{}").replace("name: p", "name: embed-0"), "already in the capture, on node gpu-a"),
         (format!("{}---\n{}", pod("{}"), pod("{}")), "pod ml/p appears twice"),
+        (
+            format!(
+                "{}---\n{}",
+                pod(r#"{tessera.dev/gang-name: g, tessera.dev/gang-size: "2"}"#),
+                pod(r#"{tessera.dev/gang-name: g, tessera.dev/gang-size: "3"}"#).replace("name: p", "name: q")
+            ),
+            "pod ml/q declares gang ml/g with 3 members and a 60000 ms timeout; pod ml/p declares 2 members",
+        ),
         ("apiVersion: v1\nkind: Node\nmetadata: {name: n}\n".into(), "cluster objects go in --capture"),
         ("kind: Pod\nmetadata: {name: [\n".into(), "not valid YAML"),
         ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n".into(), "kind Deployment is not used"),
