@@ -1,11 +1,13 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
+mod capture;
 mod compare;
 mod occupancy;
 mod openb;
 mod report;
 mod scenario;
 mod trace;
+mod whatif;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -27,6 +29,47 @@ enum Command {
     Openb(OpenbArgs),
     /// Place a MIG inference-fleet scenario (YAML) under every policy and a static baseline.
     Scenario(ScenarioArgs),
+    /// Can these pods / this gang fit on a captured live cluster, where, and how many nodes of a
+    /// type must be added. Exit status 0: everything fits; 3: something does not; 1: bad input.
+    Whatif(WhatifArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WhatifArgs {
+    /// Cluster capture: `kubectl tessera capture` output, `kubectl get nodes,pods,gpunodes,podgroups
+    /// -A -o json` (or yaml), or the scheduler's `/api/v1/cluster` dump. Repeat to merge files.
+    #[arg(long, required = true)]
+    capture: Vec<PathBuf>,
+    /// Pods to place (multi-document YAML, a List, or JSON), with their PodGroups. Repeatable.
+    #[arg(long)]
+    pods: Vec<PathBuf>,
+    /// Also place the capture's pending pods that ask for GPUs (before the --pods ones).
+    #[arg(long)]
+    pending: bool,
+    /// Place every pod that is not a gang member this many times (NAME-1 … NAME-N).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Placement policy (as the scheduler's --policy).
+    #[arg(long, default_value = "tessera")]
+    policy: String,
+    /// Seed for tie-breaks (as the scheduler's --seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Find the fewest added copies of this node (same GPUs, interconnect, cpu, memory, labels;
+    /// idle) with which everything fits.
+    #[arg(long, value_name = "NODE", conflicts_with = "add_node_type")]
+    add_nodes_like: Option<String>,
+    /// Like --add-nodes-like, for a node type: PRODUCT[:GPUS] (e.g. H100-80GB:8; NVSwitch, 192
+    /// cores, 2 TiB) or a YAML file with a scenario pool's keys (product, gpus_per_node,
+    /// cpu_milli, memory_mib, topology) plus optional name, labels and gpu_memory_mib.
+    #[arg(long, value_name = "TYPE")]
+    add_node_type: Option<String>,
+    /// Most nodes to add in the search.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_add: u32,
+    /// Write the answer as JSON here (`-` for stdout instead of the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -109,7 +152,46 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Openb(args) => run_openb(args),
         Command::Scenario(args) => run_scenario(args),
+        Command::Whatif(args) => {
+            if !run_whatif(args)? {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
     }
+}
+
+/// Returns whether everything fits.
+fn run_whatif(args: WhatifArgs) -> Result<bool> {
+    let policy = tessera_core::policy::by_name(&args.policy).with_context(|| {
+        format!("unknown policy {:?}; known: {}", args.policy, tessera_core::policy::NAMES.join(", "))
+    })?;
+    if args.pods.is_empty() && !args.pending {
+        bail!("nothing to place: give --pods FILE and/or --pending");
+    }
+    let template = match (&args.add_nodes_like, &args.add_node_type) {
+        (Some(n), _) => Some(whatif::Template::Like(n.clone())),
+        (None, Some(t)) => Some(whatif::Template::Type(whatif::NodeType::parse(t)?)),
+        (None, None) => None,
+    };
+    let cluster = capture::load(&args.capture)?;
+    let units = whatif::load_pods(&args.pods, &cluster, args.replicas, args.pending)?;
+    let report =
+        whatif::run(&cluster, &units, policy.as_ref(), args.seed, template.as_ref().map(|t| (t, args.max_add)))?;
+    for w in &report.capture.warnings {
+        eprintln!("warning: {w}");
+    }
+    let json = serde_json::to_string_pretty(&report)? + "\n";
+    match args.json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => print!("{json}"),
+        Some(p) => {
+            print!("{}", whatif::render(&report));
+            std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
+            println!("wrote {}", p.display());
+        }
+        None => print!("{}", whatif::render(&report)),
+    }
+    Ok(report.fits)
 }
 
 fn run_scenario(args: ScenarioArgs) -> Result<()> {

@@ -64,16 +64,16 @@ pub struct Pool {
     pub topology: String,
 }
 
-fn default_gpus() -> u32 {
+pub(crate) fn default_gpus() -> u32 {
     8
 }
-fn default_cpu() -> u64 {
+pub(crate) fn default_cpu() -> u64 {
     192_000
 }
-fn default_mem() -> u64 {
+pub(crate) fn default_mem() -> u64 {
     2 * 1024 * 1024
 }
-fn default_topology() -> String {
+pub(crate) fn default_topology() -> String {
     "nvswitch".into()
 }
 
@@ -349,7 +349,7 @@ impl Model {
     }
 }
 
-fn parse_topology(spec: &str, gpus: u32) -> Result<Topology> {
+pub(crate) fn parse_topology(spec: &str, gpus: u32) -> Result<Topology> {
     Ok(match spec {
         "nvswitch" => Topology::nvswitch(gpus),
         "pcie" => Topology::pcie(gpus, 2, 2),

@@ -7,12 +7,14 @@
 //! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding.
 //! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
+//! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
 
 pub mod annotations;
 pub mod assignment;
 pub mod gpunode;
 pub mod pod;
 pub mod podgroup;
+pub mod snapshot;
 
 pub use assignment::{AssignedDevice, Assignment};
 pub use gpunode::{GpuNode, GpuNodeSpec, GpuNodeStatus};

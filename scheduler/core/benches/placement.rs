@@ -5,7 +5,9 @@
 //! one demand on an unchanged snapshot from scratch (`place`), so the time is one cold
 //! scheduling decision. Group `memo`: the same with a warm [`Memo`] (`place_memo`), the steady
 //! state of a running scheduler, where only nodes changed since the last decision of the same
-//! shape are evaluated again.
+//! shape are evaluated again. Group `steady`: as `memo`, but each iteration also binds the
+//! chosen placement and releases it again, so every decision finds one node changed since the
+//! last one (a running scheduler between two binds).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_core::demand::{Demand, GpuDemand};
@@ -67,5 +69,34 @@ fn memoised(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, filter_and_score, memoised);
+fn steady(c: &mut Criterion) {
+    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
+    let workload = Workload::from_demands(mix.iter());
+    let mut group = c.benchmark_group("steady");
+    group.sample_size(20);
+    for nodes in [1_000usize, 5_000] {
+        let mut snap = synth_cluster(7, nodes);
+        for policy in ["tessera", "fgd"] {
+            let p = by_name(policy).unwrap_or_else(|| unreachable!());
+            for (kind, d) in demands() {
+                let param = format!("nodes={nodes},gpus=8,mig=mixed,policy={policy},demand={kind}");
+                let ctx = Context { workload: &workload, seed: 1 };
+                let mut memo = Memo::new();
+                let _ = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo);
+                group.throughput(Throughput::Elements(1));
+                group.bench_function(BenchmarkId::from_parameter(param), |b| {
+                    b.iter(|| {
+                        let pl = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo)
+                            .unwrap_or_else(|r| panic!("the bench cluster has room: {r}"));
+                        pl.apply(&mut snap, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                        snap.release(&d.pod).unwrap_or_else(|e| panic!("{e}"));
+                    });
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, filter_and_score, memoised, steady);
 criterion_main!(benches);

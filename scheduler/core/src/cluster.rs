@@ -116,7 +116,11 @@ impl Gpu {
     }
 
     pub fn mig_product(&self) -> Option<MigProduct> {
-        MigProduct::from_name(&self.model)
+        // A MIG layout knows its product; parsing the name is the slow path (scoring asks often).
+        match &self.mig {
+            Some(l) => Some(l.product()),
+            None => MigProduct::from_name(&self.model),
+        }
     }
 
     pub fn mig_capable(&self) -> bool {

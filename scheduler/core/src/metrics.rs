@@ -200,23 +200,35 @@ pub fn node_fragmentation(views: &[GpuView<'_>], free_cpu_milli: u64, model: &st
 
 /// The per-class sums `F_n(M)` is made of, for one node: a candidate changes only the GPUs it
 /// touches, so its fragmentation follows from these by re-evaluating just those GPUs
-/// ([`FragBase::with_change`]) instead of the whole node.
+/// ([`FragBase::fragmentation_after`]) instead of the whole node. Sums are kept per distinct
+/// GPU demand of the workload (classes that differ only in cpu share them).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FragBase {
     /// Free milli-GPU on the node.
     total: u32,
     /// GPUs that are idle with capacity (whole-GPU classes need `count` of them).
     idle: u32,
-    /// Per workload class: free milli-GPU that class cannot use, GPU by GPU.
-    unusable: Vec<u32>,
+    /// Per distinct GPU demand: free milli-GPU it cannot use, summed over the node's GPUs.
+    unusable: smallvec::SmallVec<[u32; 32]>,
+    /// The same, GPU by GPU (GPU-major): what a change to one GPU takes away.
+    per_gpu: Vec<u32>,
 }
 
 impl FragBase {
     pub fn new(views: &[GpuView<'_>], workload: &Workload) -> Self {
+        let kinds = &workload.kinds().gpu;
         let total = views.iter().map(|v| v.free()).sum();
         let idle = views.iter().filter(|v| v.idle() && v.free() > 0).count() as u32;
-        let unusable = workload.classes.iter().map(|m| views.iter().map(|v| gpu_unusable(v, &m.gpu)).sum()).collect();
-        Self { total, idle, unusable }
+        let mut unusable: smallvec::SmallVec<[u32; 32]> = smallvec::smallvec![0; kinds.len()];
+        let mut per_gpu = Vec::with_capacity(views.len() * kinds.len());
+        for v in views {
+            for (u, m) in unusable.iter_mut().zip(kinds) {
+                let x = gpu_unusable(v, m);
+                *u += x;
+                per_gpu.push(x);
+            }
+        }
+        Self { total, idle, unusable, per_gpu }
     }
 
     /// The base after GPUs at `touched` positions change from `before` to `after` views.
@@ -227,43 +239,76 @@ impl FragBase {
         touched: &[usize],
         workload: &Workload,
     ) -> Self {
+        let kinds = &workload.kinds().gpu;
         let mut next = self.clone();
         for &t in touched {
             let (b, a) = (&before[t], &after[t]);
             next.total = next.total + a.free() - b.free();
             next.idle = next.idle + u32::from(a.idle() && a.free() > 0) - u32::from(b.idle() && b.free() > 0);
-            for (u, m) in next.unusable.iter_mut().zip(&workload.classes) {
-                *u = *u + gpu_unusable(a, &m.gpu) - gpu_unusable(b, &m.gpu);
+            for (k, m) in kinds.iter().enumerate() {
+                let x = gpu_unusable(a, m);
+                next.unusable[k] = next.unusable[k] + x - next.per_gpu[t * kinds.len() + k];
+                next.per_gpu[t * kinds.len() + k] = x;
             }
         }
         next
     }
 
+    /// `F_n(M)` after the GPUs at `touched` positions change to `after` (the node's views
+    /// after a candidate), without building the new base: the scoring hot path.
+    pub fn fragmentation_after(
+        &self,
+        before: &[GpuView<'_>],
+        after: &[GpuView<'_>],
+        touched: &[usize],
+        free_cpu_milli: u64,
+        model: &str,
+        workload: &Workload,
+    ) -> f64 {
+        let kinds = &workload.kinds().gpu;
+        let (mut total, mut idle) = (self.total, self.idle);
+        let mut unusable = self.unusable.clone();
+        for &t in touched {
+            let (b, a) = (&before[t], &after[t]);
+            total = total + a.free() - b.free();
+            idle = idle + u32::from(a.idle() && a.free() > 0) - u32::from(b.idle() && b.free() > 0);
+            for (k, m) in kinds.iter().enumerate() {
+                unusable[k] = unusable[k] + gpu_unusable(a, m) - self.per_gpu[t * kinds.len() + k];
+            }
+        }
+        frag_of(total, idle, &unusable, free_cpu_milli, model, workload)
+    }
+
     /// `F_n(M)` given the node's free cpu and GPU model.
     pub fn fragmentation(&self, free_cpu_milli: u64, model: &str, workload: &Workload) -> f64 {
-        if self.total == 0 {
-            return 0.0;
-        }
-        let total = f64::from(self.total);
-        workload
-            .classes
-            .iter()
-            .zip(&self.unusable)
-            .map(|(m, &u)| {
-                // A class that cannot run on this node at all strands every free GPU here (FGD's
-                // Q-I, "no access" for a GPU model it may not use), and so does a class that asks
-                // for no GPU.
-                let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
-                // A whole-GPU class with too few idle GPUs strands everything too.
-                let cannot_run = m.cpu_milli > free_cpu_milli
-                    || m.gpu == GpuDemand::None
-                    || !model_ok
-                    || matches!(m.gpu, GpuDemand::Whole { count } if self.idle < count);
-                let f = if cannot_run { total } else { f64::from(u) };
-                m.weight * f
-            })
-            .sum()
+        frag_of(self.total, self.idle, &self.unusable, free_cpu_milli, model, workload)
     }
+}
+
+fn frag_of(total: u32, idle: u32, unusable: &[u32], free_cpu_milli: u64, model: &str, workload: &Workload) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    let of_class = &workload.kinds().of_class;
+    let total_f = f64::from(total);
+    workload
+        .classes
+        .iter()
+        .zip(of_class)
+        .map(|(m, &k)| {
+            // A class that cannot run on this node at all strands every free GPU here (FGD's
+            // Q-I, "no access" for a GPU model it may not use), and so does a class that asks
+            // for no GPU.
+            let model_ok = m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model));
+            // A whole-GPU class with too few idle GPUs strands everything too.
+            let cannot_run = m.cpu_milli > free_cpu_milli
+                || m.gpu == GpuDemand::None
+                || !model_ok
+                || matches!(m.gpu, GpuDemand::Whole { count } if idle < count);
+            let f = if cannot_run { total_f } else { f64::from(unusable[k]) };
+            m.weight * f
+        })
+        .sum()
 }
 
 /// The GPU model a node's fragmentation is judged by (its first GPU's).

@@ -74,10 +74,19 @@ impl Policy for Random {
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
         // A fresh uniform pick per pod: node and device from a seeded hash of (pod, node, GPU).
         let salt = hash_str(ctx.seed, &d.pod.0);
-        let node = hash_str(salt, &node_of(snap, c).name.0);
-        let dev = mix(node ^ u64::from(first_fit_position(c)));
-        Score::new((node >> 11) as f64, (dev >> 11) as f64)
+        random_score(hash_str(salt, &node_of(snap, c).name.0), c)
     }
+
+    fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
+        let Some(first) = cands.first() else { return };
+        let node = hash_str(hash_str(ctx.seed, &d.pod.0), &node_of(snap, first).name.0);
+        out.extend(cands.iter().map(|c| random_score(node, c)));
+    }
+}
+
+fn random_score(node: u64, c: &Candidate) -> Score {
+    let dev = mix(node ^ u64::from(first_fit_position(c)));
+    Score::new((node >> 11) as f64, (dev >> 11) as f64)
 }
 
 /// Best fit over (cpu, GPU): the node whose free resources, after placement, are smallest

@@ -9,7 +9,7 @@ use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
 use super::{Context, Policy, Score};
 use crate::cluster::{MigOp, Node, Snapshot};
 use crate::demand::Demand;
-use crate::metrics::{FragBase, GpuView, Views, node_model, views, views_after};
+use crate::metrics::{FragBase, GpuView, Views, apply_candidate, node_model, views};
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,14 +34,20 @@ impl<'a> Before<'a> {
         Self { views, base, frag }
     }
 
+    /// The node's GPU views after `c` (only the GPUs it touches differ from `views`).
+    pub fn after(&self, node: &'a Node, c: &Candidate) -> Views<'a> {
+        let mut vs = self.views.clone();
+        apply_candidate(&mut vs, node, c);
+        vs
+    }
+
     /// `F_before − F_after` for a candidate whose views after placement are `after`, in
     /// milli-GPU (positive = less fragmentation). Only the GPUs the candidate touches are
     /// re-evaluated.
     pub fn gain(&self, node: &Node, d: &Demand, c: &Candidate, after: &[GpuView<'_>], ctx: &Context<'_>) -> f64 {
         let touched = touched(node, c);
-        let next = self.base.with_change(&self.views, after, &touched, ctx.workload);
         let cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
-        self.frag - next.fragmentation(cpu, node_model(node), ctx.workload)
+        self.frag - self.base.fragmentation_after(&self.views, after, &touched, cpu, node_model(node), ctx.workload)
     }
 }
 
@@ -80,8 +86,15 @@ impl Policy for Fgd {
 }
 
 impl Fgd {
-    fn score_with(&self, node: &Node, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>) -> Score {
-        let gain = before.gain(node, d, c, &views_after(node, c), ctx);
+    fn score_with<'a>(
+        &self,
+        node: &'a Node,
+        d: &Demand,
+        c: &Candidate,
+        ctx: &Context<'_>,
+        before: &Before<'a>,
+    ) -> Score {
+        let gain = before.gain(node, d, c, &before.after(node, c), ctx);
         let s = (sigmoid(gain / 1000.0) * MAX_NODE_SCORE).floor();
         Score::new(s, s * 1000.0 - f64::from(first_fit_position(c)))
     }

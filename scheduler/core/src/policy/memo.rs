@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use super::{Context, Policy, Score, evaluate_at, hash_str, mix, summarize};
+use super::{Context, Policy, Score, hash_str, mix, node_verdict, summarize_rejections};
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
 use crate::placement::{Candidate, Placement, Rejection, quick_reject};
@@ -18,18 +18,52 @@ use crate::placement::{Candidate, Placement, Rejection, quick_reject};
 /// change and starts over.
 #[derive(Debug, Default)]
 pub struct Memo {
-    /// (node version, demand shape) → that node's verdict.
-    entries: HashMap<(u64, u64), Verdict, std::hash::BuildHasherDefault<MixHasher>>,
+    /// Demand shape → one dense table over node indices.
+    tables: HashMap<u64, Table, std::hash::BuildHasherDefault<MixHasher>>,
     context: Option<(&'static str, u64, u64, u64, usize)>,
+    /// Cells over all tables, for the size bound.
+    cells: usize,
     pub hits: u64,
     pub misses: u64,
+    scratch: Scratch,
 }
 
-/// One node's verdict for one demand shape.
-type Verdict = Result<(Candidate, Score), Rejection>;
+/// Buffers reused across node evaluations.
+#[derive(Debug, Default)]
+struct Scratch {
+    cands: Vec<Candidate>,
+    scores: Vec<Score>,
+}
 
-/// Beyond this many entries the memo starts over (stale versions are never asked again).
-const MAX_ENTRIES: usize = 2_000_000;
+/// One demand shape's verdicts, indexed like [`Snapshot::nodes`]. A cell is valid while its
+/// `version` equals the node's: versions are unique per node state, so a cell also stays
+/// correct when nodes are added or removed and indices shift (the version no longer matches).
+/// Dense columns keep the scan over thousands of nodes to a few cache-friendly loads per node.
+#[derive(Debug, Default)]
+struct Table {
+    version: Vec<u64>,
+    /// Node score when the node fits, `NEG_INFINITY` when it cannot host the shape.
+    score: Vec<f64>,
+    /// Seeded tie-break rank of the node's name (as [`super::choose`]), set when it fits.
+    tie: Vec<u64>,
+    verdict: Vec<Entry>,
+}
+
+#[derive(Debug, Default)]
+enum Entry {
+    Fits(Candidate, Score),
+    /// Refused by the cheap pre-check ([`quick_reject`]); the reason is built only when a
+    /// caller needs it (reasons cost string formatting).
+    #[default]
+    Unknown,
+    Refused(Rejection),
+}
+
+/// Versions start at 1, so 0 marks a cell that was never filled.
+const EMPTY: u64 = 0;
+
+/// Beyond this many cells the memo starts over (cells of departed shapes are never asked again).
+const MAX_CELLS: usize = 8_000_000;
 
 /// Keys are already well-mixed 64-bit values (versions and SipHash shapes): fold, don't rehash.
 #[derive(Debug, Default)]
@@ -74,10 +108,60 @@ impl Memo {
 
     fn ready(&mut self, snap: &Snapshot, policy: &dyn Policy, ctx: &Context<'_>) {
         let key = (policy.name(), ctx.seed, fingerprint(ctx), snap.max_node_cpu_milli(), snap.max_node_gpus());
-        if self.context != Some(key) || self.entries.len() > MAX_ENTRIES {
-            self.entries.clear();
+        if self.context != Some(key) || self.cells > MAX_CELLS {
+            self.tables.clear();
+            self.cells = 0;
             self.context = Some(key);
         }
+    }
+
+    /// `shape`'s table, sized for the snapshot's nodes, and the scratch buffers.
+    fn table(&mut self, sh: u64, n: usize) -> (&mut Table, &mut Scratch) {
+        let table = self.tables.entry(sh).or_default();
+        if table.version.len() < n {
+            self.cells += n - table.version.len();
+            table.version.resize(n, EMPTY);
+            table.score.resize(n, f64::NEG_INFINITY);
+            table.tie.resize(n, 0);
+            table.verdict.resize_with(n, Entry::default);
+        }
+        (table, &mut self.scratch)
+    }
+}
+
+/// What one decision's refreshes need besides the table.
+struct Ask<'a, 'w> {
+    snap: &'a Snapshot,
+    demand: &'a Demand,
+    policy: &'a dyn Policy,
+    ctx: &'a Context<'w>,
+}
+
+impl Table {
+    /// Brings node `ni`'s cell up to date; with `reasons`, a refusal also carries its reason.
+    /// Returns whether the cell was still valid (a memo hit).
+    fn refresh(&mut self, ask: &Ask<'_, '_>, ni: usize, reasons: bool, scratch: &mut Scratch) -> bool {
+        let node = &ask.snap.nodes()[ni];
+        let hit = self.version[ni] == node.version();
+        if hit && (!reasons || !matches!(self.verdict[ni], Entry::Unknown)) {
+            return true;
+        }
+        self.version[ni] = node.version();
+        self.score[ni] = f64::NEG_INFINITY;
+        if !reasons && quick_reject(node, ask.demand) {
+            self.verdict[ni] = Entry::Unknown;
+            return hit;
+        }
+        let v = node_verdict(ask.snap, ni, ask.demand, ask.policy, ask.ctx, &mut scratch.cands, &mut scratch.scores);
+        self.verdict[ni] = match v {
+            Ok((c, s)) => {
+                self.score[ni] = s.node;
+                self.tie[ni] = hash_str(mix(ask.ctx.seed), &node.name.0);
+                Entry::Fits(c, s)
+            }
+            Err(r) => Entry::Refused(r),
+        };
+        hit
     }
 }
 
@@ -96,49 +180,42 @@ pub fn place_memo(
     demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
     memo.ready(snap, policy, ctx);
     let sh = shape(demand);
-    // Pass 1: make sure every open node has a verdict for this shape.
-    let mut open: Vec<usize> = Vec::new();
-    for (ni, node) in snap.nodes().iter().enumerate() {
-        if quick_reject(node, demand) {
+    let n = snap.nodes().len();
+    let ask = Ask { snap, demand, policy, ctx };
+    let (table, scratch) = memo.table(sh, n);
+    // Refresh stale cells and keep the best node, ties to the seeded node order (as `choose`).
+    let (mut hits, mut best) = (0u64, None::<usize>);
+    for ni in 0..n {
+        hits += u64::from(table.refresh(&ask, ni, false, scratch));
+        let s = table.score[ni];
+        if s == f64::NEG_INFINITY {
             continue;
         }
-        open.push(ni);
-        let key = (node.version(), sh);
-        if memo.entries.contains_key(&key) {
-            memo.hits += 1;
-        } else {
-            memo.misses += 1;
-            let v = evaluate_at(snap, demand, policy, ctx, std::iter::once(ni)).pop().map(|v| v.outcome);
-            let v = v.unwrap_or_else(|| Err(Rejection::Unschedulable(format!("node {}: not evaluated", node.name))));
-            memo.entries.insert(key, v);
+        if best.is_none_or(|b| s > table.score[b] || s == table.score[b] && table.tie[ni] > table.tie[b]) {
+            best = Some(ni);
         }
     }
-    // Pass 2: the best node, ties to the seeded node order (as `choose`).
-    let salt = mix(ctx.seed);
-    let mut best: Option<(f64, usize, &Candidate)> = None;
-    for &ni in &open {
-        let node = &snap.nodes()[ni];
-        let Some(Ok((c, s))) = memo.entries.get(&(node.version(), sh)) else { continue };
-        let better = match best {
-            None => true,
-            Some((b, bi, _)) => {
-                s.node > b || s.node == b && hash_str(salt, &node.name.0) > hash_str(salt, &snap.nodes()[bi].name.0)
+    let result = match best.map(|ni| (ni, &table.verdict[ni])) {
+        Some((ni, Entry::Fits(c, s))) => Ok(Placement {
+            node: snap.nodes()[ni].name.clone(),
+            grants: c.grants.clone(),
+            ops: c.ops.clone(),
+            score: s.node,
+        }),
+        _ => {
+            // Nothing fits: explain over the whole cluster, as `place` does. Reasons are cached
+            // too, so a shape that keeps failing only re-explains the nodes that changed.
+            for ni in 0..n {
+                table.refresh(&ask, ni, true, scratch);
             }
-        };
-        if better {
-            best = Some((s.node, ni, c));
+            let refused =
+                table.verdict[..n].iter().filter_map(|e| if let Entry::Refused(r) = e { Some(r) } else { None });
+            Err(summarize_rejections(demand, n, refused))
         }
-    }
-    match best {
-        Some((score, ni, c)) => {
-            Ok(Placement { node: snap.nodes()[ni].name.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score })
-        }
-        None => {
-            // Nothing fits: explain over the whole cluster, as `place` does.
-            let all = evaluate_at(snap, demand, policy, ctx, 0..snap.nodes().len());
-            Err(summarize(demand, &all))
-        }
-    }
+    };
+    memo.hits += hits;
+    memo.misses += n as u64 - hits;
+    result
 }
 
 /// [`super::evaluate`] with a memo: per-node verdicts for every node (or the named ones), as
@@ -161,6 +238,9 @@ pub fn evaluate_memo(
         None => (0..snap.nodes().len()).map(Ok).collect(),
         Some(names) => names.iter().map(|n| snap.node_index(n).ok_or(n)).collect(),
     };
+    let ask = Ask { snap, demand, policy, ctx };
+    let (table, scratch) = memo.table(sh, snap.nodes().len());
+    let (mut hits, mut misses) = (0u64, 0u64);
     let mut out = Vec::with_capacity(indices.len());
     for i in indices {
         let ni = match i {
@@ -173,27 +253,24 @@ pub fn evaluate_memo(
                 continue;
             }
         };
-        let node = &snap.nodes()[ni];
-        let key = (node.version(), sh);
-        let outcome = match memo.entries.get(&key) {
-            Some(v) => {
-                memo.hits += 1;
-                v.clone()
+        if table.refresh(&ask, ni, true, scratch) {
+            hits += 1;
+        } else {
+            misses += 1;
+        }
+        let outcome = match &table.verdict[ni] {
+            Entry::Fits(c, s) => {
+                let mut c = c.clone();
+                c.node = ni;
+                Ok((c, *s))
             }
-            None => {
-                memo.misses += 1;
-                let v = evaluate_at(snap, demand, policy, ctx, std::iter::once(ni)).pop().map(|v| v.outcome);
-                let v =
-                    v.unwrap_or_else(|| Err(Rejection::Unschedulable(format!("node {}: not evaluated", node.name))));
-                memo.entries.insert(key, v.clone());
-                v
-            }
+            Entry::Refused(r) => Err(r.clone()),
+            // `refresh` with reasons never leaves a cell unknown.
+            Entry::Unknown => Err(Rejection::Unschedulable(format!("node {}: not evaluated", snap.nodes()[ni].name))),
         };
-        let outcome = outcome.map(|(mut c, s)| {
-            c.node = ni;
-            (c, s)
-        });
-        out.push(super::NodeVerdict { node: node.name.clone(), outcome });
+        out.push(super::NodeVerdict { node: snap.nodes()[ni].name.clone(), outcome });
     }
+    memo.hits += hits;
+    memo.misses += misses;
     Ok(out)
 }

@@ -69,12 +69,47 @@ pub struct WorkloadClass {
 }
 
 /// The expected demand mix (FGD's "target workload"): popularity of recent demand shapes.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Workload {
     pub classes: Vec<WorkloadClass>,
+    /// The distinct GPU demands among `classes`, worked out on first use: fragmentation is
+    /// computed once per distinct demand, not once per class (many classes differ only in cpu).
+    #[serde(skip)]
+    kinds: std::sync::OnceLock<Kinds>,
+}
+
+impl PartialEq for Workload {
+    fn eq(&self, other: &Self) -> bool {
+        self.classes == other.classes
+    }
+}
+
+/// Distinct GPU demands of a workload, and each class's position among them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Kinds {
+    pub gpu: Vec<GpuDemand>,
+    pub of_class: Vec<usize>,
 }
 
 impl Workload {
+    pub fn new(classes: Vec<WorkloadClass>) -> Self {
+        Self { classes, kinds: Default::default() }
+    }
+
+    pub(crate) fn kinds(&self) -> &Kinds {
+        self.kinds.get_or_init(|| {
+            let mut k = Kinds::default();
+            for c in &self.classes {
+                let i = k.gpu.iter().position(|g| *g == c.gpu).unwrap_or_else(|| {
+                    k.gpu.push(c.gpu.clone());
+                    k.gpu.len() - 1
+                });
+                k.of_class.push(i);
+            }
+            k
+        })
+    }
+
     /// Popularity of `(cpu, gpu, models)` shapes among `demands`, most popular first (equal
     /// counts: larger shape first).
     pub fn from_demands<'a>(demands: impl IntoIterator<Item = &'a Demand>) -> Self {
@@ -118,7 +153,7 @@ impl Workload {
                 weight: n as f64 / sum as f64,
             })
             .collect();
-        Self { classes }
+        Self::new(classes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -201,30 +236,39 @@ pub(crate) fn evaluate_at(
     ctx: &Context<'_>,
     indices: impl Iterator<Item = usize>,
 ) -> Vec<NodeVerdict> {
-    let mut out = Vec::new();
     let mut cands = Vec::new();
     let mut scores = Vec::new();
-    let mut visit = |ni: usize, out: &mut Vec<NodeVerdict>| {
-        cands.clear();
-        scores.clear();
-        let node = &snap.nodes()[ni];
-        let outcome = node_candidates(snap, ni, demand, &mut cands).map(|()| {
-            policy.score_node(snap, demand, &cands, ctx, &mut scores);
-            let mut best: Option<(usize, Score)> = None;
-            for (i, &s) in scores.iter().enumerate() {
-                if best.is_none_or(|(_, b)| (s.node, s.device) > (b.node, b.device)) {
-                    best = Some((i, s));
-                }
-            }
-            let (i, s) = best.unwrap_or((0, Score::default()));
-            (cands.swap_remove(i), s)
-        });
-        out.push(NodeVerdict { node: node.name.clone(), outcome });
-    };
-    for ni in indices {
-        visit(ni, &mut out);
+    indices
+        .map(|ni| NodeVerdict {
+            node: snap.nodes()[ni].name.clone(),
+            outcome: node_verdict(snap, ni, demand, policy, ctx, &mut cands, &mut scores),
+        })
+        .collect()
+}
+
+/// One node's verdict: its best candidate and score, or why it has none. `cands` and
+/// `scores` are scratch buffers, reused across calls.
+pub(crate) fn node_verdict(
+    snap: &Snapshot,
+    ni: usize,
+    demand: &Demand,
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    cands: &mut Vec<Candidate>,
+    scores: &mut Vec<Score>,
+) -> Result<(Candidate, Score), Rejection> {
+    cands.clear();
+    scores.clear();
+    node_candidates(snap, ni, demand, cands)?;
+    policy.score_node(snap, demand, cands, ctx, scores);
+    let mut best: Option<(usize, Score)> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if best.is_none_or(|(_, b)| (s.node, s.device) > (b.node, b.device)) {
+            best = Some((i, s));
+        }
     }
-    out
+    let (i, s) = best.unwrap_or((0, Score::default()));
+    Ok((cands.swap_remove(i), s))
 }
 
 /// A 64-bit mix for seeded tie-breaks (SplitMix64 finaliser).
@@ -264,39 +308,44 @@ pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a 
 /// reasons; the reasons are built only when no node fits.
 pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
     demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
-    let open: Vec<usize> =
-        (0..snap.nodes().len()).filter(|&i| !crate::placement::quick_reject(&snap.nodes()[i], demand)).collect();
-    let verdicts = evaluate_at(snap, demand, policy, ctx, open.iter().copied());
-    let verdicts = if choose(&verdicts, ctx).is_none() {
-        // Every open node refused: explain over the whole cluster.
-        evaluate(snap, demand, policy, ctx, None).map_err(|e| Rejection::Unresolvable(e.to_string()))?
-    } else {
-        verdicts
-    };
-    match choose(&verdicts, ctx) {
-        Some(NodeVerdict { node, outcome: Ok((c, s)) }) => {
-            Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node })
-        }
-        _ => Err(summarize(demand, &verdicts)),
+    let n = snap.nodes().len();
+    let open: Vec<bool> = snap.nodes().iter().map(|node| !crate::placement::quick_reject(node, demand)).collect();
+    let verdicts = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| open[i]));
+    if let Some(NodeVerdict { node, outcome: Ok((c, s)) }) = choose(&verdicts, ctx) {
+        return Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node });
     }
+    // Every open node refused and says why: explain the skipped ones too, in node order.
+    let mut skipped = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| !open[i])).into_iter();
+    let mut refused = verdicts.into_iter();
+    let all: Vec<NodeVerdict> = open.iter().filter_map(|&o| if o { refused.next() } else { skipped.next() }).collect();
+    Err(summarize(demand, &all))
 }
 
 /// One rejection for the whole cluster, kube-scheduler style: "0/N nodes fit ...".
 pub fn summarize(demand: &Demand, verdicts: &[NodeVerdict]) -> Rejection {
-    let rejections: Vec<&Rejection> = verdicts.iter().filter_map(|v| v.outcome.as_ref().err()).collect();
-    let mut msg = format!("0/{} nodes can host {} ({})", verdicts.len(), demand.pod, demand.gpu);
-    for r in rejections.iter().take(3) {
-        msg.push_str("; ");
-        msg.push_str(r.reason());
+    summarize_rejections(demand, verdicts.len(), verdicts.iter().filter_map(|v| v.outcome.as_ref().err()))
+}
+
+/// [`summarize`] over the rejections of `nodes` nodes.
+pub(crate) fn summarize_rejections<'a>(
+    demand: &Demand,
+    nodes: usize,
+    rejections: impl Iterator<Item = &'a Rejection>,
+) -> Rejection {
+    let mut msg = format!("0/{nodes} nodes can host {} ({})", demand.pod, demand.gpu);
+    let (mut count, mut all_never) = (0usize, true);
+    for r in rejections {
+        if count < 3 {
+            msg.push_str("; ");
+            msg.push_str(r.reason());
+        }
+        count += 1;
+        all_never &= r.is_unresolvable();
     }
-    if rejections.len() > 3 {
-        msg.push_str(&format!("; and {} more", rejections.len() - 3));
+    if count > 3 {
+        msg.push_str(&format!("; and {} more", count - 3));
     }
-    if !rejections.is_empty() && rejections.iter().all(|r| r.is_unresolvable()) {
-        Rejection::Unresolvable(msg)
-    } else {
-        Rejection::Unschedulable(msg)
-    }
+    if count > 0 && all_never { Rejection::Unresolvable(msg) } else { Rejection::Unschedulable(msg) }
 }
 
 /// Maps node scores to kube-scheduler's extender range 0..=10 (min-max over the feasible

@@ -23,7 +23,6 @@ use super::fgd::Before;
 use super::{Context, Policy, Score};
 use crate::cluster::{MigOp, Node, Snapshot};
 use crate::demand::{Demand, GpuDemand};
-use crate::metrics::views_after;
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -70,16 +69,16 @@ impl Policy for Tessera {
 }
 
 impl Tessera {
-    fn score_with(
+    fn score_with<'a>(
         &self,
-        node: &Node,
+        node: &'a Node,
         d: &Demand,
         c: &Candidate,
         ctx: &Context<'_>,
-        before: &Before<'_>,
+        before: &Before<'a>,
         ratio: f64,
     ) -> Score {
-        let after = views_after(node, c);
+        let after = before.after(node, c);
         let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(node, d, c, &after, ctx) };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();
         let touched_free: f64 = c

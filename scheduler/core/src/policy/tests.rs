@@ -287,6 +287,57 @@ fn memoised_decisions_equal_fresh_ones_over_a_sequence() {
 }
 
 #[test]
+fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
+    // The memo's tables are indexed by node position; adding or removing a node shifts
+    // positions, and refusals are explained from cached reasons.
+    let mut a = crate::testing::synth_cluster(3, 40);
+    let mut b = a.clone();
+    let w = mig_workload();
+    let shapes = [
+        GpuDemand::Whole { count: 4 },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+        GpuDemand::Whole { count: 9 },
+        GpuDemand::Share { milli: 700 },
+    ];
+    let spare = crate::testing::synth_cluster(99, 4);
+    for policy in ["tessera", "fgd", "bestfit"] {
+        let p = by_name(policy).unwrap_or_else(|| panic!("{policy}"));
+        let ctx = Context { workload: &w, seed: 9 };
+        let mut memo = Memo::new();
+        let (mut placed, mut refused, mut removed) = (0, 0, 0);
+        for i in 0..80 {
+            if i % 20 == 7 {
+                // Remove an empty node and add one whose name sorts before the rest.
+                if let Some(empty) = a.nodes().iter().find(|n| n.pods.is_empty()).map(|n| n.name.clone()) {
+                    a.remove_node(&empty).unwrap_or_else(|e| panic!("{e}"));
+                    b.remove_node(&empty).unwrap_or_else(|e| panic!("{e}"));
+                    removed += 1;
+                }
+                let mut extra = spare.nodes()[i % 4].clone();
+                extra.name = NodeName::from(format!("aa-{policy}-{i}").as_str());
+                a.add_node(extra.clone()).unwrap_or_else(|e| panic!("{e}"));
+                b.add_node(extra).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let d =
+                Demand::new(PodKey(format!("ns/{policy}-{i}")), shapes[i % shapes.len()].clone()).with_cpu(2000, 1024);
+            let fresh = place(&a, &d, p.as_ref(), &ctx);
+            let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
+            assert_eq!(fresh, cached, "{policy} decision {i}");
+            match fresh {
+                Ok(pl) => {
+                    placed += 1;
+                    pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                    pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(placed > 10 && refused > 10 && removed > 0, "{policy}: {placed} placed, {refused} refused, {removed}");
+        assert!(memo.hits > 0, "{policy}");
+    }
+}
+
+#[test]
 fn memoised_verdicts_equal_fresh_ones() {
     let mut s = crate::testing::synth_cluster(4, 12);
     let w = mig_workload();
@@ -339,6 +390,8 @@ fn incremental_fragmentation_equals_recomputing_the_node() {
                 let fresh = FragBase::new(&after, &w).fragmentation(1 << 40, node_model(node), &w);
                 let incr = base.with_change(&before, &after, &touched, &w).fragmentation(1 << 40, node_model(node), &w);
                 assert!((fresh - incr).abs() < 1e-6, "{fresh} vs {incr}");
+                let direct = base.fragmentation_after(&before, &after, &touched, 1 << 40, node_model(node), &w);
+                assert_eq!(incr.to_bits(), direct.to_bits(), "{incr} vs {direct}");
                 checked += 1;
             }
         }

@@ -1,0 +1,354 @@
+//! Kubernetes objects → core [`Snapshot`]: Nodes, their `GpuNode`s and the pods bound to them.
+//!
+//! Allocations are rebuilt from scratch: pods bound by tessera carry the exact devices in their
+//! `tessera.dev/assignment` annotation; pods of the NVIDIA device plugin (`nvidia.com/gpu`,
+//! `nvidia.com/mig-*`) are counted on the lowest free matching devices, since only the node
+//! knows which ones it picked. So a restarted scheduler never hands out a device a running pod
+//! holds. The scheduler rebuilds its state with this after every change; the simulator reads
+//! cluster captures with it.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use tessera_core::mig::MigProduct;
+use tessera_core::topology::{Edge, Link, Topology};
+use tessera_core::{Allocation, Gpu, GpuMode, Grant, MigOp, Node, NodeName, PodKey, Snapshot};
+
+use crate::Assignment;
+use crate::annotations;
+use crate::gpunode::{GpuNode, Health, LinkKind, Mode};
+use crate::pod::{self as podparse, NVIDIA_GPU, NVIDIA_MIG_PREFIX, parse_quantity};
+
+/// Node label that puts a node's non-MIG GPUs in time-sliced (shared) mode.
+pub const SHARING_LABEL: &str = "tessera.dev/gpu-sharing";
+/// GPU Feature Discovery's product label, used for nodes without a `GpuNode`.
+pub const GFD_PRODUCT: &str = "nvidia.com/gpu.product";
+/// GPU Feature Discovery's memory label (MiB).
+pub const GFD_MEMORY: &str = "nvidia.com/gpu.memory";
+
+/// A snapshot built from API objects, and what could not be used.
+#[derive(Debug, Default)]
+pub struct Built {
+    pub snap: Snapshot,
+    pub uids: HashMap<String, PodKey>,
+    pub mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    pub warnings: Vec<String>,
+}
+
+fn quantity_of(
+    map: Option<&std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    key: &str,
+) -> f64 {
+    map.and_then(|m| m.get(key)).and_then(|q| parse_quantity(&q.0)).unwrap_or(0.0)
+}
+
+fn link(kind: LinkKind, lanes: Option<u32>) -> Link {
+    match kind {
+        LinkKind::Nvlink => Link::NvLink { lanes: u8::try_from(lanes.unwrap_or(1)).unwrap_or(u8::MAX) },
+        LinkKind::PcieSwitch => Link::PcieSwitch,
+        LinkKind::SameNuma => Link::SameNuma,
+        LinkKind::CrossSocket => Link::CrossSocket,
+    }
+}
+
+/// A core node from a Node and (when the agent runs there) its `GpuNode`, plus the MIG
+/// instances to create on it once added.
+fn node_of(node: &KubeNode, gn: Option<&GpuNode>, warnings: &mut Vec<String>) -> Option<(Node, Vec<MigOp>)> {
+    let name = node.metadata.name.as_deref()?;
+    let alloc = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let shared = labels.get(SHARING_LABEL).is_some_and(|v| v == "time-sliced");
+    let full = if shared { GpuMode::Shared } else { GpuMode::Full };
+    let mut ops = Vec::new();
+    let (gpus, topology) = match gn.and_then(|g| g.status.as_ref()) {
+        Some(status) => {
+            let mut gpus = Vec::new();
+            for s in &status.gpus {
+                let mode = if s.mode == Mode::Mig { GpuMode::Mig } else { full };
+                let mut g = Gpu::new(s.index, &s.product, s.memory_mib, mode);
+                g.uuid = s.uuid.clone();
+                g.numa = s.numa_node;
+                g.healthy = s.health == Health::Healthy;
+                if s.mode == Mode::Mig {
+                    let product = MigProduct::from_name(&s.product);
+                    for i in &s.instances {
+                        match product.and_then(|p| p.geometry().profile_by_name(&i.profile)) {
+                            Some(p) => ops.push(MigOp::Create { gpu: s.index, class: p.class, start: i.start }),
+                            None => {
+                                warnings.push(format!("node {name} GPU {}: unknown MIG profile {}", s.index, i.profile))
+                            }
+                        }
+                    }
+                }
+                gpus.push(g);
+            }
+            let n = gpus.iter().map(|g| g.index + 1).max().unwrap_or(0);
+            let edges: Vec<Edge> =
+                status.links.iter().map(|l| Edge { a: l.a, b: l.b, link: link(l.kind, l.lanes) }).collect();
+            (gpus, Topology::from_edges(n, &edges))
+        }
+        None => {
+            // No node agent: count NVIDIA's whole GPUs as GPU Feature Discovery describes them.
+            let n = quantity_of(alloc, NVIDIA_GPU) as u32;
+            let model = labels.get(GFD_PRODUCT).cloned().unwrap_or_else(|| "unknown".into());
+            let mem = labels.get(GFD_MEMORY).and_then(|m| m.parse::<u64>().ok()).unwrap_or(0);
+            let gpus = (0..n).map(|i| Gpu::new(i, &model, mem, full)).collect();
+            (gpus, Topology::unconnected(n))
+        }
+    };
+    let cpu = (quantity_of(alloc, "cpu") * 1000.0) as u64;
+    let mem = (quantity_of(alloc, "memory") / (1024.0 * 1024.0)) as u64;
+    let mut n = Node::new(name, cpu, mem, gpus);
+    n.labels = labels;
+    n.schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    n.topology = Arc::new(topology);
+    Some((n, ops))
+}
+
+/// Builds the snapshot: nodes (with the MIG layouts their agents report), then every bound,
+/// non-terminal pod's allocation.
+/// Takes the objects owned or shared (`Arc`, as reflector stores hold them).
+pub fn build<N, G, P>(nodes: &[N], gpunodes: &[G], pods: &[P]) -> Built
+where
+    N: Borrow<KubeNode>,
+    G: Borrow<GpuNode>,
+    P: Borrow<Pod>,
+{
+    let mut b = Built::default();
+    let by_name: HashMap<&str, &GpuNode> = gpunodes
+        .iter()
+        .map(Borrow::borrow)
+        .filter_map(|g: &GpuNode| g.metadata.name.as_deref().map(|n| (n, g)))
+        .collect();
+    for kn in nodes.iter().map(Borrow::borrow) {
+        let Some(name) = kn.metadata.name.as_deref() else { continue };
+        let gn = by_name.get(name).copied();
+        let Some((node, ops)) = node_of(kn, gn, &mut b.warnings) else { continue };
+        let nn = node.name.clone();
+        if let Err(e) = b.snap.add_node(node) {
+            b.warnings.push(e.to_string());
+            continue;
+        }
+        for op in ops {
+            if let Err(e) = b.snap.apply(&nn, op) {
+                b.warnings.push(format!("GpuNode {nn}: {e}"));
+            }
+        }
+        if let Some(status) = gn.and_then(|g| g.status.as_ref()) {
+            for g in &status.gpus {
+                for i in &g.instances {
+                    if !i.uuid.is_empty() {
+                        b.mig_uuids.insert((nn.clone(), g.index, i.start), i.uuid.clone());
+                    }
+                }
+            }
+        }
+    }
+    // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess) never take the
+    // devices an annotated pod really holds.
+    let mut bound: Vec<(bool, &Pod)> = pods
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|p: &&Pod| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+                && !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .map(|p| (assignment_of(p).is_none(), p))
+        .collect();
+    bound.sort_by_key(|(guessed, _)| *guessed);
+    for (_, pod) in bound {
+        let Ok(key) = podparse::pod_key(pod) else { continue };
+        if let Some(uid) = &pod.metadata.uid {
+            b.uids.insert(uid.clone(), key.clone());
+        }
+        let node = NodeName(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default());
+        if b.snap.node(&node).is_none() {
+            b.warnings.push(format!("pod {key}: bound to node {node}, which is not listed"));
+            continue;
+        }
+        let (cpu_milli, memory_mib) = podparse::requests(pod).unwrap_or((0, 0));
+        let grants = match grants_of(&b.snap, &node, pod) {
+            Ok(g) => g,
+            Err(why) => {
+                b.warnings.push(format!("pod {key} on {node}: {why}"));
+                Vec::new()
+            }
+        };
+        let alloc = Allocation {
+            pod: key.clone(),
+            node: node.clone(),
+            cpu_milli,
+            memory_mib,
+            grants,
+            priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
+            gang: podparse::gang_name(pod),
+            reserved_until_ms: None,
+        };
+        if let Err(e) = b.snap.allocate(alloc.clone()) {
+            // Devices first: a node whose cpu/memory looks over-committed (static pods, stale
+            // allocatable) must still not lose track of which GPUs are taken.
+            b.warnings.push(format!("pod {key}: {e}"));
+            let gpu_only = Allocation { cpu_milli: 0, memory_mib: 0, ..alloc };
+            if let Err(e) = b.snap.allocate(gpu_only) {
+                b.warnings.push(format!("pod {key}: {e}"));
+            }
+        }
+    }
+    b
+}
+
+fn assignment_of(pod: &Pod) -> Option<Assignment> {
+    let v = pod.metadata.annotations.as_ref()?.get(annotations::ASSIGNMENT)?;
+    Assignment::from_annotation(v).ok()
+}
+
+/// The devices a bound pod holds.
+fn grants_of(snap: &Snapshot, node: &NodeName, pod: &Pod) -> Result<Vec<Grant>, String> {
+    let n = snap.node(node).ok_or("node unknown")?;
+    if let Some(a) = assignment_of(pod) {
+        return a
+            .devices
+            .iter()
+            .map(|d| {
+                let g =
+                    n.gpu(d.index).ok_or_else(|| format!("assignment names GPU {} which the node lacks", d.index))?;
+                match (&d.profile, d.start, d.share) {
+                    (Some(profile), Some(start), _) => {
+                        let p = g
+                            .mig_product()
+                            .and_then(|p| p.geometry().profile_by_name(profile))
+                            .ok_or_else(|| format!("GPU {} has no MIG profile {profile}", d.index))?;
+                        Ok(Grant::Mig { gpu: d.index, class: p.class, start })
+                    }
+                    (_, _, Some(milli)) => Ok(Grant::Share { gpu: d.index, milli }),
+                    _ => Ok(Grant::Whole { gpu: d.index }),
+                }
+            })
+            .collect();
+    }
+    let res = podparse::resources(pod).map_err(|e| e.to_string())?;
+    let mut grants = Vec::new();
+    for (name, q) in &res {
+        let count = parse_quantity(&q.0).unwrap_or(0.0) as usize;
+        if name == NVIDIA_GPU {
+            let free: Vec<u32> = n
+                .gpus
+                .iter()
+                .filter(|g| {
+                    g.mode() != GpuMode::Mig
+                        && g.used_milli() == 0
+                        && !grants.iter().any(|x: &Grant| x.gpu() == g.index)
+                })
+                .map(|g| g.index)
+                .take(count)
+                .collect();
+            if free.len() < count {
+                return Err(format!("{count} nvidia.com/gpu but only {} free GPUs", free.len()));
+            }
+            grants.extend(free.into_iter().map(|gpu| Grant::Whole { gpu }));
+        } else if let Some(profile) = name.strip_prefix(NVIDIA_MIG_PREFIX) {
+            for _ in 0..count {
+                let slot = n.gpus.iter().find_map(|g| {
+                    let class = g.mig_product()?.geometry().profile_by_name(profile)?.class;
+                    g.free_instances()
+                        .find(|i| {
+                            i.class == class
+                                && !grants.iter().any(|x| matches!(*x, Grant::Mig { gpu, start, .. } if gpu == g.index && start == i.start))
+                        })
+                        .map(|i| Grant::Mig { gpu: g.index, class, start: i.start })
+                });
+                grants.push(slot.ok_or_else(|| format!("no free {profile} instance"))?);
+            }
+        } else if name == annotations::RESOURCE_GPU && parse_quantity(&q.0).unwrap_or(0.0) > 0.0 {
+            return Err(format!(
+                "holds {} without a {} annotation",
+                annotations::RESOURCE_GPU,
+                annotations::ASSIGNMENT
+            ));
+        }
+    }
+    Ok(grants)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tessera_core::mig::ProfileClass;
+
+    use super::*;
+
+    fn node(name: &str, labels: serde_json::Value, gpus: &str) -> KubeNode {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "status": {"allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": gpus}}
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, node: &str, annotations: serde_json::Value, limits: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ml", "annotations": annotations},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"limits": limits}}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap()
+    }
+
+    fn gpunode() -> GpuNode {
+        let gpu = |i: u32, mode: &str, instances: serde_json::Value| {
+            json!({"index": i, "uuid": format!("GPU-{i}"), "product": "A100-80GB", "memoryMib": 81920,
+                   "migCapable": true, "mode": mode, "health": "Healthy", "instances": instances})
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": "a"}, "spec": {},
+            "status": {"gpus": [
+                gpu(0, "mig", json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-0-0"},
+                                     {"profile": "3g.40gb", "start": 4, "size": 4, "uuid": "MIG-0-4"}])),
+                gpu(1, "full", json!([])),
+                gpu(2, "full", json!([])),
+            ]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn annotated_pods_hold_their_devices_and_nvidia_plugin_pods_the_lowest_free_ones() {
+        let assignment = r#"{"node":"a","devices":[{"gpu":"GPU-0","index":0,"profile":"3g.40gb","start":4}]}"#;
+        let pods = [
+            // Listed first, yet the annotated pods are counted before it.
+            pod("plugin", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+            pod("mig", "a", json!({annotations::ASSIGNMENT: assignment}), json!({"tessera.dev/gpu": "1"})),
+            pod(
+                "whole",
+                "a",
+                json!({annotations::ASSIGNMENT: r#"{"node":"a","devices":[{"gpu":"GPU-1","index":1}]}"#}),
+                json!({"tessera.dev/gpu": "1"}),
+            ),
+            pod("elsewhere", "gone", json!({}), json!({"nvidia.com/gpu": "1"})),
+        ];
+        let b = build(&[node("a", json!({}), "3")], &[gpunode()], &pods);
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("mig"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]));
+        assert_eq!(grants("whole"), Some(vec![Grant::Whole { gpu: 1 }]));
+        assert_eq!(grants("plugin"), Some(vec![Grant::Whole { gpu: 2 }]));
+        assert_eq!(grants("elsewhere"), None);
+        assert_eq!(b.warnings, ["pod ml/elsewhere: bound to node gone, which is not listed"]);
+        assert_eq!(b.mig_uuids.get(&(NodeName("a".into()), 0, 4)).map(String::as_str), Some("MIG-0-4"));
+    }
+
+    #[test]
+    fn a_node_without_gpunode_is_described_by_gpu_feature_discovery_labels() {
+        let n = node("b", json!({GFD_PRODUCT: "L4", GFD_MEMORY: "23034", SHARING_LABEL: "time-sliced"}), "2");
+        let b = build(&[Arc::new(n)], &[] as &[Arc<GpuNode>], &[] as &[Arc<Pod>]);
+        let node = b.snap.node(&NodeName("b".into())).unwrap();
+        assert_eq!(node.gpus.len(), 2);
+        assert_eq!(
+            (node.gpus[1].model.as_str(), node.gpus[1].memory_mib, node.gpus[1].mode()),
+            ("L4", 23034, GpuMode::Shared)
+        );
+        assert_eq!((node.cpu_milli, node.memory_mib), (32_000, 256 * 1024));
+    }
+}

@@ -1,0 +1,3 @@
+//! `tessera-sim` run as a program.
+
+mod whatif;
