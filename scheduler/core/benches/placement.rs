@@ -46,33 +46,18 @@ fn filter_and_score(c: &mut Criterion) {
 }
 
 fn memoised(c: &mut Criterion) {
-    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
-    let workload = Workload::from_demands(mix.iter());
-    let mut group = c.benchmark_group("memo");
-    group.sample_size(20);
-    for nodes in [1_000usize, 5_000] {
-        let snap = synth_cluster(7, nodes);
-        for policy in ["tessera", "fgd"] {
-            let p = by_name(policy).unwrap_or_else(|| unreachable!());
-            for (kind, d) in demands() {
-                let param = format!("nodes={nodes},gpus=8,mig=mixed,policy={policy},demand={kind}");
-                let ctx = Context { workload: &workload, seed: 1 };
-                let mut memo = Memo::new();
-                let _ = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo);
-                group.throughput(Throughput::Elements(1));
-                group.bench_with_input(BenchmarkId::from_parameter(param), &d, |b, d| {
-                    b.iter(|| place_memo(&snap, d, p.as_ref(), &ctx, &mut memo));
-                });
-            }
-        }
-    }
-    group.finish();
+    warm(c, "memo", false);
 }
 
 fn steady(c: &mut Criterion) {
+    warm(c, "steady", true);
+}
+
+/// A warm memo per case; with `bind`, each decision is bound and released again.
+fn warm(c: &mut Criterion, name: &str, bind: bool) {
     let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
     let workload = Workload::from_demands(mix.iter());
-    let mut group = c.benchmark_group("steady");
+    let mut group = c.benchmark_group(name);
     group.sample_size(20);
     for nodes in [1_000usize, 5_000] {
         let mut snap = synth_cluster(7, nodes);
@@ -86,10 +71,12 @@ fn steady(c: &mut Criterion) {
                 group.throughput(Throughput::Elements(1));
                 group.bench_function(BenchmarkId::from_parameter(param), |b| {
                     b.iter(|| {
-                        let pl = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo)
-                            .unwrap_or_else(|r| panic!("the bench cluster has room: {r}"));
-                        pl.apply(&mut snap, &d, None).unwrap_or_else(|e| panic!("{e}"));
-                        snap.release(&d.pod).unwrap_or_else(|e| panic!("{e}"));
+                        let decision = place_memo(&snap, &d, p.as_ref(), &ctx, &mut memo);
+                        if bind {
+                            let pl = decision.unwrap_or_else(|r| panic!("the bench cluster has room: {r}"));
+                            pl.apply(&mut snap, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                            snap.release(&d.pod).unwrap_or_else(|e| panic!("{e}"));
+                        }
                     });
                 });
             }
