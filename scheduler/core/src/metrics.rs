@@ -30,6 +30,8 @@ pub struct GpuView<'a> {
     pub instances: &'a [Instance],
     /// An instance a candidate would create (not yet in `instances`).
     pub extra: Option<Instance>,
+    /// Starts of `instances` a candidate would destroy (repartitioning free instances).
+    pub gone: u8,
 }
 
 impl<'a> GpuView<'a> {
@@ -45,11 +47,12 @@ impl<'a> GpuView<'a> {
             busy: g.mig_busy,
             instances: layout.map_or(&[], |l| l.instances()),
             extra: None,
+            gone: 0,
         }
     }
 
     fn instance_iter(&self) -> impl Iterator<Item = Instance> + '_ {
-        self.instances.iter().copied().chain(self.extra)
+        self.instances.iter().copied().filter(|i| self.gone & (1 << i.start) == 0).chain(self.extra)
     }
 
     /// Free capacity in milli-GPU: shares as is; MIG by compute slices not held by pods.
@@ -75,7 +78,7 @@ impl<'a> GpuView<'a> {
     /// No pod on it and, in MIG mode, no instances: it can be taken whole or repartitioned.
     pub fn idle(&self) -> bool {
         match self.mode {
-            GpuMode::Mig => self.busy == 0 && self.instances.is_empty() && self.extra.is_none(),
+            GpuMode::Mig => self.busy == 0 && self.instance_iter().next().is_none(),
             _ => self.free_milli == MILLI_PER_GPU,
         }
     }
@@ -177,7 +180,7 @@ pub fn gpu_unusable(v: &GpuView<'_>, m: &GpuDemand) -> u32 {
             let max_inst = geom.map_or(7, |g| g.max_instances as usize);
             let count = match v.mode {
                 GpuMode::Mig => {
-                    let insts: Vec<Instance> = v.instance_iter().collect();
+                    let insts: smallvec::SmallVec<[Instance; 8]> = v.instance_iter().collect();
                     let free_of_class =
                         insts.iter().filter(|i| i.class == p.class && v.busy & (1 << i.start) == 0).count();
                     let of_class = insts.iter().filter(|i| i.class == p.class).count();
@@ -186,7 +189,20 @@ pub fn gpu_unusable(v: &GpuView<'_>, m: &GpuDemand) -> u32 {
                 _ if v.idle() => max_new_instances(p, 0, 0, 0, max_inst),
                 _ => 0,
             };
-            let usable = (count as u32 * u32::from(p.compute_slices) * MILLI_PER_GPU / compute).min(free);
+            // A model also runs in a larger free instance as is (placement offers it), so that
+            // capacity is usable by the model class, not fragment.
+            let larger: u32 = match (m, v.mode, geom) {
+                (GpuDemand::Model { memory_mib, compute_slices }, GpuMode::Mig, Some(g)) => v
+                    .instance_iter()
+                    .filter(|i| i.class != p.class && v.busy & (1 << i.start) == 0)
+                    .filter_map(|i| g.profile(i.class))
+                    .filter(|ip| ip.memory_mib >= *memory_mib && compute_slices.is_none_or(|c| ip.compute_slices >= c))
+                    .map(|ip| u32::from(ip.compute_slices))
+                    .sum(),
+                _ => 0,
+            };
+            let slices = count as u32 * u32::from(p.compute_slices) + larger;
+            let usable = (slices * MILLI_PER_GPU / compute).min(free);
             return free - usable;
         }
     };
@@ -406,6 +422,7 @@ pub fn apply_candidate(vs: &mut [GpuView<'_>], node: &Node, cand: &crate::placem
                     v.mode = mode;
                     v.instances = &[];
                     v.extra = None;
+                    v.gone = 0;
                     v.mig_mask = 0;
                     v.busy = 0;
                     v.free_milli = if mode == GpuMode::Mig { 0 } else { MILLI_PER_GPU };
@@ -418,7 +435,13 @@ pub fn apply_candidate(vs: &mut [GpuView<'_>], node: &Node, cand: &crate::placem
                     v.extra = Some(Instance { class, start });
                 }
             }
-            MigOp::Destroy { .. } => {}
+            MigOp::Destroy { gpu, class, start } => {
+                if let Some(v) = pos(gpu).map(|i| &mut vs[i]) {
+                    let mask = v.product.and_then(|p| p.geometry().profile(class)).map_or(0, |p| p.mask_at(start));
+                    v.mig_mask &= !mask;
+                    v.gone |= 1 << start;
+                }
+            }
         }
     }
     for g in &cand.grants {

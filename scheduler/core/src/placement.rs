@@ -72,7 +72,7 @@ pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
         GpuDemand::Whole { count } => {
             node.gpus
                 .iter()
-                .filter(|g| g.healthy && (g.used_milli() == 0 && g.mode() != GpuMode::Mig || g.is_idle()))
+                .filter(|g| g.healthy && if g.mode() == GpuMode::Mig { g.is_unused() } else { g.used_milli() == 0 })
                 .count()
                 < *count as usize
         }
@@ -184,15 +184,20 @@ fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candid
     Ok(())
 }
 
-/// A GPU that can be handed out whole: free non-MIG, or MIG with no instances (it is switched
-/// back to full mode first).
+/// A GPU that can be handed out whole: free non-MIG, or MIG with no instance held by a pod
+/// (its free instances are destroyed and it is switched back to full mode first).
 fn whole_ready(g: &Gpu) -> Option<Vec<MigOp>> {
     if !g.healthy {
         return None;
     }
     match g.mode() {
         GpuMode::Full | GpuMode::Shared if g.used_milli() == 0 => Some(Vec::new()),
-        GpuMode::Mig if g.is_idle() => Some(vec![MigOp::SetMode { gpu: g.index, mode: GpuMode::Full }]),
+        GpuMode::Mig if g.is_unused() => {
+            let mut ops: Vec<MigOp> =
+                g.free_instances().map(|i| MigOp::Destroy { gpu: g.index, class: i.class, start: i.start }).collect();
+            ops.push(MigOp::SetMode { gpu: g.index, mode: GpuMode::Full });
+            Some(ops)
+        }
         _ => None,
     }
 }
@@ -286,6 +291,7 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
                     ops: Vec::new(),
                 });
             }
+            let before = out.len();
             if let Some(layout) = g.mig_layout() {
                 for start in layout.placements(p.class) {
                     out.push(Candidate {
@@ -293,6 +299,9 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
                         grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }],
                         ops: vec![MigOp::Create { gpu: g.index, class: p.class, start }],
                     });
+                }
+                if out.len() == before {
+                    repartition(g, ni, layout, p, out);
                 }
             }
         }
@@ -309,6 +318,33 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
             }
         }
         _ => {}
+    }
+}
+
+/// When the profile has no free instance and no free slices on a MIG GPU: every legal start
+/// whose slices are covered only by free instances, destroying those first. Without this,
+/// layouts only ever grow as pods come and go.
+fn repartition(g: &Gpu, ni: usize, layout: &crate::mig::MigLayout, p: &Profile, out: &mut Vec<Candidate>) {
+    let geom = layout.geometry();
+    for &start in p.starts {
+        let want = p.mask_at(start);
+        let in_the_way: smallvec::SmallVec<[Instance; 7]> = layout
+            .instances()
+            .iter()
+            .copied()
+            .filter(|i| geom.profile(i.class).is_some_and(|ip| ip.mask_at(i.start) & want != 0))
+            .collect();
+        if in_the_way.is_empty() || in_the_way.iter().any(|i| g.instance_busy(i.start)) {
+            continue;
+        }
+        let mut after = layout.clone();
+        if in_the_way.iter().any(|i| after.destroy(i.class, i.start).is_err()) || after.check(p.class, start).is_err() {
+            continue;
+        }
+        let mut ops: Vec<MigOp> =
+            in_the_way.iter().map(|i| MigOp::Destroy { gpu: g.index, class: i.class, start: i.start }).collect();
+        ops.push(MigOp::Create { gpu: g.index, class: p.class, start });
+        out.push(Candidate { node: ni, grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }], ops });
     }
 }
 

@@ -10,8 +10,10 @@
 //!                           what its free GPUs will need at the workload's cpu-per-GPU; a
 //!                           cpu-only pod should go where cpu is in surplus, not eat the cpu
 //!                           that GPUs on another node still need
-//! − RECONFIG_COST · steps   MIG mode switches and instance creations
+//! − RECONFIG_COST · steps   MIG steps: mode switches, instance creations and destructions
 //! − PACK · free left        among equals, the fuller GPU
+//! − 2 · oversize            compute granted beyond the smallest fitting profile (a model
+//!                           taking a larger free MIG instance as is)
 //! ```
 //!
 //! Why: the openb replay shows the free capacity left at the end is mostly GPUs stranded on
@@ -21,7 +23,7 @@
 use super::baselines::{first_fit_position, node_of};
 use super::fgd::Before;
 use super::{Context, Policy, Score};
-use crate::cluster::{MigOp, Node, Snapshot};
+use crate::cluster::{Node, Snapshot};
 use crate::demand::{Demand, GpuDemand};
 use crate::placement::Candidate;
 
@@ -35,6 +37,10 @@ const RECONFIG_COST: f64 = 250.0;
 const BALANCE_WEIGHT: f64 = 0.003;
 /// Milli-GPU of score per milli-GPU left free on the GPUs a candidate touches.
 const PACK_WEIGHT: f64 = 0.001;
+/// Milli-GPU of score per milli-GPU of compute a model-sized demand is granted beyond its
+/// smallest fitting profile. Fragmentation alone rewards a small model taking a large free
+/// instance (less free capacity, less fragment); under churn that starves the large profiles.
+const OVERSIZE_WEIGHT: f64 = 2.0;
 
 /// Expected cpu (milli-cores) per GPU of the workload's GPU demand; 0 when unknown.
 fn cpu_per_gpu(ctx: &Context<'_>) -> f64 {
@@ -68,6 +74,27 @@ impl Policy for Tessera {
     }
 }
 
+/// Milli-GPU of compute granted beyond what a model-sized demand needs (a larger free MIG
+/// instance taken as is).
+fn oversize(node: &Node, d: &Demand, c: &Candidate) -> u32 {
+    let GpuDemand::Model { memory_mib, compute_slices } = d.gpu else { return 0 };
+    c.grants
+        .iter()
+        .filter_map(|g| match *g {
+            crate::cluster::Grant::Mig { gpu, class, .. } => {
+                let geom = node.gpu(gpu)?.mig_product()?.geometry();
+                let got = geom.profile(class)?.compute_slices;
+                let need = crate::demand::smallest_fitting_profile(geom, memory_mib, compute_slices)?.compute_slices;
+                Some(
+                    u32::from(got.saturating_sub(need)) * crate::cluster::MILLI_PER_GPU
+                        / u32::from(geom.compute_slices),
+                )
+            }
+            _ => None,
+        })
+        .sum()
+}
+
 impl Tessera {
     fn score_with<'a>(
         &self,
@@ -93,8 +120,12 @@ impl Tessera {
         } else {
             0.0
         };
-        let steps = c.ops.iter().filter(|op| !matches!(op, MigOp::Destroy { .. })).count() as f64;
-        let s = gain + BALANCE_WEIGHT * balance - RECONFIG_COST * steps - PACK_WEIGHT * touched_free;
+        // Every step counts: each is a driver call that briefly blocks the GPU's other tenants.
+        let steps = c.ops.len() as f64;
+        let s = gain + BALANCE_WEIGHT * balance
+            - RECONFIG_COST * steps
+            - PACK_WEIGHT * touched_free
+            - OVERSIZE_WEIGHT * f64::from(oversize(node, d, c));
         Score::new(s, s - 1e-6 * f64::from(first_fit_position(c)))
     }
 }
