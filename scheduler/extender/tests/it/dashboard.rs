@@ -79,9 +79,10 @@ async fn demo_pending_pods_show_what_keeps_each_waiting() {
         (Some("pending"), Some(0), Some(5))
     );
     assert_eq!(vlm["demand"], "8 whole GPUs");
-    // Two H100 nodes have 4 whole GPUs free; the others can never host it (wrong model). The
-    // summary gives the reason that can change, without the node's name.
-    assert_eq!(vlm["reason"], "needs 8 whole GPUs, 4 free");
+    // The best H100 node has 6 GPUs it could hand out whole (idle ones, and MIG GPUs whose
+    // instances are all free: they would be repartitioned); the others can never host it
+    // (wrong model). The summary gives the reason that can change, without the node's name.
+    assert_eq!(vlm["reason"], "needs 8 whole GPUs, 6 free");
 
     // The gang's third member is the bottleneck: two fit on the A100 nodes, the third cannot.
     for i in 0..3 {
@@ -307,7 +308,15 @@ fn dashboard_draws_the_demo_cluster_and_explains_a_pending_gang_in_chromium() {
     assert_eq!(count(&mut b, ".node"), 5);
     assert_eq!(count(&mut b, ".gpu") as usize, gpus);
     assert_eq!(count(&mut b, ".inst") as usize, api.len());
-    assert_eq!(count(&mut b, ".gpu[data-mode=mig]"), 6);
+    let mig_gpus = c["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["gpus"].as_array().unwrap())
+        .filter(|g| g["mode"] == "mig")
+        .count();
+    assert!(mig_gpus >= 4, "the demo partitions GPUs: {mig_gpus}");
+    assert_eq!(count(&mut b, ".gpu[data-mode=mig]") as usize, mig_gpus);
     let drawn = instances_on_page(&mut b);
     assert_eq!(drawn, api, "MIG instances drawn vs /api/v1/cluster");
     let reserved_api: Vec<&str> = c["allocations"]
@@ -339,10 +348,10 @@ fn dashboard_draws_the_demo_cluster_and_explains_a_pending_gang_in_chromium() {
     b.click(&format!(".pending-pod[data-pod=\"{pod}\"]"));
     let text = b.wait_for(&explained(pod), WAIT);
     let text = text.as_str().unwrap();
-    assert!(text.contains("Holds a gang reservation: gpu-node-b GPU 3: MIG 1g.20gb at memory slice 2"), "{text}");
+    assert!(text.contains("Holds a gang reservation: gpu-node-b GPU 1: MIG 2g.20gb at memory slice 4"), "{text}");
     assert!(text.contains("1 of 5 offered nodes fit"), "{text}");
     let picked = b.eval("Array.from(document.querySelectorAll('.slice.picked')).map(e => e.closest('.gpu').dataset.gpu + '@' + e.dataset.start)");
-    assert_eq!(picked, json!(["gpu-node-b/3@2"]));
+    assert_eq!(picked, json!(["gpu-node-b/1@4"]));
 
     // Click the gang member that does not fit and read why.
     let pod = "training/vlm-finetune-2";
