@@ -12,7 +12,7 @@ use std::hash::{Hash, Hasher};
 use super::{Context, Policy, Score, hash_str, mix, node_verdict, summarize_rejections};
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
-use crate::placement::{Candidate, Placement, Rejection, quick_reject};
+use crate::placement::{Candidate, Placement, Rejection, node_candidates, quick_reject};
 
 /// Cached per-node verdicts. Use one per policy, workload and seed; it notices when those
 /// change and starts over.
@@ -52,6 +52,9 @@ struct Table {
 #[derive(Debug, Default)]
 enum Entry {
     Fits(Candidate, Score),
+    /// The node's candidates, for a policy whose scores depend on the pod ([`Policy::memoizable`]
+    /// false): they are scored afresh for every pod, but not rebuilt.
+    Open(Vec<Candidate>),
     /// Refused by the cheap pre-check ([`quick_reject`]); the reason is built only when a
     /// caller needs it (reasons cost string formatting).
     #[default]
@@ -152,6 +155,18 @@ impl Table {
             self.verdict[ni] = Entry::Unknown;
             return hit;
         }
+        if !ask.policy.memoizable() {
+            scratch.cands.clear();
+            self.verdict[ni] = match node_candidates(ask.snap, ni, ask.demand, &mut scratch.cands) {
+                Ok(()) => {
+                    self.score[ni] = 0.0;
+                    self.tie[ni] = hash_str(mix(ask.ctx.seed), &node.name.0);
+                    Entry::Open(std::mem::take(&mut scratch.cands))
+                }
+                Err(r) => Entry::Refused(r),
+            };
+            return hit;
+        }
         let v = node_verdict(ask.snap, ni, ask.demand, ask.policy, ask.ctx, &mut scratch.cands, &mut scratch.scores);
         self.verdict[ni] = match v {
             Ok((c, s)) => {
@@ -165,8 +180,8 @@ impl Table {
     }
 }
 
-/// [`super::place`] with a memo. Policies that depend on the pod's identity
-/// ([`Policy::memoizable`] false) are evaluated afresh.
+/// [`super::place`] with a memo: identical decisions. Policies that depend on the pod's
+/// identity ([`Policy::memoizable`] false) reuse each node's candidates and score them afresh.
 pub fn place_memo(
     snap: &Snapshot,
     demand: &Demand,
@@ -174,35 +189,50 @@ pub fn place_memo(
     ctx: &Context<'_>,
     memo: &mut Memo,
 ) -> Result<Placement, Rejection> {
-    if !policy.memoizable() {
-        return super::place(snap, demand, policy, ctx);
-    }
     demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
     memo.ready(snap, policy, ctx);
     let sh = shape(demand);
     let n = snap.nodes().len();
     let ask = Ask { snap, demand, policy, ctx };
+    let rescore = !policy.memoizable();
     let (table, scratch) = memo.table(sh, n);
-    // Refresh stale cells and keep the best node, ties to the seeded node order (as `choose`).
-    let (mut hits, mut best) = (0u64, None::<usize>);
+    // Refresh stale cells and keep the best node, ties to the seeded node order (as `choose`);
+    // `pick` is the chosen candidate's position when candidates are scored per pod.
+    let (mut hits, mut best) = (0u64, None::<(usize, f64, usize)>);
     for ni in 0..n {
         hits += u64::from(table.refresh(&ask, ni, false, scratch));
-        let s = table.score[ni];
+        let (s, pick) = if rescore {
+            let Entry::Open(cands) = &table.verdict[ni] else { continue };
+            scratch.scores.clear();
+            policy.score_node(snap, demand, cands, ctx, &mut scratch.scores);
+            let mut top: Option<(usize, Score)> = None;
+            for (i, &sc) in scratch.scores.iter().enumerate() {
+                if top.is_none_or(|(_, b)| (sc.node, sc.device) > (b.node, b.device)) {
+                    top = Some((i, sc));
+                }
+            }
+            let (i, sc) = top.unwrap_or((0, Score::default()));
+            (sc.node, i)
+        } else {
+            (table.score[ni], 0)
+        };
         if s == f64::NEG_INFINITY {
             continue;
         }
-        if best.is_none_or(|b| s > table.score[b] || s == table.score[b] && table.tie[ni] > table.tie[b]) {
-            best = Some(ni);
+        if best.is_none_or(|(b, bs, _)| s > bs || s == bs && table.tie[ni] > table.tie[b]) {
+            best = Some((ni, s, pick));
         }
     }
-    let result = match best.map(|ni| (ni, &table.verdict[ni])) {
-        Some((ni, Entry::Fits(c, s))) => Ok(Placement {
-            node: snap.nodes()[ni].name.clone(),
-            grants: c.grants.clone(),
-            ops: c.ops.clone(),
-            score: s.node,
-        }),
-        _ => {
+    let chosen = best.and_then(|(ni, s, pick)| match &table.verdict[ni] {
+        Entry::Fits(c, _) => Some((ni, c, s)),
+        Entry::Open(cands) => cands.get(pick).map(|c| (ni, c, s)),
+        _ => None,
+    });
+    let result = match chosen {
+        Some((ni, c, score)) => {
+            Ok(Placement { node: snap.nodes()[ni].name.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score })
+        }
+        None => {
             // Nothing fits: explain over the whole cluster, as `place` does. Reasons are cached
             // too, so a shape that keeps failing only re-explains the nodes that changed.
             for ni in 0..n {
@@ -265,8 +295,10 @@ pub fn evaluate_memo(
                 Ok((c, *s))
             }
             Entry::Refused(r) => Err(r.clone()),
-            // `refresh` with reasons never leaves a cell unknown.
-            Entry::Unknown => Err(Rejection::Unschedulable(format!("node {}: not evaluated", snap.nodes()[ni].name))),
+            // `refresh` with reasons never leaves a cell unknown, and this policy is memoizable.
+            Entry::Unknown | Entry::Open(_) => {
+                Err(Rejection::Unschedulable(format!("node {}: not evaluated", snap.nodes()[ni].name)))
+            }
         };
         out.push(super::NodeVerdict { node: snap.nodes()[ni].name.clone(), outcome });
     }

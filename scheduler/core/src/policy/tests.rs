@@ -358,9 +358,7 @@ fn memoised_decisions_equal_fresh_ones_over_a_sequence() {
                 pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
             }
         }
-        if p.memoizable() {
-            assert!(memo.hits > 0, "{policy}: the memo was never used");
-        }
+        assert!(memo.hits > 0, "{policy}: the memo was never used");
     }
 }
 
@@ -378,7 +376,7 @@ fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
         GpuDemand::Share { milli: 700 },
     ];
     let spare = crate::testing::synth_cluster(99, 4);
-    for policy in ["tessera", "fgd", "bestfit"] {
+    for policy in ["tessera", "fgd", "bestfit", "random"] {
         let p = by_name(policy).unwrap_or_else(|| panic!("{policy}"));
         let ctx = Context { workload: &w, seed: 9 };
         let mut memo = Memo::new();
@@ -410,7 +408,9 @@ fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
                 Err(_) => refused += 1,
             }
         }
-        assert!(placed > 10 && refused > 10 && removed > 0, "{policy}: {placed} placed, {refused} refused, {removed}");
+        assert!(placed > 10 && refused > 10, "{policy}: {placed} placed, {refused} refused");
+        // Additions shift every index anyway; random spreads over all nodes and leaves none empty.
+        assert!(removed > 0 || policy == "random", "{policy}: no node was removed");
         assert!(memo.hits > 0, "{policy}");
     }
 }
