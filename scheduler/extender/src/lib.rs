@@ -10,6 +10,7 @@
 //! - [`metrics`]: `tessera_*` metrics.
 //! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
+//! - [`tls`]: TLS with client-certificate authentication for the verbs.
 //! - [`config`]: command line.
 
 pub mod binder;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 pub use error::{Error, Result};

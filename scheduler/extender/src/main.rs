@@ -6,7 +6,7 @@ use clap::Parser;
 use tessera_scheduler::binder::KubeBinder;
 use tessera_scheduler::cluster::Watch;
 use tessera_scheduler::config::{Args, Config};
-use tessera_scheduler::http::{App, Limits, Surface, serve};
+use tessera_scheduler::http::{App, Limits, Surface, serve, serve_tls};
 use tessera_scheduler::state::{Scheduler, Settings};
 use tessera_scheduler::{demo, leader};
 use tokio::net::TcpListener;
@@ -41,6 +41,11 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cfg = Args::parse().validate().map_err(anyhow::Error::msg)?;
     init_tracing(&cfg);
+    // Read the certificates before anything else starts, so a bad file stops the process at once.
+    let tls = match &cfg.tls {
+        Some(files) => Some(tessera_scheduler::tls::server_config(files).context("--tls-cert/--tls-key/--client-ca")?),
+        None => None,
+    };
     let policy = tessera_core::policy::by_name(&cfg.policy).context("unknown policy")?;
     let scheduler: Arc<Scheduler> = if cfg.demo {
         let (s, _) = demo::scheduler(policy, cfg.seed);
@@ -86,14 +91,17 @@ async fn main() -> anyhow::Result<()> {
     let limits = Limits { max_body_bytes: cfg.max_body_bytes, timeout: cfg.request_timeout };
     let verbs_surface = if cfg.read_listen.is_none() { Surface::ALL } else { Surface::VERBS };
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, demo = cfg.demo, policy = %cfg.policy, "tessera-scheduler serving");
+    tracing::info!(listen = %cfg.listen, tls = tls.is_some(), demo = cfg.demo, policy = %cfg.policy, "tessera-scheduler serving");
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = Vec::new();
     let app = App { scheduler: scheduler.clone(), surface: verbs_surface, limits };
-    tasks.push(tokio::spawn(serve(listener, app, wait(rx.clone()))));
+    tasks.push(match tls {
+        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, wait(rx.clone()))),
+        None => tokio::spawn(serve(listener, app, wait(rx.clone()))),
+    });
     if let Some(addr) = cfg.read_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         tracing::info!(listen = %addr, "Read-only surface serving");
