@@ -53,7 +53,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
         let watch = Watch::start(&client);
-        let settings = Settings { mode: "live", mig_timeout: cfg.mig_timeout, seed: cfg.seed, ..Default::default() };
+        let settings = Settings {
+            mode: "live",
+            mig_timeout: cfg.mig_timeout,
+            seed: cfg.seed,
+            persist_reservations: true,
+            ..Default::default()
+        };
         let s = Arc::new(Scheduler::new(
             tessera_core::Snapshot::default(),
             policy,
@@ -88,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
             ticker.tick();
         }
     });
+    // Gang reservation annotations are written by one task, off the request path.
+    tokio::spawn(tessera_scheduler::reservations::writer(scheduler.clone()));
     let limits = Limits { max_body_bytes: cfg.max_body_bytes, timeout: cfg.request_timeout };
     let verbs_surface = if cfg.read_listen.is_none() { Surface::ALL } else { Surface::VERBS };
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;

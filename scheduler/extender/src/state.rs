@@ -31,6 +31,7 @@ use tessera_core::{
 use crate::binder::{BindRequest, Binder, WantedInstance};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::reservations::Outbox;
 use crate::wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
     ExtenderPreemptionResult, FailedNodesMap, HostPriority, MetaPod, MetaVictims, NodeList,
@@ -79,6 +80,9 @@ pub struct Settings {
     pub assume_ttl: Duration,
     /// Threads one filter may use to evaluate a long node list.
     pub threads: usize,
+    /// Write planned gang members' reservations on the pods (live mode with
+    /// [`crate::reservations::writer`] running); off, nothing is queued.
+    pub persist_reservations: bool,
 }
 
 impl Default for Settings {
@@ -89,6 +93,7 @@ impl Default for Settings {
             seed: 0,
             assume_ttl: Duration::from_secs(300),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            persist_reservations: false,
         }
     }
 }
@@ -151,39 +156,42 @@ enum Barrier {
 
 /// One gang: members seen at filter, the reserved plan, and the bind barrier.
 #[derive(Debug)]
-struct GangState {
+pub(crate) struct GangState {
     min_member: u32,
     timeout_ms: u64,
     /// Pending members and when filter last saw each (ms).
-    members: BTreeMap<PodKey, (Demand, u64)>,
-    plan: Option<GangPlan>,
+    pub(crate) members: BTreeMap<PodKey, (Demand, u64)>,
+    pub(crate) plan: Option<GangPlan>,
+    /// The plan's deadline as written in its members' reservation annotations.
+    pub(crate) deadline: Option<String>,
     arrived: BTreeSet<PodKey>,
     barrier: tokio::sync::watch::Sender<Barrier>,
 }
 
 impl GangState {
-    fn new(g: &GangRef) -> Self {
+    pub(crate) fn new(g: &GangRef) -> Self {
         Self {
             min_member: g.min_member,
             timeout_ms: g.timeout_ms,
             members: BTreeMap::new(),
             plan: None,
+            deadline: None,
             arrived: BTreeSet::new(),
             barrier: tokio::sync::watch::channel(Barrier::Waiting).0,
         }
     }
 
-    fn planned(&self, pod: &PodKey) -> bool {
+    pub(crate) fn planned(&self, pod: &PodKey) -> bool {
         self.plan.as_ref().is_some_and(|p| p.members.iter().any(|(k, _)| k == pod))
     }
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// Shared with filters evaluating outside the lock; writers copy on write.
-    snap: Arc<Snapshot>,
+    pub(crate) snap: Arc<Snapshot>,
     /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
-    generation: u64,
+    pub(crate) generation: u64,
     workload: Arc<Workload>,
     recent: VecDeque<Demand>,
     filtered: u64,
@@ -194,7 +202,12 @@ struct Inner {
     mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     base_reconfigs: u64,
-    gangs: BTreeMap<String, GangState>,
+    pub(crate) gangs: BTreeMap<String, GangState>,
+    /// Reservation annotations to write or remove (the leader's [`crate::reservations::writer`]).
+    pub(crate) outbox: Outbox,
+    /// Plans this replica dropped, by (gang, deadline as annotated), until their deadline (ms):
+    /// their annotations may still be visible, and must not bring them back.
+    pub(crate) dropped_plans: HashMap<(String, String), u64>,
 }
 
 impl Inner {
@@ -204,7 +217,11 @@ impl Inner {
         let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
         let mut released = Vec::new();
         if let Some(plan) = st.plan.take() {
+            if let Some(d) = st.deadline.take() {
+                self.dropped_plans.insert((name.to_owned(), d), plan.deadline_ms);
+            }
             for (pod, _) in &plan.members {
+                self.outbox.clear(pod.clone());
                 if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
                     && Arc::make_mut(&mut self.snap).release(pod).is_ok()
                 {
@@ -238,6 +255,10 @@ pub struct Scheduler {
     pub metrics: Metrics,
     settings: Settings,
     origin: tokio::time::Instant,
+    /// The wall-clock time at `origin`: reservation deadlines are written in wall-clock time.
+    origin_wall: k8s_openapi::jiff::Timestamp,
+    /// Wakes the reservation writer.
+    writes: tokio::sync::Notify,
     leader: AtomicBool,
     synced: AtomicBool,
 }
@@ -298,6 +319,8 @@ impl Scheduler {
                 mig_uuids: HashMap::new(),
                 base_reconfigs,
                 gangs: BTreeMap::new(),
+                outbox: Outbox::new(settings.persist_reservations),
+                dropped_plans: HashMap::new(),
             }),
             memo: Mutex::new(policy::Memo::new()),
             policy,
@@ -306,6 +329,8 @@ impl Scheduler {
             metrics: Metrics::new(),
             settings,
             origin: tokio::time::Instant::now(),
+            origin_wall: k8s_openapi::jiff::Timestamp::now(),
+            writes: tokio::sync::Notify::new(),
             leader: AtomicBool::new(true),
             synced: AtomicBool::new(true),
         };
@@ -313,10 +338,28 @@ impl Scheduler {
         s
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the snapshot half-changed (every change
         // is one checked call), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn origin_wall(&self) -> k8s_openapi::jiff::Timestamp {
+        self.origin_wall
+    }
+
+    pub(crate) fn binder(&self) -> &dyn Binder {
+        self.binder.as_ref()
+    }
+
+    /// Wakes the reservation writer (something is queued).
+    pub(crate) fn writes_ready(&self) {
+        self.writes.notify_one();
+    }
+
+    /// Resolves when something is queued for the reservation writer.
+    pub(crate) async fn writes_wait(&self) {
+        self.writes.notified().await;
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -392,7 +435,7 @@ impl Scheduler {
         };
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let demand = self.demand_of(&pod);
-        let (plan, generation) = {
+        let (plan, generation, queued) = {
             let mut inner = self.lock();
             if !uid.is_empty() {
                 inner.uids.insert(uid.clone(), key.clone());
@@ -411,8 +454,11 @@ impl Scheduler {
                     )
                 }
             };
-            (plan, inner.generation)
+            (plan, inner.generation, !inner.outbox.is_empty())
         };
+        if queued {
+            self.writes_ready();
+        }
         // The expensive part runs without the lock, on the snapshot as it was.
         let verdicts = match (plan, &demand) {
             (Verdicts::Evaluate { snap, workload }, Ok(d)) => self.evaluate(&snap, &workload, d, &names),
@@ -616,7 +662,16 @@ impl Scheduler {
             Ok(plan) => {
                 tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
                 inner.generation += 1;
+                // Written on each member so that another replica (after a restart or a leader
+                // change) can take the plan over.
+                let written: Vec<_> =
+                    plan.members.iter().map(|(k, p)| (k.clone(), self.reservation_of(&plan, p))).collect();
+                let deadline = written.first().map(|(_, r)| r.deadline.clone());
+                for (k, r) in &written {
+                    inner.outbox.set(k.clone(), r);
+                }
                 if let Some(st) = inner.gangs.get_mut(&g.name) {
+                    st.deadline = deadline;
                     st.plan = Some(plan);
                     st.arrived.clear();
                     st.barrier.send_replace(Barrier::Waiting);
@@ -652,12 +707,18 @@ impl Scheduler {
                 inner.fail_gang(&n, "the gang's reservation deadline passed before every member reached bind");
             }
         }
+        inner.dropped_plans.retain(|_, deadline_ms| *deadline_ms > now);
         let stale = 2 * 60_000;
         inner.gangs.retain(|_, st| {
             st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
         });
         let pending = inner.gangs.values().filter(|st| st.plan.is_none()).count();
         self.metrics.pending_gangs.set(pending as i64);
+        let queued = !inner.outbox.is_empty();
+        drop(inner);
+        if queued {
+            self.writes_ready();
+        }
     }
 
     // ---- prioritize --------------------------------------------------------------------
@@ -742,6 +803,8 @@ impl Scheduler {
                     inner.assumed.remove(&key);
                 }
                 if let Some(g) = &gang {
+                    // Bound: its reservation annotation has served.
+                    inner.outbox.clear(key.clone());
                     // Every planned member bound: the gang is done.
                     let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
                         p.members
@@ -753,6 +816,10 @@ impl Scheduler {
                     }
                 }
                 self.metrics.reservations.set(inner.assumed.len() as i64);
+                drop(inner);
+                if gang.is_some() {
+                    self.writes_ready();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -765,6 +832,10 @@ impl Scheduler {
                 }
                 inner.assumed.remove(&key);
                 self.metrics.reservations.set(inner.assumed.len() as i64);
+                drop(inner);
+                if gang.is_some() {
+                    self.writes_ready();
+                }
                 Err(e)
             }
         }

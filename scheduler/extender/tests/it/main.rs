@@ -10,5 +10,6 @@ mod gang;
 mod http;
 mod kube_api;
 mod loopback;
+mod reservations;
 mod tls;
 mod wire;
