@@ -305,6 +305,9 @@ async fn serve_with(
                         continue;
                     }
                 };
+                // Small request/response exchanges on kept-alive connections: a reply split over
+                // two segments must not wait for the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
                 let app = app.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();

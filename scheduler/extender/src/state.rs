@@ -282,6 +282,41 @@ fn verdict_kind(v: &NodeVerdict) -> &'static str {
     }
 }
 
+/// How far a workload class's share may move before the workload is replaced.
+const WORKLOAD_SHARE_DRIFT: f64 = 0.05;
+
+/// Whether `fresh` differs from `current` by more than noise: another set of classes, or a
+/// class whose share moved by more than [`WORKLOAD_SHARE_DRIFT`].
+fn drifted(current: &Workload, fresh: &Workload) -> bool {
+    if current.classes.len() != fresh.classes.len() {
+        return true;
+    }
+    fresh.classes.iter().any(|f| {
+        let same = |c: &&tessera_core::policy::WorkloadClass| {
+            c.cpu_milli == f.cpu_milli && c.gpu == f.gpu && c.gpu_models == f.gpu_models
+        };
+        current.classes.iter().find(same).is_none_or(|c| (c.weight - f.weight).abs() > WORKLOAD_SHARE_DRIFT)
+    })
+}
+
+/// Whether scoring all of `verdicts` gives the offered nodes' scores: the names are the
+/// verdicts' nodes in order, with only nodes that do not fit left out (kube-scheduler offers
+/// prioritize the nodes that passed filter). Scores are normalised over the nodes that fit, so
+/// the two agree exactly then.
+fn covers(verdicts: &[NodeVerdict], names: &[NodeName]) -> bool {
+    let mut vs = verdicts.iter();
+    for n in names {
+        loop {
+            match vs.next() {
+                Some(v) if v.node == *n => break,
+                Some(v) if v.outcome.is_err() => continue,
+                _ => return false,
+            }
+        }
+    }
+    vs.all(|v| v.outcome.is_err())
+}
+
 /// Names of the offered nodes: `NodeNames` (nodeCacheCapable) or the names in `Nodes`.
 fn offered(nodes: &Option<NodeList>, names: &Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
     match (names, nodes) {
@@ -511,9 +546,14 @@ impl Scheduler {
             inner.recent.pop_front();
         }
         inner.filtered += 1;
-        // FGD's target workload: the popular shapes among recent demands (95% coverage).
+        // FGD's target workload: the popular shapes among recent demands (95% coverage). Kept
+        // while the shapes and their shares hold steady: every new workload empties the core's
+        // memo, and a refresh for sampling noise alone made a cold filter every 64 requests.
         if inner.filtered % 64 == 1 || inner.workload.is_empty() {
-            inner.workload = Arc::new(Workload::from_demands_top(inner.recent.iter(), 0.95));
+            let fresh = Workload::from_demands_top(inner.recent.iter(), 0.95);
+            if drifted(&inner.workload, &fresh) {
+                inner.workload = Arc::new(fresh);
+            }
         }
         if let Some(a) = inner.snap.allocation(&demand.pod) {
             // Already assumed or reserved: only its node.
@@ -727,15 +767,29 @@ impl Scheduler {
         let names = offered(&args.nodes, &args.node_names).map_err(Error::BadRequest)?;
         let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
         let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
+        // From the pod's filter verdicts when the state has not changed since: scored in place
+        // when they cover the offered nodes (the usual case), else the needed ones are copied.
+        enum Cached {
+            Scores(HashMap<NodeName, i64>),
+            Verdicts(Vec<NodeVerdict>),
+        }
         let cached = {
             let inner = self.lock();
             inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
+                if covers(&s.verdicts, &names) {
+                    return Some(Cached::Scores(policy::extender_scores(&s.verdicts).into_iter().collect()));
+                }
                 let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
-                names.iter().map(|n| by_node.get(n).map(|v| (*v).clone())).collect::<Option<Vec<_>>>()
+                names
+                    .iter()
+                    .map(|n| by_node.get(n).map(|v| (*v).clone()))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Cached::Verdicts)
             })
         };
         let verdicts = match cached {
-            Some(v) => v,
+            Some(Cached::Scores(scores)) => return Ok(self.scored(&names, &scores)),
+            Some(Cached::Verdicts(v)) => v,
             None => {
                 let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
                 let plan = self.prepare(&mut self.lock(), &demand, &names);
@@ -746,11 +800,12 @@ impl Scheduler {
             }
         };
         let scores: HashMap<NodeName, i64> = policy::extender_scores(&verdicts).into_iter().collect();
+        Ok(self.scored(&names, &scores))
+    }
+
+    fn scored(&self, names: &[NodeName], scores: &HashMap<NodeName, i64>) -> Vec<HostPriority> {
         self.metrics.decision("prioritize", "scored");
-        Ok(names
-            .iter()
-            .map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) })
-            .collect())
+        names.iter().map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) }).collect()
     }
 
     // ---- bind --------------------------------------------------------------------------
@@ -1639,5 +1694,57 @@ impl Scheduler {
         });
         out.sort_by(|a, b| a.pod.cmp(&b.pod));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_core::{Candidate, GpuDemand};
+
+    use super::*;
+
+    fn workload(counts: &[(GpuDemand, usize)]) -> Workload {
+        let demands: Vec<Demand> = counts
+            .iter()
+            .flat_map(|(g, n)| (0..*n).map(move |i| Demand::new(format!("ml/p{i}").as_str(), g.clone())))
+            .collect();
+        Workload::from_demands_top(demands.iter(), 1.0)
+    }
+
+    #[test]
+    fn the_workload_is_replaced_only_when_its_mix_really_moves() {
+        let mig = GpuDemand::Mig { profile: "1g.10gb".into() };
+        let whole = GpuDemand::Whole { count: 1 };
+        let base = workload(&[(mig.clone(), 50), (whole.clone(), 50)]);
+        assert!(drifted(&Workload::default(), &base));
+        // Sampling noise: 52/48 is the same mix.
+        assert!(!drifted(&base, &workload(&[(mig.clone(), 52), (whole.clone(), 48)])));
+        // A real shift, a new class, a lost class.
+        assert!(drifted(&base, &workload(&[(mig.clone(), 70), (whole.clone(), 30)])));
+        assert!(drifted(&base, &workload(&[(mig.clone(), 50), (whole, 40), (GpuDemand::Share { milli: 300 }, 10)])));
+        assert!(drifted(&base, &workload(&[(mig, 100)])));
+    }
+
+    fn verdict(node: &str, fits: bool) -> NodeVerdict {
+        NodeVerdict {
+            node: NodeName(node.into()),
+            outcome: if fits {
+                Ok((Candidate { node: 0, grants: Vec::new(), ops: Vec::new() }, policy::Score::default()))
+            } else {
+                Err(Rejection::Unschedulable(format!("node {node}: full")))
+            },
+        }
+    }
+
+    #[test]
+    fn filter_verdicts_cover_the_same_list_or_the_nodes_that_passed() {
+        let vs = [verdict("a", true), verdict("b", false), verdict("c", true)];
+        let names = |ns: &[&str]| ns.iter().map(|n| NodeName((*n).into())).collect::<Vec<_>>();
+        assert!(covers(&vs, &names(&["a", "b", "c"])));
+        assert!(covers(&vs, &names(&["a", "c"])));
+        // A fitting node left out would change the normalisation; order and unknown names too.
+        assert!(!covers(&vs, &names(&["a"])));
+        assert!(!covers(&vs, &names(&["c", "a"])));
+        assert!(!covers(&vs, &names(&["a", "c", "d"])));
     }
 }

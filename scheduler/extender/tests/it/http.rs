@@ -500,3 +500,38 @@ async fn a_whole_gpu_taken_from_an_idle_mig_gpu_asks_the_node_to_leave_mig_mode(
     assert_eq!(reconf[0].1[0].mode, tessera_api::gpunode::Mode::Full);
     sched.with_snapshot(|s| assert_eq!(s.nodes()[0].gpus[0].mode(), tessera_core::GpuMode::Full));
 }
+
+#[tokio::test]
+async fn prioritize_from_the_filter_verdicts_matches_a_fresh_evaluation() {
+    let snap = tessera_core::testing::synth_cluster(5, 300);
+    let all: Vec<String> = snap.nodes().iter().map(|n| n.name.0.clone()).collect();
+    let app = || {
+        let sched = Arc::new(Scheduler::new(
+            snap.clone(),
+            tessera_core::policy::by_name("tessera").unwrap(),
+            Arc::new(MemoryBinder::default()),
+            Arc::new(MemoryLookup::default()),
+            Settings { threads: 1, ..Settings::default() },
+        ));
+        App::new(sched, Surface::ALL)
+    };
+    for (i, limits) in [json!({"nvidia.com/mig-3g.40gb": "1"}), json!({"nvidia.com/gpu": "2"})].into_iter().enumerate()
+    {
+        let p = pod("ml", &format!("p{i}"), "u", limits, json!({}));
+        let (filtered, fresh) = (app(), app());
+        let (_, f) = call(&filtered, Method::POST, "/filter", json!({"Pod": p, "NodeNames": all}).to_string()).await;
+        let pass = names(&f);
+        assert!(!pass.is_empty() && pass.len() < all.len(), "{} of {}", pass.len(), all.len());
+        // All offered nodes, the ones that passed (what kube-scheduler sends), and a reordered
+        // subset that includes failing nodes (the copying path).
+        let mut mixed: Vec<String> = all.iter().rev().step_by(3).cloned().collect();
+        mixed.push(pass[0].clone());
+        for list in [all.clone(), pass.clone(), mixed] {
+            let body = json!({"Pod": p, "NodeNames": list}).to_string();
+            let (_, cached) = call(&filtered, Method::POST, "/prioritize", body.clone()).await;
+            let (_, direct) = call(&fresh, Method::POST, "/prioritize", body).await;
+            assert_eq!(cached, direct);
+            assert_eq!(cached.as_array().unwrap().len(), list.len());
+        }
+    }
+}
