@@ -78,8 +78,9 @@ pub type Members = Vec<(Arc<Pod>, Reservation)>;
 pub struct Found {
     /// Complete, unexpired plans by (gang, deadline): each member pod and its reservation.
     pub plans: BTreeMap<PlanId, Members>,
-    /// Reservations that will never be used: expired, malformed, or part of an incomplete plan.
-    pub stale: Vec<(PodKey, String)>,
+    /// Reservations that will never be used: expired, malformed, part of an incomplete plan, or
+    /// on a pod that is no longer pending (`false` in the last place).
+    pub stale: Vec<(PodKey, String, bool)>,
 }
 
 /// Reads the reservations of pending pods at `now`. Pure.
@@ -91,18 +92,21 @@ pub fn collect(pods: &[Arc<Pod>], now: Timestamp) -> Found {
         let Ok(key) = podparse::pod_key(pod) else { continue };
         let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if bound || matches!(phase, Some("Succeeded" | "Failed")) || pod.metadata.deletion_timestamp.is_some() {
-            found.stale.push((key, "the pod is bound, finished or being deleted".into()));
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if bound || matches!(phase, Some("Succeeded" | "Failed")) {
+            found.stale.push((key, "the pod is bound or finished".into(), false));
             continue;
         }
         match Reservation::from_annotation(v) {
-            Err(e) => found.stale.push((key, e)),
+            Err(e) => found.stale.push((key, e, true)),
             Ok(r) => match r.deadline_at() {
                 Ok(at) if at > now => {
                     groups.entry((r.gang.clone(), r.deadline.clone())).or_default().push((pod.clone(), r))
                 }
-                Ok(_) => found.stale.push((key, format!("the reservation lapsed at {}", r.deadline))),
-                Err(e) => found.stale.push((key, e)),
+                Ok(_) => found.stale.push((key, format!("the reservation lapsed at {}", r.deadline), true)),
+                Err(e) => found.stale.push((key, e, true)),
             },
         }
     }
@@ -114,7 +118,7 @@ pub fn collect(pods: &[Arc<Pod>], now: Timestamp) -> Found {
             let why = format!("gang {}: {} of {want} members carry this plan", id.0, members.len());
             for (pod, _) in members {
                 if let Ok(key) = podparse::pod_key(&pod) {
-                    found.stale.push((key, why.clone()));
+                    found.stale.push((key, why.clone(), true));
                 }
             }
         }
@@ -201,8 +205,8 @@ impl Scheduler {
                 let Ok(key) = podparse::pod_key(&pod) else { continue 'plans };
                 match self.demand_of(&pod) {
                     Ok(d) if d.gang.as_ref().is_some_and(|g| g.name == gang) => with_demand.push((d, r)),
-                    Ok(_) => stale.push((key, format!("the pod is no longer a member of gang {gang}"))),
-                    Err(e) => stale.push((key, e.to_string())),
+                    Ok(_) => stale.push((key, format!("the pod is no longer a member of gang {gang}"), true)),
+                    Err(e) => stale.push((key, e.to_string(), true)),
                 }
             }
             plans.push((gang, deadline, with_demand));
@@ -210,9 +214,10 @@ impl Scheduler {
         let now_ms = self.now_ms();
         let mut restored = Vec::new();
         let mut inner = self.lock();
-        for (pod, why) in stale {
-            // A pod of a plan this replica holds is left alone: its writes are in flight.
-            let live = inner.snap.allocation(&pod).is_some() || inner.gangs.values().any(|st| st.planned(&pod));
+        for (pod, why, pending) in stale {
+            // A pending pod of a plan this replica holds is left alone: its writes are in flight.
+            let live =
+                pending && (inner.snap.allocation(&pod).is_some() || inner.gangs.values().any(|st| st.planned(&pod)));
             if !live {
                 tracing::info!(%pod, reason = %why, "Removing a gang reservation that will not be used");
                 inner.outbox.clear(pod);
@@ -376,7 +381,7 @@ mod tests {
         assert_eq!(found.plans.len(), 1);
         let members = &found.plans[&("ml/a".to_owned(), "2026-11-22T12:01:00Z".to_owned())];
         assert_eq!(members.len(), 2);
-        let stale: BTreeMap<String, String> = found.stale.into_iter().map(|(k, why)| (k.0, why)).collect();
+        let stale: BTreeMap<String, String> = found.stale.into_iter().map(|(k, why, _)| (k.0, why)).collect();
         assert_eq!(stale.keys().map(String::as_str).collect::<Vec<_>>(), ["ml/b0", "ml/c0", "ml/c1", "ml/d0"]);
         assert!(stale["ml/b0"].contains("lapsed"), "{}", stale["ml/b0"]);
         assert!(stale["ml/c0"].contains("2 of 3 members"), "{}", stale["ml/c0"]);

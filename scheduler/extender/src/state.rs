@@ -748,6 +748,14 @@ impl Scheduler {
             }
         }
         inner.dropped_plans.retain(|_, deadline_ms| *deadline_ms > now);
+        // Plans whose members all bound elsewhere (a follower's restored plan, the leader
+        // binding) are finished: forget them, so the gang's name can be planned afresh.
+        let Inner { gangs, snap, .. } = &mut *inner;
+        gangs.retain(|_, st| {
+            st.plan.as_ref().is_none_or(|p| {
+                !p.members.iter().all(|(k, _)| snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
+            })
+        });
         let stale = 2 * 60_000;
         inner.gangs.retain(|_, st| {
             st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
