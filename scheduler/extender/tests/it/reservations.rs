@@ -168,3 +168,32 @@ async fn a_follower_does_not_write_reservations() {
     assert_eq!(a.write_reservations().await, 0);
     assert!(binder.annotated().is_empty());
 }
+
+#[tokio::test]
+async fn a_restored_plan_is_forgotten_once_its_members_run() {
+    // A replica restores a plan (as a follower does), then sees its members bound by another.
+    let (a, a_binder) = live(vec![member("w0", "train", None), member("w1", "train", None)]).await;
+    let app = App::new(a.clone(), Surface::ALL);
+    filter(&app, member("w0", "train", None)).await;
+    filter(&app, member("w1", "train", None)).await;
+    a.write_reservations().await;
+    let written = a_binder.annotations();
+    let ann = |p: &str| written[&(PodKey::from(p), KEY.to_owned())].clone();
+    let (b, _) =
+        live(vec![member("w0", "train", Some(&ann("ml/w0"))), member("w1", "train", Some(&ann("ml/w1")))]).await;
+    assert!(grants(&b, "ml/w0").is_some_and(|(_, until)| until.is_some()));
+    let mut running = b.with_snapshot(Clone::clone);
+    for p in ["ml/w0", "ml/w1"] {
+        let mut alloc = running.allocation(&PodKey::from(p)).cloned().unwrap();
+        running.release(&alloc.pod).unwrap();
+        alloc.reserved_until_ms = None;
+        running.allocate(alloc).unwrap();
+    }
+    b.replace_base(running, Default::default(), Default::default());
+    b.tick();
+    // The gang's name is free again: a new member waits for its gang instead of being placed
+    // as a loose pod beside a finished plan.
+    let app = App::new(b.clone(), Surface::ALL);
+    let v = filter(&app, member("x0", "train", None)).await;
+    assert!(v["FailedNodes"]["n1"].as_str().is_some_and(|r| r.contains("1 of 2 members pending")), "{v}");
+}
