@@ -222,7 +222,7 @@ impl App {
             "/filter" => {
                 let _t = Timer::start(&s.metrics, "filter");
                 match decode("filter", &body) {
-                    Ok(args) => json(StatusCode::OK, &s.filter(args)),
+                    Ok(args) => json(StatusCode::OK, &s.filter_reply(args)),
                     Err(e) => self.verb_error(path, &e),
                 }
             }

@@ -7,7 +7,7 @@
 //! ([`Scheduler::replace_base`]) and the assume cache is laid over it, so a pod being bound
 //! counts at once and is never counted twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -113,7 +113,8 @@ struct Seen {
     demand: Result<Demand, String>,
     generation: u64,
     at_ms: u64,
-    verdicts: Vec<NodeVerdict>,
+    /// Shared with the filter's [`FilterReply`], which is written from them.
+    verdicts: Arc<Vec<NodeVerdict>>,
 }
 
 /// A map that forgets its oldest entries past `cap`.
@@ -128,15 +129,19 @@ impl<V> Bounded<V> {
     fn new(cap: usize) -> Self {
         Self { map: HashMap::new(), order: VecDeque::new(), cap }
     }
-    fn insert(&mut self, k: PodKey, v: V) {
-        if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
+    /// Inserts; returns what was evicted or replaced, for the caller to drop outside its lock.
+    fn insert(&mut self, k: PodKey, v: V) -> Vec<V> {
+        let mut gone = Vec::new();
+        match self.map.insert(k.clone(), v) {
+            Some(old) => gone.push(old),
+            None => self.order.push_back(k),
         }
         while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+            if let Some(old) = self.order.pop_front().and_then(|k| self.map.remove(&k)) {
+                gone.push(old);
             }
         }
+        gone
     }
     fn get(&self, k: &PodKey) -> Option<&V> {
         self.map.get(k)
@@ -248,8 +253,11 @@ impl Inner {
 pub struct Scheduler {
     inner: Mutex<Inner>,
     policy: Box<dyn Policy>,
-    /// Per-node verdicts reused while a node's state is unchanged (the core's `Memo`).
-    memo: Mutex<policy::Memo>,
+    /// Per-node verdicts reused while a node's state is unchanged (the core's `Memo`), one
+    /// per thread, each holding the demand shapes that hash to it: filters of different
+    /// shapes evaluate at the same time instead of queueing on one lock, and no verdict is
+    /// worked out twice.
+    memos: Vec<Mutex<policy::Memo>>,
     binder: Arc<dyn Binder>,
     lookup: Arc<dyn Lookup>,
     pub metrics: Metrics,
@@ -318,9 +326,10 @@ fn covers(verdicts: &[NodeVerdict], names: &[NodeName]) -> bool {
 }
 
 /// Names of the offered nodes: `NodeNames` (nodeCacheCapable) or the names in `Nodes`.
-fn offered(nodes: &Option<NodeList>, names: &Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
+/// Takes the names rather than copying them: a long list is thousands of strings.
+fn offered(nodes: &Option<NodeList>, names: Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
     match (names, nodes) {
-        (Some(n), _) => Ok(n.iter().map(|s| NodeName(s.clone())).collect()),
+        (Some(n), _) => Ok(n.into_iter().map(NodeName).collect()),
         (None, Some(list)) => list
             .items
             .iter()
@@ -357,7 +366,7 @@ impl Scheduler {
                 outbox: Outbox::new(settings.persist_reservations),
                 dropped_plans: HashMap::new(),
             }),
-            memo: Mutex::new(policy::Memo::new()),
+            memos: (0..settings.threads.clamp(1, 8)).map(|_| Mutex::new(policy::Memo::new())).collect(),
             policy,
             binder,
             lookup,
@@ -450,22 +459,29 @@ impl Scheduler {
     // ---- filter ------------------------------------------------------------------------
 
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
-        let names = match offered(&args.nodes, &args.node_names) {
+        self.filter_reply(args).into_result()
+    }
+
+    /// The filter, answered as a [`FilterReply`] that serialises straight from the verdicts
+    /// (the HTTP path: no per-node copies of names and reasons).
+    pub fn filter_reply(&self, mut args: ExtenderArgs) -> FilterReply {
+        let by_name = args.node_names.is_some();
+        let names = match offered(&args.nodes, args.node_names.take()) {
             Ok(n) => n,
             Err(msg) => {
                 self.metrics.decision("filter", "error");
-                return ExtenderFilterResult::error(msg);
+                return FilterReply::error(msg);
             }
         };
         let Some(pod) = args.pod else {
             self.metrics.decision("filter", "error");
-            return ExtenderFilterResult::error("ExtenderArgs.Pod is null");
+            return FilterReply::error("ExtenderArgs.Pod is null");
         };
         let key = match podparse::pod_key(&pod) {
             Ok(k) => k,
             Err(e) => {
                 self.metrics.decision("filter", "error");
-                return ExtenderFilterResult::error(e.to_string());
+                return FilterReply::error(e.to_string());
             }
         };
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -500,42 +516,27 @@ impl Scheduler {
             (Verdicts::Evaluate { .. }, Err(_)) => Vec::new(),
             (Verdicts::Done(v), _) => v,
         };
-        let mut out = ExtenderFilterResult {
-            failed_nodes: Some(FailedNodesMap::new()),
-            failed_and_unresolvable_nodes: Some(FailedNodesMap::new()),
-            ..Default::default()
-        };
-        let mut pass = Vec::new();
-        for v in &verdicts {
-            match &v.outcome {
-                Ok(_) => pass.push(v.node.0.clone()),
-                Err(r) => {
-                    let map = if r.is_unresolvable() {
-                        out.failed_and_unresolvable_nodes.as_mut()
-                    } else {
-                        out.failed_nodes.as_mut()
-                    };
-                    if let Some(m) = map {
-                        m.insert(v.node.0.clone(), r.reason().to_owned());
-                    }
-                }
-            }
-        }
-        let result = if pass.is_empty() { "unschedulable" } else { "fits" };
+        let fits = verdicts.iter().any(|v| v.outcome.is_ok());
+        let result = if fits { "fits" } else { "unschedulable" };
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
         let at_ms = self.now_ms();
-        self.lock()
-            .seen
-            .insert(key, Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts });
-        match args.nodes {
+        let verdicts = Arc::new(verdicts);
+        let seen =
+            Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts: verdicts.clone() };
+        // Evicted entries hold a verdict per node: dropped after the lock is released.
+        let evicted = self.lock().seen.insert(key, seen);
+        drop(evicted);
+        let nodes = match args.nodes {
             // Not nodeCacheCapable: answer with the Node objects that pass.
-            Some(mut list) if args.node_names.is_none() => {
-                list.items.retain(|n| n.metadata.name.as_ref().is_some_and(|name| pass.contains(name)));
-                out.nodes = Some(list);
+            Some(mut list) if !by_name => {
+                let pass: HashSet<&str> =
+                    verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str()).collect();
+                list.items.retain(|n| n.metadata.name.as_deref().is_some_and(|name| pass.contains(name)));
+                Some(list)
             }
-            _ => out.node_names = Some(pass),
-        }
-        out
+            _ => None,
+        };
+        FilterReply { verdicts, nodes, error: None }
     }
 
     /// Decides under the lock what a demand's verdicts need: answered already (held devices,
@@ -568,6 +569,16 @@ impl Scheduler {
         Verdicts::Evaluate { snap: inner.snap.clone(), workload: inner.workload.clone() }
     }
 
+    /// The memo that holds `demand`'s shape (what a verdict depends on besides the node).
+    fn memo_for(&self, demand: &Demand) -> Option<&Mutex<policy::Memo>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (demand.cpu_milli, demand.memory_mib, &demand.gpu, &demand.gpu_models, &demand.node_selector, demand.priority)
+            .hash(&mut h);
+        let i = usize::try_from(h.finish() % self.memos.len().max(1) as u64).unwrap_or(0);
+        self.memos.get(i)
+    }
+
     /// The core's verdicts on the offered nodes, split across threads for long node lists
     /// (nodes are independent, so the result is the same as one call).
     fn evaluate(&self, snap: &Snapshot, workload: &Workload, demand: &Demand, names: &[NodeName]) -> Vec<NodeVerdict> {
@@ -577,7 +588,7 @@ impl Scheduler {
         // Memoised: only nodes whose state changed since this demand shape was last filtered are
         // scored again (same verdicts as a fresh evaluation). A poisoned memo lock falls back to
         // the fresh, threaded path.
-        let memo = if self.policy.memoizable() { self.memo.lock().ok() } else { None };
+        let memo = if self.policy.memoizable() { self.memo_for(demand).and_then(|m| m.lock().ok()) } else { None };
         let result = if let Some(mut memo) = memo {
             policy::evaluate_memo(snap, demand, self.policy.as_ref(), &ctx, Some(names), &mut memo)
         } else if parts == 1 {
@@ -771,8 +782,8 @@ impl Scheduler {
 
     // ---- prioritize --------------------------------------------------------------------
 
-    pub fn prioritize(&self, args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
-        let names = offered(&args.nodes, &args.node_names).map_err(Error::BadRequest)?;
+    pub fn prioritize(&self, mut args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
+        let names = offered(&args.nodes, args.node_names.take()).map_err(Error::BadRequest)?;
         let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
         let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
         // From the pod's filter verdicts when the state has not changed since: scored in place
@@ -1465,6 +1476,85 @@ impl Scheduler {
     }
 }
 
+/// A filter's answer, written on the wire straight from the verdicts (shared with the pod's
+/// cached verdicts): the same JSON as the [`ExtenderFilterResult`] of [`FilterReply::into_result`].
+#[derive(Debug)]
+pub struct FilterReply {
+    verdicts: Arc<Vec<NodeVerdict>>,
+    /// The passing Node objects, when the request carried Node objects instead of names.
+    nodes: Option<NodeList>,
+    /// The call failed: kube-scheduler fails this scheduling cycle with this message.
+    error: Option<String>,
+}
+
+impl FilterReply {
+    fn error(message: impl Into<String>) -> Self {
+        Self { verdicts: Arc::default(), nodes: None, error: Some(message.into()) }
+    }
+
+    fn passing(&self) -> impl Iterator<Item = &str> {
+        self.verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str())
+    }
+
+    fn failing(&self, unresolvable: bool) -> impl Iterator<Item = (&str, &str)> {
+        self.verdicts.iter().filter_map(move |v| match &v.outcome {
+            Err(r) if r.is_unresolvable() == unresolvable => Some((v.node.0.as_str(), r.reason())),
+            _ => None,
+        })
+    }
+
+    /// The reply as the wire type.
+    pub fn into_result(self) -> ExtenderFilterResult {
+        if let Some(e) = self.error {
+            return ExtenderFilterResult::error(e);
+        }
+        let map = |u| -> FailedNodesMap { self.failing(u).map(|(n, r)| (n.to_owned(), r.to_owned())).collect() };
+        ExtenderFilterResult {
+            node_names: self.nodes.is_none().then(|| self.passing().map(str::to_owned).collect()),
+            failed_nodes: Some(map(false)),
+            failed_and_unresolvable_nodes: Some(map(true)),
+            nodes: self.nodes,
+            error: String::new(),
+        }
+    }
+}
+
+impl Serialize for FilterReply {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Seq<I>(std::cell::Cell<Option<I>>);
+        impl<'a, I: Iterator<Item = &'a str>> Serialize for Seq<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.take().into_iter().flatten())
+            }
+        }
+        struct Map<I>(std::cell::Cell<Option<I>>);
+        impl<'a, I: Iterator<Item = (&'a str, &'a str)>> Serialize for Map<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.take().into_iter().flatten())
+            }
+        }
+        let mut st = serializer.serialize_struct("ExtenderFilterResult", 5)?;
+        if let Some(e) = &self.error {
+            st.serialize_field("Nodes", &None::<NodeList>)?;
+            st.serialize_field("NodeNames", &None::<Vec<String>>)?;
+            st.serialize_field("FailedNodes", &None::<FailedNodesMap>)?;
+            st.serialize_field("FailedAndUnresolvableNodes", &None::<FailedNodesMap>)?;
+            st.serialize_field("Error", e)?;
+            return st.end();
+        }
+        st.serialize_field("Nodes", &self.nodes)?;
+        match self.nodes {
+            Some(_) => st.serialize_field("NodeNames", &None::<Vec<String>>)?,
+            None => st.serialize_field("NodeNames", &Seq(std::cell::Cell::new(Some(self.passing()))))?,
+        }
+        st.serialize_field("FailedNodes", &Map(std::cell::Cell::new(Some(self.failing(false)))))?;
+        st.serialize_field("FailedAndUnresolvableNodes", &Map(std::cell::Cell::new(Some(self.failing(true)))))?;
+        st.serialize_field("Error", "")?;
+        st.end()
+    }
+}
+
 /// What a filter or prioritize still has to do after the locked part.
 enum Verdicts {
     Done(Vec<NodeVerdict>),
@@ -1659,7 +1749,7 @@ impl Scheduler {
                     // Counted without the `node NAME: ` prefix, so one cause on many nodes adds up.
                     // Reasons that can change (unschedulable now) come before "never fits".
                     let mut reasons: BTreeMap<(bool, &str), usize> = BTreeMap::new();
-                    for v in &seen.verdicts {
+                    for v in seen.verdicts.iter() {
                         if let Err(r) = &v.outcome {
                             let why = r.reason();
                             let why = why

@@ -535,3 +535,27 @@ async fn prioritize_from_the_filter_verdicts_matches_a_fresh_evaluation() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_streamed_filter_reply_is_the_wire_result() {
+    let (sched, _, app) = demo();
+    let nodes = ["gpu-node-a", "gpu-node-b", "gpu-node-c", "gpu-node-d", "gpu-node-e", "no-such-node"];
+    let p = pod("ml", "emb", "u9", json!({"nvidia.com/mig-1g.10gb": "1"}), json!({}));
+    let node_objects: Vec<Value> = nodes.iter().map(|n| json!({"metadata": {"name": n}})).collect();
+    let bad = pod("ml", "bad", "u10", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-share": "abc"}));
+    for body in [
+        json!({"Pod": p, "NodeNames": nodes}),
+        json!({"Pod": p, "Nodes": {"items": node_objects}}),
+        json!({"Pod": bad, "NodeNames": nodes}),
+        json!({"Pod": null, "NodeNames": nodes}),
+    ] {
+        let (_, streamed) = call(&app, Method::POST, "/filter", body.to_string()).await;
+        let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_value(body.clone()).unwrap();
+        let built = serde_json::to_value(sched.filter(args)).unwrap();
+        assert_eq!(streamed, built, "{body}");
+    }
+    // Both kinds of failure and a pass, in the reply.
+    let (_, v) = call(&app, Method::POST, "/filter", json!({"Pod": p, "NodeNames": nodes}).to_string()).await;
+    assert!(!names(&v).is_empty(), "{v}");
+    assert!(v["FailedAndUnresolvableNodes"]["no-such-node"].as_str().unwrap().contains("unknown"), "{v}");
+}
