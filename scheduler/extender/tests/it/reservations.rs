@@ -34,6 +34,10 @@ fn member(name: &str, gang: &str, reservation: Option<&str>) -> Value {
 
 /// A live-mode scheduler whose reflectors list `pods` (and node n1) from a mock API server.
 async fn live(pods: Vec<Value>) -> (Arc<Scheduler>, Arc<MemoryBinder>) {
+    live_with(pods, MemoryBinder::default()).await
+}
+
+async fn live_with(pods: Vec<Value>, binder: MemoryBinder) -> (Arc<Scheduler>, Arc<MemoryBinder>) {
     let (client, handle) = mock();
     let mig = json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-a"}]);
     serve_lists(
@@ -52,7 +56,7 @@ async fn live(pods: Vec<Value>) -> (Arc<Scheduler>, Arc<MemoryBinder>) {
         ],
     );
     let watch = Watch::start(&client);
-    let binder = Arc::new(MemoryBinder::default());
+    let binder = Arc::new(binder);
     let sched = Arc::new(Scheduler::new(
         tessera_core::Snapshot::default(),
         tessera_core::policy::by_name("tessera").unwrap(),
@@ -196,4 +200,41 @@ async fn a_restored_plan_is_forgotten_once_its_members_run() {
     let app = App::new(b.clone(), Surface::ALL);
     let v = filter(&app, member("x0", "train", None)).await;
     assert!(v["FailedNodes"]["n1"].as_str().is_some_and(|r| r.contains("1 of 2 members pending")), "{v}");
+}
+
+#[tokio::test]
+async fn a_dropped_plan_takes_its_reservations_with_it() {
+    let (a, binder) =
+        live_with(vec![member("w0", "train", None), member("w1", "train", None)], MemoryBinder::failing("API down"))
+            .await;
+    let app = App::new(a.clone(), Surface::ALL);
+    filter(&app, member("w0", "train", None)).await;
+    filter(&app, member("w1", "train", None)).await;
+    assert_eq!(a.write_reservations().await, 2);
+    let written = binder.annotations();
+    assert_eq!(written.len(), 2);
+    // Both members reach bind; the Binding fails, so the plan is dropped and released.
+    let bind = |name: &'static str| {
+        let app = app.clone();
+        async move {
+            let body = json!({"PodName": name, "PodNamespace": "ml", "PodUID": format!("uid-{name}"), "Node": "n1"});
+            call(&app, Method::POST, "/bind", body.to_string()).await.1
+        }
+    };
+    let (r0, r1) = tokio::join!(bind("w0"), bind("w1"));
+    assert!(r0["Error"].as_str().unwrap().contains("API down") || r1["Error"].as_str().unwrap().contains("API down"));
+    assert_eq!((grants(&a, "ml/w0"), grants(&a, "ml/w1")), (None, None));
+    // Until the removals land, the pods still carry the plan: this replica does not take back
+    // a plan it dropped.
+    let carrying: Vec<Arc<k8s_openapi::api::core::v1::Pod>> = ["w0", "w1"]
+        .into_iter()
+        .map(|n| {
+            let ann = written[&(PodKey::from(format!("ml/{n}").as_str()), KEY.to_owned())].clone();
+            Arc::new(serde_json::from_value(member(n, "train", Some(&ann))).unwrap())
+        })
+        .collect();
+    assert!(a.restore_reservations(&carrying).is_empty());
+    assert_eq!(grants(&a, "ml/w0"), None);
+    a.write_reservations().await;
+    assert!(binder.annotations().is_empty(), "{:?}", binder.annotations());
 }
