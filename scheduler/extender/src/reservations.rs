@@ -1,9 +1,9 @@
 //! Gang reservations that outlive the replica that planned them.
 //!
-//! A planned gang holds devices for members that have not bound yet. That plan is this
-//! replica's memory, so a restart or a leader change used to forget it and plan again (maybe
-//! elsewhere, maybe not at all once other pods took the devices). Now the leader writes each
-//! planned member's reservation onto the member pod (`tessera.dev/reservation`, a
+//! A planned gang holds devices for members that have not bound yet. The plan lives in the
+//! planning replica's memory; on its own, a restart or a leader change would forget it and plan
+//! again (maybe elsewhere, maybe not at all once other pods took the devices). So the leader
+//! writes each planned member's reservation onto the member pod (`tessera.dev/reservation`, a
 //! [`Reservation`]) and removes it when the member binds or the plan is dropped; on every
 //! rebuild of the cluster state, plans found complete and unexpired on pending pods are reserved
 //! again ([`Scheduler::restore_reservations`]), with their original deadline.

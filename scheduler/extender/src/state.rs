@@ -549,7 +549,7 @@ impl Scheduler {
         inner.filtered += 1;
         // FGD's target workload: the popular shapes among recent demands (95% coverage). Kept
         // while the shapes and their shares hold steady: every new workload empties the core's
-        // memo, and a refresh for sampling noise alone made a cold filter every 64 requests.
+        // memo, and replacing it for sampling noise would make every shape cold every 64 filters.
         if inner.filtered % 64 == 1 || inner.workload.is_empty() {
             let fresh = Workload::from_demands_top(inner.recent.iter(), 0.95);
             if drifted(&inner.workload, &fresh) {
