@@ -515,13 +515,20 @@ async fn prioritize_from_the_filter_verdicts_matches_a_fresh_evaluation() {
         ));
         App::new(sched, Surface::ALL)
     };
-    for (i, limits) in [json!({"nvidia.com/mig-3g.40gb": "1"}), json!({"nvidia.com/gpu": "2"})].into_iter().enumerate()
-    {
-        let p = pod("ml", &format!("p{i}"), "u", limits, json!({}));
+    let shapes = [
+        (json!({"nvidia.com/mig-3g.40gb": "1"}), json!({})),
+        (json!({"nvidia.com/gpu": "2"}), json!({})),
+        // Only the time-sliced nodes fit: most offered nodes fail.
+        (json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-share": "300"})),
+    ];
+    let mut some_fail = false;
+    for (i, (limits, annotations)) in shapes.into_iter().enumerate() {
+        let p = pod("ml", &format!("p{i}"), "u", limits, annotations);
         let (filtered, fresh) = (app(), app());
         let (_, f) = call(&filtered, Method::POST, "/filter", json!({"Pod": p, "NodeNames": all}).to_string()).await;
         let pass = names(&f);
-        assert!(!pass.is_empty() && pass.len() < all.len(), "{} of {}", pass.len(), all.len());
+        assert!(!pass.is_empty(), "{f}");
+        some_fail |= pass.len() < all.len();
         // All offered nodes, the ones that passed (what kube-scheduler sends), and a reordered
         // subset that includes failing nodes (the copying path).
         let mut mixed: Vec<String> = all.iter().rev().step_by(3).cloned().collect();
@@ -534,6 +541,7 @@ async fn prioritize_from_the_filter_verdicts_matches_a_fresh_evaluation() {
             assert_eq!(cached.as_array().unwrap().len(), list.len());
         }
     }
+    assert!(some_fail, "no shape left a node out: the passing-nodes path was not exercised");
 }
 
 #[tokio::test]
