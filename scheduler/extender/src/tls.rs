@@ -51,43 +51,26 @@ impl TlsFiles {
     }
 }
 
-/// Why a TLS configuration could not be built.
+/// Why a TLS configuration could not be built. Each message is whole (path and reason), so
+/// the cause is kept as a field, not chained as a source that would repeat it.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{what} {path}: {source}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: rustls_pki_types::pem::Error,
-    },
+    #[error("{what} {path}: {cause}")]
+    Pem { what: &'static str, path: PathBuf, cause: rustls_pki_types::pem::Error },
     #[error("{what} {path}: no {expected} found (is it PEM?)")]
     Empty { what: &'static str, path: PathBuf, expected: &'static str },
-    #[error("client CA {path}: {source}")]
-    ClientCa {
-        path: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
-    #[error("client CA {path}: {source}")]
-    Verifier {
-        path: PathBuf,
-        #[source]
-        source: rustls::server::VerifierBuilderError,
-    },
-    #[error("server certificate {cert} with key {key}: {source}")]
-    CertKey {
-        cert: PathBuf,
-        key: PathBuf,
-        #[source]
-        source: rustls::Error,
-    },
+    #[error("client CA {path}: {cause}")]
+    ClientCa { path: PathBuf, cause: rustls::Error },
+    #[error("client CA {path}: {cause}")]
+    Verifier { path: PathBuf, cause: rustls::server::VerifierBuilderError },
+    #[error("server certificate {cert} with key {key}: {cause}")]
+    CertKey { cert: PathBuf, key: PathBuf, cause: rustls::Error },
 }
 
 fn pem_error(what: &'static str, path: &Path, expected: &'static str, e: rustls_pki_types::pem::Error) -> TlsError {
     match e {
         rustls_pki_types::pem::Error::NoItemsFound => TlsError::Empty { what, path: path.to_owned(), expected },
-        source => TlsError::Pem { what, path: path.to_owned(), source },
+        cause => TlsError::Pem { what, path: path.to_owned(), cause },
     }
 }
 
@@ -120,12 +103,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     let key = load_key(&files.key)?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs("client CA", &files.client_ca)? {
-        roots.add(ca).map_err(|source| TlsError::ClientCa { path: files.client_ca.clone(), source })?;
+        roots.add(ca).map_err(|cause| TlsError::ClientCa { path: files.client_ca.clone(), cause })?;
     }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|source| TlsError::Verifier { path: files.client_ca.clone(), source })?;
-    let cert_key = |source| TlsError::CertKey { cert: files.cert.clone(), key: files.key.clone(), source };
+        .map_err(|cause| TlsError::Verifier { path: files.client_ca.clone(), cause })?;
+    let cert_key = |cause| TlsError::CertKey { cert: files.cert.clone(), key: files.key.clone(), cause };
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(cert_key)?
