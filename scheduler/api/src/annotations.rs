@@ -2,6 +2,10 @@
 
 /// The scheduler's device choice for a pod, as [`crate::Assignment`] JSON.
 pub const ASSIGNMENT: &str = "tessera.dev/assignment";
+/// A planned gang member's reserved devices until it binds, as
+/// `tessera_scheduler::reservations::Reservation` JSON: lets a restarted or newly leading
+/// scheduler take the plan over.
+pub const RESERVATION: &str = "tessera.dev/reservation";
 /// Device memory the model needs, e.g. `18Gi`.
 pub const GPU_MEMORY: &str = "tessera.dev/gpu-memory";
 /// Compute slices (sevenths of a GPU) the model needs.

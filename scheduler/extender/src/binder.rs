@@ -56,6 +56,9 @@ pub trait Binder: Send + Sync + fmt::Debug {
         wanted: &'a [WantedInstance],
         timeout: Duration,
     ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>>;
+
+    /// Sets (`Some`) or removes (`None`) one annotation of a pod (a merge patch).
+    fn annotate<'a>(&'a self, pod: &'a PodKey, key: &'a str, value: Option<&'a str>) -> BoxFuture<'a, Result<()>>;
 }
 
 /// Binds through the Kubernetes API.
@@ -134,6 +137,19 @@ pub fn reported(gn: &GpuNode, gpus: &[GpuSpec], wanted: &[WantedInstance]) -> Op
 }
 
 impl Binder for KubeBinder {
+    fn annotate<'a>(&'a self, pod: &'a PodKey, key: &'a str, value: Option<&'a str>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (ns, name) = pod.0.split_once('/').unwrap_or(("default", pod.0.as_str()));
+            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
+            // In a merge patch, null deletes the key.
+            let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| Error::Annotate { pod: pod.clone(), source: Box::new(e) })?;
+            Ok(())
+        })
+    }
+
     fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &req.namespace);
@@ -194,6 +210,8 @@ impl Binder for KubeBinder {
 pub struct MemoryBinder {
     bound: Mutex<Vec<BindRequest>>,
     reconfigured: Mutex<Vec<(String, Vec<GpuSpec>)>>,
+    /// Every annotation write, in order: (pod, key, value or `None` for a removal).
+    annotated: Mutex<Vec<(PodKey, String, Option<String>)>>,
     /// Makes every bind fail with this message (tests of the failure path).
     pub fail_binds: Option<String>,
 }
@@ -211,9 +229,34 @@ impl MemoryBinder {
     pub fn reconfigured(&self) -> Vec<(String, Vec<GpuSpec>)> {
         self.reconfigured.lock().map(|b| b.clone()).unwrap_or_default()
     }
+
+    pub fn annotated(&self) -> Vec<(PodKey, String, Option<String>)> {
+        self.annotated.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// The value each (pod, key) holds after every write so far.
+    pub fn annotations(&self) -> BTreeMap<(PodKey, String), String> {
+        let mut out = BTreeMap::new();
+        for (pod, key, value) in self.annotated() {
+            match value {
+                Some(v) => out.insert((pod, key), v),
+                None => out.remove(&(pod, key)),
+            };
+        }
+        out
+    }
 }
 
 impl Binder for MemoryBinder {
+    fn annotate<'a>(&'a self, pod: &'a PodKey, key: &'a str, value: Option<&'a str>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if let Ok(mut a) = self.annotated.lock() {
+                a.push((pod.clone(), key.to_owned(), value.map(str::to_owned)));
+            }
+            Ok(())
+        })
+    }
+
     fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if let Some(msg) = &self.fail_binds {

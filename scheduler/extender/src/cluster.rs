@@ -102,6 +102,8 @@ impl Watch {
                 "Rebuilt cluster state"
             );
             scheduler.replace_base(built.snap, built.uids, built.mig_uuids);
+            // Gang plans another replica made (before a restart or a leader change).
+            scheduler.restore_reservations(&self.pods.state());
             scheduler.set_synced(true);
             self.changed.notified().await;
             tokio::time::sleep(debounce).await;

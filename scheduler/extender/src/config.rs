@@ -1,9 +1,12 @@
 //! Command line: raw flags, then a validated [`Config`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::tls::TlsFiles;
 
 /// tessera's kube-scheduler extender.
 #[derive(Debug, Clone, Parser)]
@@ -49,6 +52,16 @@ pub struct Args {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Serve the --listen address over TLS with this certificate chain (PEM); needs --tls-key and
+    /// --client-ca.
+    #[arg(long, env = "TESSERA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "TESSERA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the client certificates --listen accepts over TLS.
+    #[arg(long, env = "TESSERA_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Validated settings.
@@ -65,6 +78,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub log_json: bool,
+    /// TLS with client-certificate authentication on `listen`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Args {
@@ -98,6 +113,7 @@ impl Args {
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".into());
         }
+        let tls = TlsFiles::from_flags(self.tls_cert, self.tls_key, self.client_ca)?;
         Ok(Config {
             demo: self.demo,
             listen,
@@ -109,6 +125,7 @@ impl Args {
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             log_json: self.log_json,
+            tls,
         })
     }
 }
@@ -144,5 +161,14 @@ mod tests {
         let c = parse(&["--hostname", "pod-1"]).unwrap();
         assert_eq!(c.lease, Some(("tessera-system".into(), "tessera-scheduler".into(), "pod-1".into())));
         assert_eq!(c.read_listen.map(|a| a.to_string()), Some("0.0.0.0:8889".into()));
+    }
+
+    #[test]
+    fn tls_takes_all_three_files() {
+        assert!(parse(&["--demo"]).unwrap().tls.is_none());
+        let e = parse(&["--demo", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap_err();
+        assert!(e.contains("missing --client-ca"), "{e}");
+        let c = parse(&["--demo", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--client-ca", "ca.pem"]).unwrap();
+        assert_eq!(c.tls.map(|t| t.cert), Some(PathBuf::from("c.pem")));
     }
 }

@@ -42,6 +42,12 @@ pub enum Error {
         #[source]
         source: Box<kube::Error>,
     },
+    #[error("annotating pod {pod}")]
+    Annotate {
+        pod: PodKey,
+        #[source]
+        source: Box<kube::Error>,
+    },
     #[error("GpuNode {node} did not report {what} within {timeout:?}")]
     MigTimeout { node: String, what: String, timeout: Duration },
     #[error(transparent)]
@@ -63,6 +69,7 @@ impl Error {
             Error::NotLeader => "not_leader",
             Error::Bind { .. } => "bind",
             Error::PatchGpuNode { .. } => "patch_gpunode",
+            Error::Annotate { .. } => "annotate",
             Error::MigTimeout { .. } => "mig_timeout",
             Error::Core(_) => "core",
         }

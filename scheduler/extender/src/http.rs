@@ -222,7 +222,7 @@ impl App {
             "/filter" => {
                 let _t = Timer::start(&s.metrics, "filter");
                 match decode("filter", &body) {
-                    Ok(args) => json(StatusCode::OK, &s.filter(args)),
+                    Ok(args) => json(StatusCode::OK, &s.filter_reply(args)),
                     Err(e) => self.verb_error(path, &e),
                 }
             }
@@ -269,6 +269,29 @@ impl App {
 
 /// Serves `app` on `listener` until `shutdown` resolves; connections in flight finish.
 pub async fn serve(listener: TcpListener, app: App, shutdown: impl std::future::Future<Output = ()>) {
+    serve_with(listener, app, None, shutdown).await;
+}
+
+/// Like [`serve`], over TLS: every connection completes a handshake with `tls` (which checks
+/// the client's certificate) before a request is read.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: App,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_with(listener, app, Some(tokio_rustls::TlsAcceptor::from(tls)), shutdown).await;
+}
+
+/// Longest a TLS handshake may take, so a silent peer cannot hold a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_with(
+    listener: TcpListener,
+    app: App,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let app = Arc::new(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -282,16 +305,20 @@ pub async fn serve(listener: TcpListener, app: App, shutdown: impl std::future::
                         continue;
                     }
                 };
+                // Small request/response exchanges on kept-alive connections: a reply split over
+                // two segments must not wait for the peer's delayed ACK.
+                let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.respond(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        tracing::debug!(%error, %peer, "Connection ended with an error");
+                    match tls {
+                        None => connection(TokioIo::new(stream), app, watcher, peer).await,
+                        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => connection(TokioIo::new(s), app, watcher, peer).await,
+                            Ok(Err(error)) => tracing::info!(%error, %peer, "TLS handshake refused"),
+                            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        },
                     }
                 });
             }
@@ -299,4 +326,18 @@ pub async fn serve(listener: TcpListener, app: App, shutdown: impl std::future::
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
+
+async fn connection<I>(io: I, app: Arc<App>, watcher: hyper_util::server::graceful::Watcher, peer: std::net::SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.respond(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+    if let Err(error) = watcher.watch(conn).await {
+        tracing::debug!(%error, %peer, "Connection ended with an error");
+    }
 }

@@ -7,9 +7,11 @@
 //! - [`binder`]: the seam for effects (Binding, `GpuNode.spec`), for Kubernetes and in memory.
 //! - [`cluster`]: reflectors of Nodes, Pods, GpuNodes, PodGroups → core snapshot.
 //! - [`leader`]: which replica binds (follows its kube-scheduler's Lease).
+//! - [`reservations`]: gang reservations written on member pods, restored after a restart.
 //! - [`metrics`]: `tessera_*` metrics.
 //! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
+//! - [`tls`]: TLS with client-certificate authentication for the verbs.
 //! - [`config`]: command line.
 
 pub mod binder;
@@ -21,7 +23,9 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod reservations;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@ use clap::Parser;
 use tessera_scheduler::binder::KubeBinder;
 use tessera_scheduler::cluster::Watch;
 use tessera_scheduler::config::{Args, Config};
-use tessera_scheduler::http::{App, Limits, Surface, serve};
+use tessera_scheduler::http::{App, Limits, Surface, serve, serve_tls};
 use tessera_scheduler::state::{Scheduler, Settings};
 use tessera_scheduler::{demo, leader};
 use tokio::net::TcpListener;
@@ -41,6 +41,11 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cfg = Args::parse().validate().map_err(anyhow::Error::msg)?;
     init_tracing(&cfg);
+    // Read the certificates before anything else starts, so a bad file stops the process at once.
+    let tls = match &cfg.tls {
+        Some(files) => Some(tessera_scheduler::tls::server_config(files).context("--tls-cert/--tls-key/--client-ca")?),
+        None => None,
+    };
     let policy = tessera_core::policy::by_name(&cfg.policy).context("unknown policy")?;
     let scheduler: Arc<Scheduler> = if cfg.demo {
         let (s, _) = demo::scheduler(policy, cfg.seed);
@@ -48,7 +53,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
         let watch = Watch::start(&client);
-        let settings = Settings { mode: "live", mig_timeout: cfg.mig_timeout, seed: cfg.seed, ..Default::default() };
+        let settings = Settings {
+            mode: "live",
+            mig_timeout: cfg.mig_timeout,
+            seed: cfg.seed,
+            persist_reservations: true,
+            ..Default::default()
+        };
         let s = Arc::new(Scheduler::new(
             tessera_core::Snapshot::default(),
             policy,
@@ -83,17 +94,22 @@ async fn main() -> anyhow::Result<()> {
             ticker.tick();
         }
     });
+    // Gang reservation annotations are written by one task, off the request path.
+    tokio::spawn(tessera_scheduler::reservations::writer(scheduler.clone()));
     let limits = Limits { max_body_bytes: cfg.max_body_bytes, timeout: cfg.request_timeout };
     let verbs_surface = if cfg.read_listen.is_none() { Surface::ALL } else { Surface::VERBS };
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, demo = cfg.demo, policy = %cfg.policy, "tessera-scheduler serving");
+    tracing::info!(listen = %cfg.listen, tls = tls.is_some(), demo = cfg.demo, policy = %cfg.policy, "tessera-scheduler serving");
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = Vec::new();
     let app = App { scheduler: scheduler.clone(), surface: verbs_surface, limits };
-    tasks.push(tokio::spawn(serve(listener, app, wait(rx.clone()))));
+    tasks.push(match tls {
+        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, wait(rx.clone()))),
+        None => tokio::spawn(serve(listener, app, wait(rx.clone()))),
+    });
     if let Some(addr) = cfg.read_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         tracing::info!(listen = %addr, "Read-only surface serving");

@@ -7,7 +7,7 @@
 //! ([`Scheduler::replace_base`]) and the assume cache is laid over it, so a pod being bound
 //! counts at once and is never counted twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -31,6 +31,7 @@ use tessera_core::{
 use crate::binder::{BindRequest, Binder, WantedInstance};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::reservations::Outbox;
 use crate::wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
     ExtenderPreemptionResult, FailedNodesMap, HostPriority, MetaPod, MetaVictims, NodeList,
@@ -79,6 +80,9 @@ pub struct Settings {
     pub assume_ttl: Duration,
     /// Threads one filter may use to evaluate a long node list.
     pub threads: usize,
+    /// Write planned gang members' reservations on the pods (live mode with
+    /// [`crate::reservations::writer`] running); off, nothing is queued.
+    pub persist_reservations: bool,
 }
 
 impl Default for Settings {
@@ -89,6 +93,7 @@ impl Default for Settings {
             seed: 0,
             assume_ttl: Duration::from_secs(300),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            persist_reservations: false,
         }
     }
 }
@@ -108,7 +113,8 @@ struct Seen {
     demand: Result<Demand, String>,
     generation: u64,
     at_ms: u64,
-    verdicts: Vec<NodeVerdict>,
+    /// Shared with the filter's [`FilterReply`], which is written from them.
+    verdicts: Arc<Vec<NodeVerdict>>,
 }
 
 /// A map that forgets its oldest entries past `cap`.
@@ -123,15 +129,19 @@ impl<V> Bounded<V> {
     fn new(cap: usize) -> Self {
         Self { map: HashMap::new(), order: VecDeque::new(), cap }
     }
-    fn insert(&mut self, k: PodKey, v: V) {
-        if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
+    /// Inserts; returns what was evicted or replaced, for the caller to drop outside its lock.
+    fn insert(&mut self, k: PodKey, v: V) -> Vec<V> {
+        let mut gone = Vec::new();
+        match self.map.insert(k.clone(), v) {
+            Some(old) => gone.push(old),
+            None => self.order.push_back(k),
         }
         while self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+            if let Some(old) = self.order.pop_front().and_then(|k| self.map.remove(&k)) {
+                gone.push(old);
             }
         }
+        gone
     }
     fn get(&self, k: &PodKey) -> Option<&V> {
         self.map.get(k)
@@ -151,39 +161,42 @@ enum Barrier {
 
 /// One gang: members seen at filter, the reserved plan, and the bind barrier.
 #[derive(Debug)]
-struct GangState {
+pub(crate) struct GangState {
     min_member: u32,
     timeout_ms: u64,
     /// Pending members and when filter last saw each (ms).
-    members: BTreeMap<PodKey, (Demand, u64)>,
-    plan: Option<GangPlan>,
+    pub(crate) members: BTreeMap<PodKey, (Demand, u64)>,
+    pub(crate) plan: Option<GangPlan>,
+    /// The plan's deadline as written in its members' reservation annotations.
+    pub(crate) deadline: Option<String>,
     arrived: BTreeSet<PodKey>,
     barrier: tokio::sync::watch::Sender<Barrier>,
 }
 
 impl GangState {
-    fn new(g: &GangRef) -> Self {
+    pub(crate) fn new(g: &GangRef) -> Self {
         Self {
             min_member: g.min_member,
             timeout_ms: g.timeout_ms,
             members: BTreeMap::new(),
             plan: None,
+            deadline: None,
             arrived: BTreeSet::new(),
             barrier: tokio::sync::watch::channel(Barrier::Waiting).0,
         }
     }
 
-    fn planned(&self, pod: &PodKey) -> bool {
+    pub(crate) fn planned(&self, pod: &PodKey) -> bool {
         self.plan.as_ref().is_some_and(|p| p.members.iter().any(|(k, _)| k == pod))
     }
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// Shared with filters evaluating outside the lock; writers copy on write.
-    snap: Arc<Snapshot>,
+    pub(crate) snap: Arc<Snapshot>,
     /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
-    generation: u64,
+    pub(crate) generation: u64,
     workload: Arc<Workload>,
     recent: VecDeque<Demand>,
     filtered: u64,
@@ -194,7 +207,12 @@ struct Inner {
     mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     base_reconfigs: u64,
-    gangs: BTreeMap<String, GangState>,
+    pub(crate) gangs: BTreeMap<String, GangState>,
+    /// Reservation annotations to write or remove (the leader's [`crate::reservations::writer`]).
+    pub(crate) outbox: Outbox,
+    /// Plans this replica dropped, by (gang, deadline as annotated), until their deadline (ms):
+    /// their annotations may still be visible, and must not bring them back.
+    pub(crate) dropped_plans: HashMap<(String, String), u64>,
 }
 
 impl Inner {
@@ -204,7 +222,11 @@ impl Inner {
         let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
         let mut released = Vec::new();
         if let Some(plan) = st.plan.take() {
+            if let Some(d) = st.deadline.take() {
+                self.dropped_plans.insert((name.to_owned(), d), plan.deadline_ms);
+            }
             for (pod, _) in &plan.members {
+                self.outbox.clear(pod.clone());
                 if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
                     && Arc::make_mut(&mut self.snap).release(pod).is_ok()
                 {
@@ -231,13 +253,20 @@ impl Inner {
 pub struct Scheduler {
     inner: Mutex<Inner>,
     policy: Box<dyn Policy>,
-    /// Per-node verdicts reused while a node's state is unchanged (the core's `Memo`).
-    memo: Mutex<policy::Memo>,
+    /// Per-node verdicts reused while a node's state is unchanged (the core's `Memo`), one
+    /// per thread, each holding the demand shapes that hash to it: filters of different
+    /// shapes evaluate at the same time instead of queueing on one lock, and no verdict is
+    /// worked out twice.
+    memos: Vec<Mutex<policy::Memo>>,
     binder: Arc<dyn Binder>,
     lookup: Arc<dyn Lookup>,
     pub metrics: Metrics,
     settings: Settings,
     origin: tokio::time::Instant,
+    /// The wall-clock time at `origin`: reservation deadlines are written in wall-clock time.
+    origin_wall: k8s_openapi::jiff::Timestamp,
+    /// Wakes the reservation writer.
+    writes: tokio::sync::Notify,
     leader: AtomicBool,
     synced: AtomicBool,
 }
@@ -261,10 +290,46 @@ fn verdict_kind(v: &NodeVerdict) -> &'static str {
     }
 }
 
+/// How far a workload class's share may move before the workload is replaced.
+const WORKLOAD_SHARE_DRIFT: f64 = 0.05;
+
+/// Whether `fresh` differs from `current` by more than noise: another set of classes, or a
+/// class whose share moved by more than [`WORKLOAD_SHARE_DRIFT`].
+fn drifted(current: &Workload, fresh: &Workload) -> bool {
+    if current.classes.len() != fresh.classes.len() {
+        return true;
+    }
+    fresh.classes.iter().any(|f| {
+        let same = |c: &&tessera_core::policy::WorkloadClass| {
+            c.cpu_milli == f.cpu_milli && c.gpu == f.gpu && c.gpu_models == f.gpu_models
+        };
+        current.classes.iter().find(same).is_none_or(|c| (c.weight - f.weight).abs() > WORKLOAD_SHARE_DRIFT)
+    })
+}
+
+/// Whether scoring all of `verdicts` gives the offered nodes' scores: the names are the
+/// verdicts' nodes in order, with only nodes that do not fit left out (kube-scheduler offers
+/// prioritize the nodes that passed filter). Scores are normalised over the nodes that fit, so
+/// the two agree exactly then.
+fn covers(verdicts: &[NodeVerdict], names: &[NodeName]) -> bool {
+    let mut vs = verdicts.iter();
+    for n in names {
+        loop {
+            match vs.next() {
+                Some(v) if v.node == *n => break,
+                Some(v) if v.outcome.is_err() => continue,
+                _ => return false,
+            }
+        }
+    }
+    vs.all(|v| v.outcome.is_err())
+}
+
 /// Names of the offered nodes: `NodeNames` (nodeCacheCapable) or the names in `Nodes`.
-fn offered(nodes: &Option<NodeList>, names: &Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
+/// Takes the names rather than copying them: a long list is thousands of strings.
+fn offered(nodes: &Option<NodeList>, names: Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
     match (names, nodes) {
-        (Some(n), _) => Ok(n.iter().map(|s| NodeName(s.clone())).collect()),
+        (Some(n), _) => Ok(n.into_iter().map(NodeName).collect()),
         (None, Some(list)) => list
             .items
             .iter()
@@ -298,14 +363,18 @@ impl Scheduler {
                 mig_uuids: HashMap::new(),
                 base_reconfigs,
                 gangs: BTreeMap::new(),
+                outbox: Outbox::new(settings.persist_reservations),
+                dropped_plans: HashMap::new(),
             }),
-            memo: Mutex::new(policy::Memo::new()),
+            memos: (0..settings.threads.clamp(1, 8)).map(|_| Mutex::new(policy::Memo::new())).collect(),
             policy,
             binder,
             lookup,
             metrics: Metrics::new(),
             settings,
             origin: tokio::time::Instant::now(),
+            origin_wall: k8s_openapi::jiff::Timestamp::now(),
+            writes: tokio::sync::Notify::new(),
             leader: AtomicBool::new(true),
             synced: AtomicBool::new(true),
         };
@@ -313,10 +382,28 @@ impl Scheduler {
         s
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the snapshot half-changed (every change
         // is one checked call), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn origin_wall(&self) -> k8s_openapi::jiff::Timestamp {
+        self.origin_wall
+    }
+
+    pub(crate) fn binder(&self) -> &dyn Binder {
+        self.binder.as_ref()
+    }
+
+    /// Wakes the reservation writer (something is queued).
+    pub(crate) fn writes_ready(&self) {
+        self.writes.notify_one();
+    }
+
+    /// Resolves when something is queued for the reservation writer.
+    pub(crate) async fn writes_wait(&self) {
+        self.writes.notified().await;
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -372,27 +459,34 @@ impl Scheduler {
     // ---- filter ------------------------------------------------------------------------
 
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
-        let names = match offered(&args.nodes, &args.node_names) {
+        self.filter_reply(args).into_result()
+    }
+
+    /// The filter, answered as a [`FilterReply`] that serialises straight from the verdicts
+    /// (the HTTP path: no per-node copies of names and reasons).
+    pub fn filter_reply(&self, mut args: ExtenderArgs) -> FilterReply {
+        let by_name = args.node_names.is_some();
+        let names = match offered(&args.nodes, args.node_names.take()) {
             Ok(n) => n,
             Err(msg) => {
                 self.metrics.decision("filter", "error");
-                return ExtenderFilterResult::error(msg);
+                return FilterReply::error(msg);
             }
         };
         let Some(pod) = args.pod else {
             self.metrics.decision("filter", "error");
-            return ExtenderFilterResult::error("ExtenderArgs.Pod is null");
+            return FilterReply::error("ExtenderArgs.Pod is null");
         };
         let key = match podparse::pod_key(&pod) {
             Ok(k) => k,
             Err(e) => {
                 self.metrics.decision("filter", "error");
-                return ExtenderFilterResult::error(e.to_string());
+                return FilterReply::error(e.to_string());
             }
         };
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let demand = self.demand_of(&pod);
-        let (plan, generation) = {
+        let (plan, generation, queued) = {
             let mut inner = self.lock();
             if !uid.is_empty() {
                 inner.uids.insert(uid.clone(), key.clone());
@@ -411,50 +505,38 @@ impl Scheduler {
                     )
                 }
             };
-            (plan, inner.generation)
+            (plan, inner.generation, !inner.outbox.is_empty())
         };
+        if queued {
+            self.writes_ready();
+        }
         // The expensive part runs without the lock, on the snapshot as it was.
         let verdicts = match (plan, &demand) {
             (Verdicts::Evaluate { snap, workload }, Ok(d)) => self.evaluate(&snap, &workload, d, &names),
             (Verdicts::Evaluate { .. }, Err(_)) => Vec::new(),
             (Verdicts::Done(v), _) => v,
         };
-        let mut out = ExtenderFilterResult {
-            failed_nodes: Some(FailedNodesMap::new()),
-            failed_and_unresolvable_nodes: Some(FailedNodesMap::new()),
-            ..Default::default()
-        };
-        let mut pass = Vec::new();
-        for v in &verdicts {
-            match &v.outcome {
-                Ok(_) => pass.push(v.node.0.clone()),
-                Err(r) => {
-                    let map = if r.is_unresolvable() {
-                        out.failed_and_unresolvable_nodes.as_mut()
-                    } else {
-                        out.failed_nodes.as_mut()
-                    };
-                    if let Some(m) = map {
-                        m.insert(v.node.0.clone(), r.reason().to_owned());
-                    }
-                }
-            }
-        }
-        let result = if pass.is_empty() { "unschedulable" } else { "fits" };
+        let fits = verdicts.iter().any(|v| v.outcome.is_ok());
+        let result = if fits { "fits" } else { "unschedulable" };
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
         let at_ms = self.now_ms();
-        self.lock()
-            .seen
-            .insert(key, Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts });
-        match args.nodes {
+        let verdicts = Arc::new(verdicts);
+        let seen =
+            Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts: verdicts.clone() };
+        // Evicted entries hold a verdict per node: dropped after the lock is released.
+        let evicted = self.lock().seen.insert(key, seen);
+        drop(evicted);
+        let nodes = match args.nodes {
             // Not nodeCacheCapable: answer with the Node objects that pass.
-            Some(mut list) if args.node_names.is_none() => {
-                list.items.retain(|n| n.metadata.name.as_ref().is_some_and(|name| pass.contains(name)));
-                out.nodes = Some(list);
+            Some(mut list) if !by_name => {
+                let pass: HashSet<&str> =
+                    verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str()).collect();
+                list.items.retain(|n| n.metadata.name.as_deref().is_some_and(|name| pass.contains(name)));
+                Some(list)
             }
-            _ => out.node_names = Some(pass),
-        }
-        out
+            _ => None,
+        };
+        FilterReply { verdicts, nodes, error: None }
     }
 
     /// Decides under the lock what a demand's verdicts need: answered already (held devices,
@@ -465,9 +547,14 @@ impl Scheduler {
             inner.recent.pop_front();
         }
         inner.filtered += 1;
-        // FGD's target workload: the popular shapes among recent demands (95% coverage).
+        // FGD's target workload: the popular shapes among recent demands (95% coverage). Kept
+        // while the shapes and their shares hold steady: every new workload empties the core's
+        // memo, and replacing it for sampling noise would make every shape cold every 64 filters.
         if inner.filtered % 64 == 1 || inner.workload.is_empty() {
-            inner.workload = Arc::new(Workload::from_demands_top(inner.recent.iter(), 0.95));
+            let fresh = Workload::from_demands_top(inner.recent.iter(), 0.95);
+            if drifted(&inner.workload, &fresh) {
+                inner.workload = Arc::new(fresh);
+            }
         }
         if let Some(a) = inner.snap.allocation(&demand.pod) {
             // Already assumed or reserved: only its node.
@@ -482,6 +569,16 @@ impl Scheduler {
         Verdicts::Evaluate { snap: inner.snap.clone(), workload: inner.workload.clone() }
     }
 
+    /// The memo that holds `demand`'s shape (what a verdict depends on besides the node).
+    fn memo_for(&self, demand: &Demand) -> Option<&Mutex<policy::Memo>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (demand.cpu_milli, demand.memory_mib, &demand.gpu, &demand.gpu_models, &demand.node_selector, demand.priority)
+            .hash(&mut h);
+        let i = usize::try_from(h.finish() % self.memos.len().max(1) as u64).unwrap_or(0);
+        self.memos.get(i)
+    }
+
     /// The core's verdicts on the offered nodes, split across threads for long node lists
     /// (nodes are independent, so the result is the same as one call).
     fn evaluate(&self, snap: &Snapshot, workload: &Workload, demand: &Demand, names: &[NodeName]) -> Vec<NodeVerdict> {
@@ -491,7 +588,7 @@ impl Scheduler {
         // Memoised: only nodes whose state changed since this demand shape was last filtered are
         // scored again (same verdicts as a fresh evaluation). A poisoned memo lock falls back to
         // the fresh, threaded path.
-        let memo = if self.policy.memoizable() { self.memo.lock().ok() } else { None };
+        let memo = if self.policy.memoizable() { self.memo_for(demand).and_then(|m| m.lock().ok()) } else { None };
         let result = if let Some(mut memo) = memo {
             policy::evaluate_memo(snap, demand, self.policy.as_ref(), &ctx, Some(names), &mut memo)
         } else if parts == 1 {
@@ -616,7 +713,16 @@ impl Scheduler {
             Ok(plan) => {
                 tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
                 inner.generation += 1;
+                // Written on each member so that another replica (after a restart or a leader
+                // change) can take the plan over.
+                let written: Vec<_> =
+                    plan.members.iter().map(|(k, p)| (k.clone(), self.reservation_of(&plan, p))).collect();
+                let deadline = written.first().map(|(_, r)| r.deadline.clone());
+                for (k, r) in &written {
+                    inner.outbox.set(k.clone(), r);
+                }
                 if let Some(st) = inner.gangs.get_mut(&g.name) {
+                    st.deadline = deadline;
                     st.plan = Some(plan);
                     st.arrived.clear();
                     st.barrier.send_replace(Barrier::Waiting);
@@ -652,29 +758,57 @@ impl Scheduler {
                 inner.fail_gang(&n, "the gang's reservation deadline passed before every member reached bind");
             }
         }
+        inner.dropped_plans.retain(|_, deadline_ms| *deadline_ms > now);
+        // Plans whose members all bound elsewhere (a follower's restored plan, the leader
+        // binding) are finished: forget them, so the gang's name can be planned afresh.
+        let Inner { gangs, snap, .. } = &mut *inner;
+        gangs.retain(|_, st| {
+            st.plan.as_ref().is_none_or(|p| {
+                !p.members.iter().all(|(k, _)| snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
+            })
+        });
         let stale = 2 * 60_000;
         inner.gangs.retain(|_, st| {
             st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
         });
         let pending = inner.gangs.values().filter(|st| st.plan.is_none()).count();
         self.metrics.pending_gangs.set(pending as i64);
+        let queued = !inner.outbox.is_empty();
+        drop(inner);
+        if queued {
+            self.writes_ready();
+        }
     }
 
     // ---- prioritize --------------------------------------------------------------------
 
-    pub fn prioritize(&self, args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
-        let names = offered(&args.nodes, &args.node_names).map_err(Error::BadRequest)?;
+    pub fn prioritize(&self, mut args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
+        let names = offered(&args.nodes, args.node_names.take()).map_err(Error::BadRequest)?;
         let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
         let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
+        // From the pod's filter verdicts when the state has not changed since: scored in place
+        // when they cover the offered nodes (the usual case), else the needed ones are copied.
+        enum Cached {
+            Scores(HashMap<NodeName, i64>),
+            Verdicts(Vec<NodeVerdict>),
+        }
         let cached = {
             let inner = self.lock();
             inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
+                if covers(&s.verdicts, &names) {
+                    return Some(Cached::Scores(policy::extender_scores(&s.verdicts).into_iter().collect()));
+                }
                 let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
-                names.iter().map(|n| by_node.get(n).map(|v| (*v).clone())).collect::<Option<Vec<_>>>()
+                names
+                    .iter()
+                    .map(|n| by_node.get(n).map(|v| (*v).clone()))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Cached::Verdicts)
             })
         };
         let verdicts = match cached {
-            Some(v) => v,
+            Some(Cached::Scores(scores)) => return Ok(self.scored(&names, &scores)),
+            Some(Cached::Verdicts(v)) => v,
             None => {
                 let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
                 let plan = self.prepare(&mut self.lock(), &demand, &names);
@@ -685,11 +819,12 @@ impl Scheduler {
             }
         };
         let scores: HashMap<NodeName, i64> = policy::extender_scores(&verdicts).into_iter().collect();
+        Ok(self.scored(&names, &scores))
+    }
+
+    fn scored(&self, names: &[NodeName], scores: &HashMap<NodeName, i64>) -> Vec<HostPriority> {
         self.metrics.decision("prioritize", "scored");
-        Ok(names
-            .iter()
-            .map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) })
-            .collect())
+        names.iter().map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) }).collect()
     }
 
     // ---- bind --------------------------------------------------------------------------
@@ -742,6 +877,8 @@ impl Scheduler {
                     inner.assumed.remove(&key);
                 }
                 if let Some(g) = &gang {
+                    // Bound: its reservation annotation has served.
+                    inner.outbox.clear(key.clone());
                     // Every planned member bound: the gang is done.
                     let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
                         p.members
@@ -753,6 +890,10 @@ impl Scheduler {
                     }
                 }
                 self.metrics.reservations.set(inner.assumed.len() as i64);
+                drop(inner);
+                if gang.is_some() {
+                    self.writes_ready();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -765,6 +906,10 @@ impl Scheduler {
                 }
                 inner.assumed.remove(&key);
                 self.metrics.reservations.set(inner.assumed.len() as i64);
+                drop(inner);
+                if gang.is_some() {
+                    self.writes_ready();
+                }
                 Err(e)
             }
         }
@@ -1331,6 +1476,85 @@ impl Scheduler {
     }
 }
 
+/// A filter's answer, written on the wire straight from the verdicts (shared with the pod's
+/// cached verdicts): the same JSON as the [`ExtenderFilterResult`] of [`FilterReply::into_result`].
+#[derive(Debug)]
+pub struct FilterReply {
+    verdicts: Arc<Vec<NodeVerdict>>,
+    /// The passing Node objects, when the request carried Node objects instead of names.
+    nodes: Option<NodeList>,
+    /// The call failed: kube-scheduler fails this scheduling cycle with this message.
+    error: Option<String>,
+}
+
+impl FilterReply {
+    fn error(message: impl Into<String>) -> Self {
+        Self { verdicts: Arc::default(), nodes: None, error: Some(message.into()) }
+    }
+
+    fn passing(&self) -> impl Iterator<Item = &str> {
+        self.verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str())
+    }
+
+    fn failing(&self, unresolvable: bool) -> impl Iterator<Item = (&str, &str)> {
+        self.verdicts.iter().filter_map(move |v| match &v.outcome {
+            Err(r) if r.is_unresolvable() == unresolvable => Some((v.node.0.as_str(), r.reason())),
+            _ => None,
+        })
+    }
+
+    /// The reply as the wire type.
+    pub fn into_result(self) -> ExtenderFilterResult {
+        if let Some(e) = self.error {
+            return ExtenderFilterResult::error(e);
+        }
+        let map = |u| -> FailedNodesMap { self.failing(u).map(|(n, r)| (n.to_owned(), r.to_owned())).collect() };
+        ExtenderFilterResult {
+            node_names: self.nodes.is_none().then(|| self.passing().map(str::to_owned).collect()),
+            failed_nodes: Some(map(false)),
+            failed_and_unresolvable_nodes: Some(map(true)),
+            nodes: self.nodes,
+            error: String::new(),
+        }
+    }
+}
+
+impl Serialize for FilterReply {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Seq<I>(std::cell::Cell<Option<I>>);
+        impl<'a, I: Iterator<Item = &'a str>> Serialize for Seq<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.take().into_iter().flatten())
+            }
+        }
+        struct Map<I>(std::cell::Cell<Option<I>>);
+        impl<'a, I: Iterator<Item = (&'a str, &'a str)>> Serialize for Map<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.take().into_iter().flatten())
+            }
+        }
+        let mut st = serializer.serialize_struct("ExtenderFilterResult", 5)?;
+        if let Some(e) = &self.error {
+            st.serialize_field("Nodes", &None::<NodeList>)?;
+            st.serialize_field("NodeNames", &None::<Vec<String>>)?;
+            st.serialize_field("FailedNodes", &None::<FailedNodesMap>)?;
+            st.serialize_field("FailedAndUnresolvableNodes", &None::<FailedNodesMap>)?;
+            st.serialize_field("Error", e)?;
+            return st.end();
+        }
+        st.serialize_field("Nodes", &self.nodes)?;
+        match self.nodes {
+            Some(_) => st.serialize_field("NodeNames", &None::<Vec<String>>)?,
+            None => st.serialize_field("NodeNames", &Seq(std::cell::Cell::new(Some(self.passing()))))?,
+        }
+        st.serialize_field("FailedNodes", &Map(std::cell::Cell::new(Some(self.failing(false)))))?;
+        st.serialize_field("FailedAndUnresolvableNodes", &Map(std::cell::Cell::new(Some(self.failing(true)))))?;
+        st.serialize_field("Error", "")?;
+        st.end()
+    }
+}
+
 /// What a filter or prioritize still has to do after the locked part.
 enum Verdicts {
     Done(Vec<NodeVerdict>),
@@ -1525,7 +1749,7 @@ impl Scheduler {
                     // Counted without the `node NAME: ` prefix, so one cause on many nodes adds up.
                     // Reasons that can change (unschedulable now) come before "never fits".
                     let mut reasons: BTreeMap<(bool, &str), usize> = BTreeMap::new();
-                    for v in &seen.verdicts {
+                    for v in seen.verdicts.iter() {
                         if let Err(r) = &v.outcome {
                             let why = r.reason();
                             let why = why
@@ -1568,5 +1792,57 @@ impl Scheduler {
         });
         out.sort_by(|a, b| a.pod.cmp(&b.pod));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_core::{Candidate, GpuDemand};
+
+    use super::*;
+
+    fn workload(counts: &[(GpuDemand, usize)]) -> Workload {
+        let demands: Vec<Demand> = counts
+            .iter()
+            .flat_map(|(g, n)| (0..*n).map(move |i| Demand::new(format!("ml/p{i}").as_str(), g.clone())))
+            .collect();
+        Workload::from_demands_top(demands.iter(), 1.0)
+    }
+
+    #[test]
+    fn the_workload_is_replaced_only_when_its_mix_really_moves() {
+        let mig = GpuDemand::Mig { profile: "1g.10gb".into() };
+        let whole = GpuDemand::Whole { count: 1 };
+        let base = workload(&[(mig.clone(), 50), (whole.clone(), 50)]);
+        assert!(drifted(&Workload::default(), &base));
+        // Sampling noise: 52/48 is the same mix.
+        assert!(!drifted(&base, &workload(&[(mig.clone(), 52), (whole.clone(), 48)])));
+        // A real shift, a new class, a lost class.
+        assert!(drifted(&base, &workload(&[(mig.clone(), 70), (whole.clone(), 30)])));
+        assert!(drifted(&base, &workload(&[(mig.clone(), 50), (whole, 40), (GpuDemand::Share { milli: 300 }, 10)])));
+        assert!(drifted(&base, &workload(&[(mig, 100)])));
+    }
+
+    fn verdict(node: &str, fits: bool) -> NodeVerdict {
+        NodeVerdict {
+            node: NodeName(node.into()),
+            outcome: if fits {
+                Ok((Candidate { node: 0, grants: Vec::new(), ops: Vec::new() }, policy::Score::default()))
+            } else {
+                Err(Rejection::Unschedulable(format!("node {node}: full")))
+            },
+        }
+    }
+
+    #[test]
+    fn filter_verdicts_cover_the_same_list_or_the_nodes_that_passed() {
+        let vs = [verdict("a", true), verdict("b", false), verdict("c", true)];
+        let names = |ns: &[&str]| ns.iter().map(|n| NodeName((*n).into())).collect::<Vec<_>>();
+        assert!(covers(&vs, &names(&["a", "b", "c"])));
+        assert!(covers(&vs, &names(&["a", "c"])));
+        // A fitting node left out would change the normalisation; order and unknown names too.
+        assert!(!covers(&vs, &names(&["a"])));
+        assert!(!covers(&vs, &names(&["c", "a"])));
+        assert!(!covers(&vs, &names(&["a", "c", "d"])));
     }
 }

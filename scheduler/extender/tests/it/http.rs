@@ -500,3 +500,70 @@ async fn a_whole_gpu_taken_from_an_idle_mig_gpu_asks_the_node_to_leave_mig_mode(
     assert_eq!(reconf[0].1[0].mode, tessera_api::gpunode::Mode::Full);
     sched.with_snapshot(|s| assert_eq!(s.nodes()[0].gpus[0].mode(), tessera_core::GpuMode::Full));
 }
+
+#[tokio::test]
+async fn prioritize_from_the_filter_verdicts_matches_a_fresh_evaluation() {
+    let snap = tessera_core::testing::synth_cluster(5, 300);
+    let all: Vec<String> = snap.nodes().iter().map(|n| n.name.0.clone()).collect();
+    let app = || {
+        let sched = Arc::new(Scheduler::new(
+            snap.clone(),
+            tessera_core::policy::by_name("tessera").unwrap(),
+            Arc::new(MemoryBinder::default()),
+            Arc::new(MemoryLookup::default()),
+            Settings { threads: 1, ..Settings::default() },
+        ));
+        App::new(sched, Surface::ALL)
+    };
+    let shapes = [
+        (json!({"nvidia.com/mig-3g.40gb": "1"}), json!({})),
+        (json!({"nvidia.com/gpu": "2"}), json!({})),
+        // Only the time-sliced nodes fit: most offered nodes fail.
+        (json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-share": "300"})),
+    ];
+    let mut some_fail = false;
+    for (i, (limits, annotations)) in shapes.into_iter().enumerate() {
+        let p = pod("ml", &format!("p{i}"), "u", limits, annotations);
+        let (filtered, fresh) = (app(), app());
+        let (_, f) = call(&filtered, Method::POST, "/filter", json!({"Pod": p, "NodeNames": all}).to_string()).await;
+        let pass = names(&f);
+        assert!(!pass.is_empty(), "{f}");
+        some_fail |= pass.len() < all.len();
+        // All offered nodes, the ones that passed (what kube-scheduler sends), and a reordered
+        // subset that includes failing nodes (the copying path).
+        let mut mixed: Vec<String> = all.iter().rev().step_by(3).cloned().collect();
+        mixed.push(pass[0].clone());
+        for list in [all.clone(), pass.clone(), mixed] {
+            let body = json!({"Pod": p, "NodeNames": list}).to_string();
+            let (_, cached) = call(&filtered, Method::POST, "/prioritize", body.clone()).await;
+            let (_, direct) = call(&fresh, Method::POST, "/prioritize", body).await;
+            assert_eq!(cached, direct);
+            assert_eq!(cached.as_array().unwrap().len(), list.len());
+        }
+    }
+    assert!(some_fail, "no shape left a node out: the passing-nodes path was not exercised");
+}
+
+#[tokio::test]
+async fn the_streamed_filter_reply_is_the_wire_result() {
+    let (sched, _, app) = demo();
+    let nodes = ["gpu-node-a", "gpu-node-b", "gpu-node-c", "gpu-node-d", "gpu-node-e", "no-such-node"];
+    let p = pod("ml", "emb", "u9", json!({"nvidia.com/mig-1g.10gb": "1"}), json!({}));
+    let node_objects: Vec<Value> = nodes.iter().map(|n| json!({"metadata": {"name": n}})).collect();
+    let bad = pod("ml", "bad", "u10", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-share": "abc"}));
+    for body in [
+        json!({"Pod": p, "NodeNames": nodes}),
+        json!({"Pod": p, "Nodes": {"items": node_objects}}),
+        json!({"Pod": bad, "NodeNames": nodes}),
+        json!({"Pod": null, "NodeNames": nodes}),
+    ] {
+        let (_, streamed) = call(&app, Method::POST, "/filter", body.to_string()).await;
+        let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_value(body.clone()).unwrap();
+        let built = serde_json::to_value(sched.filter(args)).unwrap();
+        assert_eq!(streamed, built, "{body}");
+    }
+    // Both kinds of failure and a pass, in the reply.
+    let (_, v) = call(&app, Method::POST, "/filter", json!({"Pod": p, "NodeNames": nodes}).to_string()).await;
+    assert!(!names(&v).is_empty(), "{v}");
+    assert!(v["FailedAndUnresolvableNodes"]["no-such-node"].as_str().unwrap().contains("unknown"), "{v}");
+}

@@ -17,10 +17,10 @@ use tessera_scheduler::state::{Scheduler, Settings};
 
 use crate::http::{call, pod};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-type Send = tower_test::mock::SendResponse<Response<Body>>;
+pub(crate) type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+pub(crate) type Send = tower_test::mock::SendResponse<Response<Body>>;
 
-fn respond(code: StatusCode, v: Value) -> Response<Body> {
+pub(crate) fn respond(code: StatusCode, v: Value) -> Response<Body> {
     Response::builder().status(code).body(Body::from(serde_json::to_vec(&v).unwrap())).unwrap()
 }
 
@@ -35,17 +35,17 @@ async fn body(req: Request<Body>) -> Value {
     serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap()
 }
 
-fn mock() -> (kube::Client, Handle) {
+pub(crate) fn mock() -> (kube::Client, Handle) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     (kube::Client::new(svc, "default"), handle)
 }
 
-fn gpunode(spec: Value, status: Value) -> Value {
+pub(crate) fn gpunode(spec: Value, status: Value) -> Value {
     json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode",
            "metadata": {"name": "n1", "resourceVersion": "41", "generation": 3}, "spec": spec, "status": status})
 }
 
-fn h100_status(instances: Value) -> Value {
+pub(crate) fn h100_status(instances: Value) -> Value {
     json!({"gpus": [
         {"index": 0, "uuid": "GPU-0", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "full", "health": "Healthy"},
         {"index": 1, "uuid": "GPU-1", "product": "H100-80GB", "memoryMib": 81920, "migCapable": true, "mode": "full", "health": "Healthy"},
@@ -171,7 +171,7 @@ async fn reconfigure_gives_up_after_its_deadline() {
     assert!(e.to_string().contains("GPU 0 1g.10gb at 0"), "{e}");
 }
 
-fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
+pub(crate) fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Value {
     json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "100"}, "items": items})
 }
 
@@ -183,7 +183,10 @@ fn running(name: &str, uid: &str, limits: Value, annotations: Value) -> Value {
 }
 
 /// Serves the reflectors' initial lists from `objects` and parks their watches.
-fn serve_lists(mut handle: Handle, objects: Vec<(&'static str, Value)>) -> tokio::task::JoinHandle<Vec<Send>> {
+pub(crate) fn serve_lists(
+    mut handle: Handle,
+    objects: Vec<(&'static str, Value)>,
+) -> tokio::task::JoinHandle<Vec<Send>> {
     tokio::spawn(async move {
         let mut parked = Vec::new();
         while let Ok(Some((r, send))) = tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await {

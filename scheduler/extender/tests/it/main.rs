@@ -1,5 +1,5 @@
 //! Integration tests of tessera-scheduler: wire fixtures, HTTP handlers, kube paths against a
-//! mock API server, loopback HTTP, the dashboard in headless Chromium, and the opt-in
+//! mock API server, loopback HTTP and TLS, the dashboard in headless Chromium, and the opt-in
 //! end-to-end suite.
 
 mod browser;
@@ -10,4 +10,6 @@ mod gang;
 mod http;
 mod kube_api;
 mod loopback;
+mod reservations;
+mod tls;
 mod wire;
