@@ -73,13 +73,12 @@ impl Policy for Random {
     }
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
         // A fresh uniform pick per pod: node and device from a seeded hash of (pod, node, GPU).
-        let salt = hash_str(ctx.seed, &d.pod.0);
-        random_score(hash_str(salt, &node_of(snap, c).name.0), c)
+        random_score(node_draw(pod_salt(ctx.seed, &d.pod.0), &node_of(snap, c).name.0), c)
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
-        let node = hash_str(pod_salt(ctx.seed, &d.pod.0), &node_of(snap, first).name.0);
+        let node = node_draw(pod_salt(ctx.seed, &d.pod.0), &node_of(snap, first).name.0);
         out.extend(cands.iter().map(|c| random_score(node, c)));
     }
 }
@@ -97,6 +96,13 @@ fn pod_salt(seed: u64, pod: &str) -> u64 {
         }
         *h
     })
+}
+
+/// The pod's draw for a node: its name folded 8 bytes at a time (a decision hashes every
+/// node's name), mixed with the pod's salt.
+fn node_draw(salt: u64, name: &str) -> u64 {
+    let words = name.as_bytes().chunks(8).map(|w| w.iter().rev().fold(0u64, |x, &b| x << 8 | u64::from(b)));
+    mix(words.fold(salt, |h, w| mix(h ^ w)))
 }
 
 fn random_score(node: u64, c: &Candidate) -> Score {
