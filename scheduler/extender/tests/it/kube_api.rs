@@ -205,6 +205,20 @@ pub(crate) fn serve_lists(
     })
 }
 
+/// The reflectors' lists for one node `n1` (an H100 whose GpuNode status reports `mig`), the
+/// given pods, and no PodGroups.
+pub(crate) fn one_node_lists(node: Value, pods: Vec<Value>, mig: Value) -> Vec<(&'static str, Value)> {
+    vec![
+        ("/api/v1/nodes", list("v1", "NodeList", vec![node])),
+        ("/api/v1/pods", list("v1", "PodList", pods)),
+        (
+            "/apis/tessera.dev/v1alpha1/gpunodes",
+            list("tessera.dev/v1alpha1", "GpuNodeList", vec![gpunode(json!({}), h100_status(mig))]),
+        ),
+        ("/apis/scheduling.x-k8s.io/v1alpha1/podgroups", list("scheduling.x-k8s.io/v1alpha1", "PodGroupList", vec![])),
+    ]
+}
+
 #[tokio::test]
 async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocates() {
     let (client, handle) = mock();
@@ -227,21 +241,7 @@ async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocat
         // Scheduled elsewhere with NVIDIA's plugin: counted on the lowest free GPUs.
         running("legacy", "uid-legacy", json!({"nvidia.com/gpu": "2"}), json!({})),
     ];
-    let lists = serve_lists(
-        handle,
-        vec![
-            ("/api/v1/nodes", list("v1", "NodeList", vec![node])),
-            ("/api/v1/pods", list("v1", "PodList", pods)),
-            (
-                "/apis/tessera.dev/v1alpha1/gpunodes",
-                list("tessera.dev/v1alpha1", "GpuNodeList", vec![gpunode(json!({}), h100_status(mig))]),
-            ),
-            (
-                "/apis/scheduling.x-k8s.io/v1alpha1/podgroups",
-                list("scheduling.x-k8s.io/v1alpha1", "PodGroupList", vec![]),
-            ),
-        ],
-    );
+    let lists = serve_lists(handle, one_node_lists(node, pods, mig));
     let watch = Watch::start(&client);
     let binder = Arc::new(tessera_scheduler::binder::MemoryBinder::default());
     let sched = Arc::new(Scheduler::new(

@@ -16,7 +16,7 @@ use tessera_scheduler::reservations::Reservation;
 use tessera_scheduler::state::{Scheduler, Settings};
 
 use crate::http::{call, pod};
-use crate::kube_api::{gpunode, h100_status, list, mock, serve_lists};
+use crate::kube_api::{mock, one_node_lists, serve_lists};
 
 const KEY: &str = "tessera.dev/reservation";
 
@@ -40,21 +40,7 @@ async fn live(pods: Vec<Value>) -> (Arc<Scheduler>, Arc<MemoryBinder>) {
 async fn live_with(pods: Vec<Value>, binder: MemoryBinder) -> (Arc<Scheduler>, Arc<MemoryBinder>) {
     let (client, handle) = mock();
     let mig = json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-a"}]);
-    serve_lists(
-        handle,
-        vec![
-            ("/api/v1/nodes", list("v1", "NodeList", vec![node()])),
-            ("/api/v1/pods", list("v1", "PodList", pods)),
-            (
-                "/apis/tessera.dev/v1alpha1/gpunodes",
-                list("tessera.dev/v1alpha1", "GpuNodeList", vec![gpunode(json!({}), h100_status(mig))]),
-            ),
-            (
-                "/apis/scheduling.x-k8s.io/v1alpha1/podgroups",
-                list("scheduling.x-k8s.io/v1alpha1", "PodGroupList", vec![]),
-            ),
-        ],
-    );
+    serve_lists(handle, one_node_lists(node(), pods, mig));
     let watch = Watch::start(&client);
     let binder = Arc::new(binder);
     let sched = Arc::new(Scheduler::new(
@@ -74,6 +60,12 @@ async fn live_with(pods: Vec<Value>, binder: MemoryBinder) -> (Arc<Scheduler>, A
     .await
     .expect("synced");
     (sched, binder)
+}
+
+/// kube-scheduler's bind of member `name` (namespace `ml`) to `n1`; the reply body.
+async fn bind(app: &App, name: &str) -> Value {
+    let body = json!({"PodName": name, "PodNamespace": "ml", "PodUID": format!("uid-{name}"), "Node": "n1"});
+    call(app, Method::POST, "/bind", body.to_string()).await.1
 }
 
 async fn filter(app: &App, p: Value) -> Value {
@@ -134,14 +126,7 @@ async fn a_planned_gang_survives_a_restart_and_binds_to_the_same_devices() {
 
     // The gang binds to what was planned: both binds are held until both arrive.
     let app = App::new(b.clone(), Surface::ALL);
-    let bind = |name: &'static str| {
-        let app = app.clone();
-        async move {
-            let body = json!({"PodName": name, "PodNamespace": "ml", "PodUID": format!("uid-{name}"), "Node": "n1"});
-            call(&app, Method::POST, "/bind", body.to_string()).await.1
-        }
-    };
-    let (r0, r1) = tokio::join!(bind("w0"), bind("w1"));
+    let (r0, r1) = tokio::join!(bind(&app, "w0"), bind(&app, "w1"));
     assert_eq!((r0["Error"].as_str(), r1["Error"].as_str()), (Some(""), Some("")), "{r0} {r1}");
     let bound = b_binder.bound();
     assert_eq!(bound.len(), 2);
@@ -214,14 +199,7 @@ async fn a_dropped_plan_takes_its_reservations_with_it() {
     let written = binder.annotations();
     assert_eq!(written.len(), 2);
     // Both members reach bind; the Binding fails, so the plan is dropped and released.
-    let bind = |name: &'static str| {
-        let app = app.clone();
-        async move {
-            let body = json!({"PodName": name, "PodNamespace": "ml", "PodUID": format!("uid-{name}"), "Node": "n1"});
-            call(&app, Method::POST, "/bind", body.to_string()).await.1
-        }
-    };
-    let (r0, r1) = tokio::join!(bind("w0"), bind("w1"));
+    let (r0, r1) = tokio::join!(bind(&app, "w0"), bind(&app, "w1"));
     assert!(r0["Error"].as_str().unwrap().contains("API down") || r1["Error"].as_str().unwrap().contains("API down"));
     assert_eq!((grants(&a, "ml/w0"), grants(&a, "ml/w1")), (None, None));
     // Until the removals land, the pods still carry the plan: this replica does not take back
