@@ -205,6 +205,32 @@ pub(crate) fn serve_lists(
     })
 }
 
+/// A live-mode scheduler fed by reflectors on `client`, once its first sync is done.
+pub(crate) async fn synced_scheduler<B: Binder + 'static>(
+    client: &kube::Client,
+    binder: Arc<B>,
+    settings: Settings,
+) -> Arc<Scheduler> {
+    let watch = Watch::start(client);
+    let sched = Arc::new(Scheduler::new(
+        tessera_core::Snapshot::default(),
+        tessera_core::policy::by_name("tessera").unwrap(),
+        binder,
+        Arc::new(watch.lookup()),
+        settings,
+    ));
+    sched.set_synced(false);
+    tokio::spawn(watch.sync(sched.clone(), Duration::from_millis(10)));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !sched.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("synced");
+    sched
+}
+
 /// The reflectors' lists for one node `n1` (an H100 whose GpuNode status reports `mig`), the
 /// given pods, and no PodGroups.
 pub(crate) fn one_node_lists(node: Value, pods: Vec<Value>, mig: Value) -> Vec<(&'static str, Value)> {
@@ -242,24 +268,8 @@ async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocat
         running("legacy", "uid-legacy", json!({"nvidia.com/gpu": "2"}), json!({})),
     ];
     let lists = serve_lists(handle, one_node_lists(node, pods, mig));
-    let watch = Watch::start(&client);
     let binder = Arc::new(tessera_scheduler::binder::MemoryBinder::default());
-    let sched = Arc::new(Scheduler::new(
-        tessera_core::Snapshot::default(),
-        tessera_core::policy::by_name("tessera").unwrap(),
-        binder.clone(),
-        Arc::new(watch.lookup()),
-        Settings { mode: "live", ..Settings::default() },
-    ));
-    sched.set_synced(false);
-    tokio::spawn(watch.sync(sched.clone(), Duration::from_millis(10)));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !sched.is_ready() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("synced");
+    let sched = synced_scheduler(&client, binder.clone(), Settings { mode: "live", ..Settings::default() }).await;
     let allocs = sched.with_snapshot(|s| s.allocations().clone());
     assert_eq!(allocs.len(), 3);
     assert_eq!(allocs[&PodKey::from("ml/whole")].grants, [Grant::Whole { gpu: 0 }]);

@@ -4,19 +4,17 @@
 //! them; an expired reservation is not restored and its annotation is removed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
 use tessera_core::{Grant, PodKey};
 use tessera_scheduler::binder::MemoryBinder;
-use tessera_scheduler::cluster::Watch;
 use tessera_scheduler::http::{App, Surface};
 use tessera_scheduler::reservations::Reservation;
 use tessera_scheduler::state::{Scheduler, Settings};
 
 use crate::http::{call, pod};
-use crate::kube_api::{mock, one_node_lists, serve_lists};
+use crate::kube_api::{mock, one_node_lists, serve_lists, synced_scheduler};
 
 const KEY: &str = "tessera.dev/reservation";
 
@@ -41,24 +39,9 @@ async fn live_with(pods: Vec<Value>, binder: MemoryBinder) -> (Arc<Scheduler>, A
     let (client, handle) = mock();
     let mig = json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-a"}]);
     serve_lists(handle, one_node_lists(node(), pods, mig));
-    let watch = Watch::start(&client);
     let binder = Arc::new(binder);
-    let sched = Arc::new(Scheduler::new(
-        tessera_core::Snapshot::default(),
-        tessera_core::policy::by_name("tessera").unwrap(),
-        binder.clone(),
-        Arc::new(watch.lookup()),
-        Settings { mode: "live", persist_reservations: true, ..Settings::default() },
-    ));
-    sched.set_synced(false);
-    tokio::spawn(watch.sync(sched.clone(), Duration::from_millis(10)));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !sched.is_ready() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("synced");
+    let settings = Settings { mode: "live", persist_reservations: true, ..Settings::default() };
+    let sched = synced_scheduler(&client, binder.clone(), settings).await;
     (sched, binder)
 }
 
