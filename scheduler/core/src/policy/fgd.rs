@@ -21,6 +21,7 @@ pub(crate) fn sigmoid(x: f64) -> f64 {
 
 /// A node's fragmentation before any candidate, and what is needed to evaluate candidates.
 pub(crate) struct Before<'a> {
+    pub node: &'a Node,
     pub views: Views<'a>,
     pub base: FragBase,
     pub frag: f64,
@@ -31,20 +32,21 @@ impl<'a> Before<'a> {
         let views = views(node);
         let base = FragBase::new(&views, ctx.workload);
         let frag = base.fragmentation(node.free_cpu_milli(), node_model(node), ctx.workload);
-        Self { views, base, frag }
+        Self { node, views, base, frag }
     }
 
     /// The node's GPU views after `c` (only the GPUs it touches differ from `views`).
-    pub fn after(&self, node: &'a Node, c: &Candidate) -> Views<'a> {
+    pub fn after(&self, c: &Candidate) -> Views<'a> {
         let mut vs = self.views.clone();
-        apply_candidate(&mut vs, node, c);
+        apply_candidate(&mut vs, self.node, c);
         vs
     }
 
     /// `F_before − F_after` for a candidate whose views after placement are `after`, in
     /// milli-GPU (positive = less fragmentation). Only the GPUs the candidate touches are
     /// re-evaluated.
-    pub fn gain(&self, node: &Node, d: &Demand, c: &Candidate, after: &[GpuView<'_>], ctx: &Context<'_>) -> f64 {
+    pub fn gain(&self, d: &Demand, c: &Candidate, after: &[GpuView<'_>], ctx: &Context<'_>) -> f64 {
+        let node = self.node;
         let touched = touched(node, c);
         let cpu = node.free_cpu_milli().saturating_sub(d.cpu_milli);
         self.frag - self.base.fragmentation_after(&self.views, after, &touched, cpu, node_model(node), ctx.workload)
@@ -73,28 +75,19 @@ impl Policy for Fgd {
     }
 
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        let node = node_of(snap, c);
-        self.score_with(node, d, c, ctx, &Before::of(node, ctx))
+        self.score_with(d, c, ctx, &Before::of(node_of(snap, c), ctx))
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
-        let node = node_of(snap, first);
-        let before = Before::of(node, ctx);
-        out.extend(cands.iter().map(|c| self.score_with(node, d, c, ctx, &before)));
+        let before = Before::of(node_of(snap, first), ctx);
+        out.extend(cands.iter().map(|c| self.score_with(d, c, ctx, &before)));
     }
 }
 
 impl Fgd {
-    fn score_with<'a>(
-        &self,
-        node: &'a Node,
-        d: &Demand,
-        c: &Candidate,
-        ctx: &Context<'_>,
-        before: &Before<'a>,
-    ) -> Score {
-        let gain = before.gain(node, d, c, &before.after(node, c), ctx);
+    fn score_with(&self, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>) -> Score {
+        let gain = before.gain(d, c, &before.after(c), ctx);
         let s = (sigmoid(gain / 1000.0) * MAX_NODE_SCORE).floor();
         Score::new(s, s * 1000.0 - f64::from(first_fit_position(c)))
     }

@@ -61,16 +61,14 @@ impl Policy for Tessera {
     }
 
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        let node = node_of(snap, c);
-        self.score_with(node, d, c, ctx, &Before::of(node, ctx), cpu_per_gpu(ctx))
+        self.score_with(d, c, ctx, &Before::of(node_of(snap, c), ctx), cpu_per_gpu(ctx))
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
-        let node = node_of(snap, first);
-        let before = Before::of(node, ctx);
+        let before = Before::of(node_of(snap, first), ctx);
         let ratio = cpu_per_gpu(ctx);
-        out.extend(cands.iter().map(|c| self.score_with(node, d, c, ctx, &before, ratio)));
+        out.extend(cands.iter().map(|c| self.score_with(d, c, ctx, &before, ratio)));
     }
 }
 
@@ -96,17 +94,10 @@ fn oversize(node: &Node, d: &Demand, c: &Candidate) -> u32 {
 }
 
 impl Tessera {
-    fn score_with<'a>(
-        &self,
-        node: &'a Node,
-        d: &Demand,
-        c: &Candidate,
-        ctx: &Context<'_>,
-        before: &Before<'a>,
-        ratio: f64,
-    ) -> Score {
-        let after = before.after(node, c);
-        let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(node, d, c, &after, ctx) };
+    fn score_with(&self, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>, ratio: f64) -> Score {
+        let node = before.node;
+        let after = before.after(c);
+        let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(d, c, &after, ctx) };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();
         let touched_free: f64 = c
             .grants
