@@ -4,20 +4,10 @@
 //! `openb_node_list_gpu_node.csv` and `openb_pod_list_default.csv`. Without it the bench says
 //! so and does nothing, so that building every target needs no data.
 
-// tessera-sim is a binary crate; the bench compiles the replay's modules directly.
-#[allow(dead_code)]
-#[path = "../src/occupancy.rs"]
-mod occupancy;
-#[allow(dead_code)]
-#[path = "../src/openb.rs"]
-mod openb;
-#[allow(dead_code)]
-#[path = "../src/trace.rs"]
-mod trace;
-
 use std::path::PathBuf;
 
 use criterion::Criterion;
+use tessera_sim::{openb, trace};
 
 fn main() {
     let Some(dir) = std::env::var_os("TESSERA_TRACE_DIR").map(PathBuf::from) else {

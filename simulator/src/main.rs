@@ -1,20 +1,12 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
-mod capture;
-mod compare;
-mod occupancy;
-mod openb;
-mod report;
-mod scenario;
-mod trace;
-mod whatif;
+use tessera_sim::{capture, compare, openb, report, scenario, trace, whatif};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(name = "tessera-sim", version, about = "What-if GPU packing with tessera's placement core")]
@@ -135,16 +127,6 @@ fn parse_seeds(s: &str) -> Result<Vec<u64>> {
         bail!("no seeds given");
     }
     Ok(out)
-}
-
-#[derive(Serialize)]
-struct PolicyReport {
-    policy: String,
-    trace: String,
-    tune: f64,
-    runs: Vec<openb::Run>,
-    mean_allocation_ratio: f64,
-    elapsed_seconds: f64,
 }
 
 fn main() -> Result<()> {
@@ -340,7 +322,7 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         }
         runs.sort_by_key(|r| r.seed);
         let mean = runs.iter().map(|r| r.allocation_ratio).sum::<f64>() / runs.len() as f64;
-        reports.push(PolicyReport {
+        reports.push(openb::PolicyReport {
             policy: name.clone(),
             trace: trace_name.clone(),
             tune: args.tune,
@@ -371,7 +353,7 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(reports: &[PolicyReport], expected: Option<&compare::Expected>) {
+fn print_table(reports: &[openb::PolicyReport], expected: Option<&compare::Expected>) {
     println!();
     print!(
         "{:<16} {:>10} {:>11} {:>10} {:>9} {:>9} {:>10}",

@@ -52,6 +52,18 @@ pub fn tuned_order(pods: &[PodRow], capacity_milli: u64, tune: f64, seed: u64) -
     order
 }
 
+/// One policy's runs on one trace: the `--json` contract of `tessera-sim openb`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReport {
+    pub policy: String,
+    pub trace: String,
+    pub tune: f64,
+    pub runs: Vec<Run>,
+    /// Mean over the runs (fraction).
+    pub mean_allocation_ratio: f64,
+    pub elapsed_seconds: f64,
+}
+
 /// One seed's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {

@@ -352,7 +352,7 @@ pub fn mean_band(curves: &[&[(u32, f64)]]) -> Vec<(f64, f64, f64, f64)> {
 
 /// The openb report: allocation curves, fragmentation, a table and each policy's slice map for
 /// its first seed.
-pub fn openb_html(reports: &[crate::PolicyReport], command: &str) -> Result<String> {
+pub fn openb_html(reports: &[crate::openb::PolicyReport], command: &str) -> Result<String> {
     let trace = reports.first().map_or("", |r| r.trace.as_str());
     let mut page = Page::new(&format!("tessera-sim openb: {trace}"), command);
     let seeds: Vec<String> =
@@ -400,7 +400,7 @@ pub fn openb_html(reports: &[crate::PolicyReport], command: &str) -> Result<Stri
             })
             .collect::<Vec<_>>(),
     )?);
-    let mean = |r: &crate::PolicyReport, f: &dyn Fn(&crate::openb::Run) -> f64| {
+    let mean = |r: &crate::openb::PolicyReport, f: &dyn Fn(&crate::openb::Run) -> f64| {
         r.runs.iter().map(f).sum::<f64>() / r.runs.len().max(1) as f64
     };
     let names: Vec<String> = reports.iter().map(|r| r.policy.clone()).collect();
@@ -629,7 +629,7 @@ mod tests {
     use crate::trace::PodRow;
     use tessera_core::cluster::{Gpu, GpuMode, Node};
 
-    fn small_openb() -> Vec<crate::PolicyReport> {
+    fn small_openb() -> Vec<crate::openb::PolicyReport> {
         let nodes: Vec<Node> = (0..4)
             .map(|i| {
                 let gpus = (0..2).map(|g| Gpu::new(g, "V100M16", 16384, GpuMode::Shared)).collect();
@@ -658,7 +658,7 @@ mod tests {
                     })
                     .collect();
                 let mean = runs.iter().map(|r| r.allocation_ratio).sum::<f64>() / runs.len() as f64;
-                crate::PolicyReport {
+                crate::openb::PolicyReport {
                     policy: (*name).to_owned(),
                     trace: "tiny<&>".into(),
                     tune: 1.3,

@@ -1,0 +1,12 @@
+//! tessera-sim's library: the openb replay, scenarios, what-if on a capture and the HTML report,
+//! all driving `tessera-core`'s placement entry points. The `tessera-sim` binary is a thin CLI
+//! over these modules; benches and tests use them directly.
+
+pub mod capture;
+pub mod compare;
+pub mod occupancy;
+pub mod openb;
+pub mod report;
+pub mod scenario;
+pub mod trace;
+pub mod whatif;
