@@ -68,7 +68,8 @@ struct WhatifArgs {
 struct ScenarioArgs {
     /// Scenario file (see `simulator/scenarios/`).
     file: PathBuf,
-    /// Policy name, `static`, or `all` (every policy plus the static baseline).
+    /// Policy name, `static`, a comma-separated list, or `all` (every policy plus the static
+    /// baseline).
     #[arg(long, default_value = "all")]
     policy: String,
     /// Seed for the arrival order.
@@ -90,7 +91,7 @@ struct OpenbArgs {
     /// Pod list CSV (`openb_pod_list_*.csv`).
     #[arg(long)]
     pods: PathBuf,
-    /// Policy name, or `all` for every policy side by side.
+    /// Policy name, a comma-separated list, or `all` for every policy side by side.
     #[arg(long, default_value = "tessera")]
     policy: String,
     /// Seeds: `42`, `42-51` or `1,5,9`.
@@ -178,11 +179,7 @@ fn run_whatif(args: WhatifArgs) -> Result<bool> {
 
 fn run_scenario(args: ScenarioArgs) -> Result<()> {
     let sc = scenario::Scenario::load(&args.file)?;
-    let policies: Vec<String> = if args.policy == "all" {
-        tessera_core::policy::NAMES.iter().map(|s| (*s).to_owned()).chain(["static".to_owned()]).collect()
-    } else {
-        vec![args.policy.clone()]
-    };
+    let policies = policy_list(&args.policy, &["static"])?;
     println!("scenario {}: {}", sc.name, sc.description.trim());
     let mut outcomes = Vec::new();
     for p in &policies {
@@ -247,16 +244,28 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
     Ok(())
 }
 
+/// `all`, one name, or a comma-separated list; `extra` are names this subcommand accepts
+/// besides the policies (and adds to `all`).
+fn policy_list(arg: &str, extra: &[&str]) -> Result<Vec<String>> {
+    let known = || tessera_core::policy::NAMES.iter().chain(extra).copied();
+    if arg == "all" {
+        return Ok(known().map(str::to_owned).collect());
+    }
+    let mut out: Vec<String> = Vec::new();
+    for name in arg.split(',').map(str::trim) {
+        if !known().any(|k| k == name) {
+            bail!("unknown policy {name:?}; known: {}, or all", known().collect::<Vec<_>>().join(", "));
+        }
+        if !out.iter().any(|o| o == name) {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
 fn run_openb(args: OpenbArgs) -> Result<()> {
     let seeds = parse_seeds(&args.seeds)?;
-    let policies: Vec<String> = if args.policy == "all" {
-        tessera_core::policy::NAMES.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        if tessera_core::policy::by_name(&args.policy).is_none() {
-            bail!("unknown policy {:?}; known: {}", args.policy, tessera_core::policy::NAMES.join(", "));
-        }
-        vec![args.policy.clone()]
-    };
+    let policies = policy_list(&args.policy, &[])?;
     if !(args.tune > 0.0 && args.tune <= 10.0) {
         bail!("--tune {} is outside (0, 10]", args.tune);
     }
@@ -401,5 +410,17 @@ mod tests {
         assert!(parse_seeds("9-1").is_err());
         assert!(parse_seeds("x").is_err());
         assert!(parse_seeds("").is_err());
+    }
+
+    #[test]
+    fn policies_parse_as_all_one_or_a_list() {
+        assert_eq!(policy_list("all", &[]).ok().map(|v| v.len()), Some(tessera_core::policy::NAMES.len()));
+        assert_eq!(policy_list("all", &["static"]).ok().and_then(|v| v.last().cloned()), Some("static".to_owned()));
+        assert_eq!(policy_list("fgd", &[]).ok(), Some(vec!["fgd".to_owned()]));
+        assert_eq!(policy_list("tessera, fgd,tessera", &[]).ok(), Some(vec!["tessera".to_owned(), "fgd".to_owned()]));
+        let e = policy_list("tessera,fgdd", &[]).expect_err("typo").to_string();
+        assert!(e.contains("unknown policy \"fgdd\"") && e.contains("first-fit"), "{e}");
+        assert!(policy_list("static", &[]).is_err());
+        assert!(policy_list("", &[]).is_err());
     }
 }
