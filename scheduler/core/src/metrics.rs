@@ -75,10 +75,11 @@ impl<'a> GpuView<'a> {
         }
     }
 
-    /// No pod on it and, in MIG mode, no instances: it can be taken whole or repartitioned.
+    /// No pod on it: it can be taken whole (a MIG GPU's free instances are destroyed first, as
+    /// placement does) or repartitioned.
     pub fn idle(&self) -> bool {
         match self.mode {
-            GpuMode::Mig => self.busy == 0 && self.instance_iter().next().is_none(),
+            GpuMode::Mig => self.busy == 0,
             _ => self.free_milli == MILLI_PER_GPU,
         }
     }

@@ -225,32 +225,40 @@ fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candid
     if k == 1 {
         // Without NVLink, idle GPUs of one mode are interchangeable: offer the lowest index of
         // each (mode, needs-reconfiguration) kind; with NVLink the choice of island matters.
+        // A MIG GPU's free layout is part of its kind: layouts differ in what they strand.
         let flat = !node.topology.has_nvlink();
-        let mut kinds: Vec<(GpuMode, usize)> = Vec::new();
-        for (g, ops) in &ready {
+        let mut kinds: Vec<(GpuMode, Option<&[Instance]>)> = Vec::new();
+        for (g, _) in &ready {
             if flat {
-                let mode = node.gpu(*g).map_or(GpuMode::Full, |x| x.mode());
-                if kinds.contains(&(mode, ops.len())) {
+                let gpu = node.gpu(*g);
+                let kind =
+                    (gpu.map_or(GpuMode::Full, |x| x.mode()), gpu.and_then(|x| x.mig_layout()).map(|l| l.instances()));
+                if kinds.contains(&kind) {
                     continue;
                 }
-                kinds.push((mode, ops.len()));
+                kinds.push(kind);
             }
             emit(&[*g], out);
         }
         return Ok(());
     }
     // Multi-GPU: the best-connected set overall, plus the best set inside each NVLink island
-    // that can hold the demand (so a policy can choose which island to spend).
+    // that can hold the demand (so a policy can choose which island to spend) — once among
+    // the GPUs ready as they are, and once also counting MIG GPUs whose free instances would
+    // be destroyed (so a policy can choose not to reconfigure).
     let free: Vec<u32> = ready.iter().map(|(g, _)| *g).collect();
+    let plain: Vec<u32> = ready.iter().filter(|(_, ops)| ops.is_empty()).map(|(g, _)| *g).collect();
     let mut sets: Vec<Vec<u32>> = Vec::new();
-    for island in node.topology.nvlink_islands().iter() {
-        let in_island: Vec<u32> = free.iter().copied().filter(|g| island.contains(g)).collect();
-        if let Some(s) = node.topology.best_set(&in_island, k) {
+    for pool in [&plain, &free] {
+        for island in node.topology.nvlink_islands().iter() {
+            let in_island: Vec<u32> = pool.iter().copied().filter(|g| island.contains(g)).collect();
+            if let Some(s) = node.topology.best_set(&in_island, k) {
+                sets.push(s);
+            }
+        }
+        if let Some(s) = node.topology.best_set(pool, k) {
             sets.push(s);
         }
-    }
-    if let Some(s) = node.topology.best_set(&free, k) {
-        sets.push(s);
     }
     sets.sort();
     sets.dedup();
@@ -284,6 +292,7 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
     }
     match g.mode() {
         GpuMode::Mig => {
+            let before = out.len();
             for inst in g.free_instances().filter(|i| i.class == p.class) {
                 out.push(Candidate {
                     node: ni,
@@ -291,7 +300,6 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
                     ops: Vec::new(),
                 });
             }
-            let before = out.len();
             if let Some(layout) = g.mig_layout() {
                 for start in layout.placements(p.class) {
                     out.push(Candidate {

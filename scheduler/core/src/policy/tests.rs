@@ -280,6 +280,46 @@ fn free_instances_in_the_way_are_repartitioned_and_the_plan_applies() {
 }
 
 #[test]
+fn a_free_instance_of_the_class_is_used_before_any_repartitioning() {
+    // Slices: free 1g@0, held 1g@1, free 2g@2, held 3g@4 — the layout is full. The free 1g
+    // serves as is; destroying the 2g (or re-creating the 1g) would be pointless MIG steps.
+    let mut s = snap(vec![
+        Node::test("n")
+            .with_gpus(1, "H100-80GB")
+            .with_mig_at(0, &[("1g.10gb", 0), ("1g.10gb", 1), ("2g.20gb", 2), ("3g.40gb", 4)]),
+    ]);
+    occupy(&mut s, "x/a", "n", vec![Grant::Mig { gpu: 0, class: ProfileClass::G1, start: 1 }]);
+    occupy(&mut s, "x/b", "n", vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]);
+    let d = Demand::new("ns/p", GpuDemand::Mig { profile: "1g.10gb".into() });
+    let mut cands = Vec::new();
+    crate::placement::node_candidates(&s, 0, &d, &mut cands).unwrap_or_else(|r| panic!("{r}"));
+    assert_eq!(cands.len(), 1, "{cands:?}");
+    for policy in NAMES {
+        let p = decide(&s, &d, policy, &Workload::default()).unwrap_or_else(|r| panic!("{policy}: {r}"));
+        assert_eq!((p.grants[0], p.ops.len()), (Grant::Mig { gpu: 0, class: ProfileClass::G1, start: 0 }, 0));
+    }
+}
+
+#[test]
+fn mig_gpus_with_different_free_layouts_are_both_offered_whole() {
+    // On a node without NVLink equal GPUs are offered once; MIG GPUs with different free
+    // layouts are not equal (what they strand differs).
+    let s = snap(vec![
+        Node::test("n").with_gpus(3, "H100-80GB").with_mig_at(0, &[("1g.10gb", 0)]).with_mig_at(1, &[("7g.80gb", 0)]),
+    ]);
+    assert!(!s.nodes()[0].topology.has_nvlink());
+    let d = Demand::new("ns/w", GpuDemand::Whole { count: 1 });
+    let mut cands = Vec::new();
+    crate::placement::node_candidates(&s, 0, &d, &mut cands).unwrap_or_else(|r| panic!("{r}"));
+    let gpus: Vec<u32> = cands.iter().map(|c| c.grants[0].gpu()).collect();
+    assert_eq!(gpus, vec![0, 1, 2]);
+    // Fragmentation agrees with placement: a MIG GPU holding only free instances is whole-ready.
+    let v = crate::metrics::GpuView::of(&s.nodes()[0].gpus[0]);
+    assert_eq!(crate::metrics::gpu_unusable(&v, &GpuDemand::Whole { count: 1 }), 0);
+    assert!(v.idle());
+}
+
+#[test]
 fn a_mig_gpu_with_only_free_instances_can_be_taken_whole() {
     let s = snap(vec![Node::test("m").with_gpus(1, "H100-80GB").with_mig_at(0, &[("3g.40gb", 0), ("3g.40gb", 4)])]);
     let d = Demand::new("ns/w", GpuDemand::Whole { count: 1 });
