@@ -116,6 +116,59 @@ pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Checks that `grants` (with MIG steps `ops`) are a kind of placement `demand` asks for on
+/// `node`: the node-level constraints hold, every GPU exists and is an allowed model, and the
+/// grants match the demand (count of whole GPUs, the share, the MIG profile, or a slice the
+/// model fits in); steps touch only granted GPUs. Device availability is not checked here
+/// ([`Snapshot::allocate`] does that). For placements that come from outside this process,
+/// such as a persisted plan.
+pub fn check_grants(node: &Node, demand: &Demand, grants: &[Grant], ops: &[MigOp]) -> Result<(), String> {
+    check_node(node, demand).map_err(|r| r.reason().to_owned())?;
+    let mut gpus: smallvec::SmallVec<[&Gpu; 8]> = smallvec::SmallVec::new();
+    for g in grants {
+        let gpu = node.gpu(g.gpu()).ok_or_else(|| format!("node {}: no GPU {}", node.name, g.gpu()))?;
+        if !demand.allows_model(&gpu.model) {
+            return Err(format!("node {}: GPU {} is a {}, not an allowed model", node.name, gpu.index, gpu.model));
+        }
+        if gpus.iter().any(|x| x.index == gpu.index) {
+            return Err(format!("node {}: GPU {} is granted twice", node.name, gpu.index));
+        }
+        gpus.push(gpu);
+    }
+    let profile_of = |gpu: &Gpu, class| gpu.mig_product().and_then(|p| p.geometry().profile(class));
+    let fits = match (&demand.gpu, grants) {
+        (GpuDemand::None, []) => true,
+        (GpuDemand::Share { milli }, [Grant::Share { milli: m, .. }]) => m == milli,
+        (GpuDemand::Whole { count }, gs) => {
+            gs.len() == *count as usize && gs.iter().all(|g| matches!(g, Grant::Whole { .. }))
+        }
+        (GpuDemand::Mig { profile }, [Grant::Mig { class, .. }]) => {
+            profile_of(gpus[0], *class).is_some_and(|p| p.name.eq_ignore_ascii_case(profile))
+        }
+        (GpuDemand::Model { memory_mib, compute_slices }, [g]) => match *g {
+            Grant::Mig { class, .. } => {
+                profile_of(gpus[0], class).is_some_and(|p| fits_instance(p, *memory_mib, *compute_slices))
+            }
+            Grant::Whole { .. } => gpus[0].memory_mib >= *memory_mib,
+            Grant::Share { .. } => false,
+        },
+        _ => false,
+    };
+    if !fits {
+        return Err(format!("node {}: {grants:?} is not what {} asks for", node.name, demand.gpu));
+    }
+    let stray = ops.iter().find(|op| {
+        let gpu = match **op {
+            MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
+        };
+        !grants.iter().any(|g| g.gpu() == gpu)
+    });
+    if let Some(op) = stray {
+        return Err(format!("node {}: {op:?} touches a GPU the placement does not hold", node.name));
+    }
+    Ok(())
+}
+
 /// Appends every candidate for `demand` on node `ni` to `out`, or says why there is none.
 pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Vec<Candidate>) -> Result<(), Rejection> {
     let node = &snap.nodes()[ni];
@@ -527,4 +580,46 @@ pub fn candidate_milli(node: &Node, c: &Candidate) -> u32 {
                 .unwrap_or(0),
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mig::ProfileClass;
+
+    #[test]
+    fn check_grants_accepts_what_the_demand_asks_for_and_nothing_else() {
+        let node = Node::test("n").with_gpus(2, "H100-80GB").with_mig_at(1, &[("3g.40gb", 4)]);
+        let whole = Demand::new("ns/w", GpuDemand::Whole { count: 1 });
+        assert_eq!(check_grants(&node, &whole, &[Grant::Whole { gpu: 0 }], &[]), Ok(()));
+        // More GPUs than asked, a GPU the node lacks, the same GPU twice.
+        let three = [Grant::Whole { gpu: 0 }, Grant::Whole { gpu: 1 }];
+        assert!(check_grants(&node, &whole, &three, &[]).is_err());
+        assert!(check_grants(&node, &whole, &[Grant::Whole { gpu: 7 }], &[]).unwrap_err().contains("no GPU 7"));
+        let twice = Demand::new("ns/w2", GpuDemand::Whole { count: 2 });
+        let dup = [Grant::Whole { gpu: 0 }, Grant::Whole { gpu: 0 }];
+        assert!(check_grants(&node, &twice, &dup, &[]).unwrap_err().contains("twice"));
+        // A MIG profile: the right class only; steps only on the granted GPU.
+        let mig = Demand::new("ns/m", GpuDemand::Mig { profile: "3g.40gb".into() });
+        let g3 = Grant::Mig { gpu: 1, class: ProfileClass::G3, start: 4 };
+        assert_eq!(check_grants(&node, &mig, &[g3], &[]), Ok(()));
+        let g1 = Grant::Mig { gpu: 1, class: ProfileClass::G1, start: 0 };
+        assert!(check_grants(&node, &mig, &[g1], &[]).is_err());
+        let stray = MigOp::SetMode { gpu: 0, mode: GpuMode::Mig };
+        assert!(check_grants(&node, &mig, &[g3], &[stray]).unwrap_err().contains("does not hold"));
+        // A model fits a slice at least its size, or a whole GPU with the memory.
+        let small = Demand::new("ns/s", GpuDemand::Model { memory_mib: 3000, compute_slices: None });
+        assert_eq!(check_grants(&node, &small, &[g3], &[]), Ok(()));
+        let big = Demand::new("ns/b", GpuDemand::Model { memory_mib: 60_000, compute_slices: None });
+        assert!(check_grants(&node, &big, &[g3], &[]).is_err());
+        assert_eq!(check_grants(&node, &big, &[Grant::Whole { gpu: 0 }], &[]), Ok(()));
+        // Models and node constraints.
+        let l4 = whole.clone().with_models(&["L4"]);
+        assert!(check_grants(&node, &l4, &[Grant::Whole { gpu: 0 }], &[]).unwrap_err().contains("allowed model"));
+        let hungry = whole.clone().with_cpu(1 << 40, 0);
+        assert!(check_grants(&node, &hungry, &[Grant::Whole { gpu: 0 }], &[]).is_err());
+        let cpu = Demand::new("ns/c", GpuDemand::None);
+        assert_eq!(check_grants(&node, &cpu, &[], &[]), Ok(()));
+        assert!(check_grants(&node, &cpu, &[Grant::Whole { gpu: 0 }], &[]).is_err());
+    }
 }

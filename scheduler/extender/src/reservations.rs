@@ -237,19 +237,33 @@ impl Scheduler {
             else {
                 continue;
             };
-            let deadline_ms = now_ms.saturating_add(u64::try_from(left.as_millis()).unwrap_or(0));
+            // The annotation is pod data anyone who may edit the pod can write: it is trusted
+            // only as far as a plan of this gang could go. It never outlives the gang's own
+            // timeout, covers at least `minMember` pods, and each member's devices are what its
+            // demand asks for on a node that may host it.
+            let left_ms = u64::try_from(left.as_millis()).unwrap_or(0).min(gang_ref.timeout_ms);
+            let deadline_ms = now_ms.saturating_add(left_ms);
             let snap = Arc::make_mut(&mut inner.snap);
             let cp = snap.checkpoint();
-            let mut failed = None;
+            let mut failed = (members.len() < gang_ref.min_member as usize)
+                .then(|| format!("{} members planned, the gang needs {}", members.len(), gang_ref.min_member));
             for (d, r) in &members {
-                if let Err(e) = r.placement().apply(snap, d, Some(deadline_ms)) {
-                    failed = Some(format!("pod {}: {e}", d.pod));
+                if failed.is_some() {
                     break;
+                }
+                let fits = match snap.node(&r.node) {
+                    Some(node) => tessera_core::placement::check_grants(node, d, &r.grants, &r.ops),
+                    None => Err(format!("node {} is unknown", r.node)),
+                };
+                if let Err(e) =
+                    fits.and_then(|()| r.placement().apply(snap, d, Some(deadline_ms)).map_err(|e| e.to_string()))
+                {
+                    failed = Some(format!("pod {}: {e}", d.pod));
                 }
             }
             if let Some(why) = failed {
                 snap.rollback(cp);
-                tracing::warn!(%gang, reason = %why, "A persisted gang plan no longer fits the cluster; dropped");
+                tracing::warn!(%gang, reason = %why, "A persisted gang plan does not fit its members or the cluster; dropped");
                 for (d, _) in &members {
                     inner.outbox.clear(d.pod.clone());
                 }

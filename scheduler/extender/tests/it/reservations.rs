@@ -199,3 +199,42 @@ async fn a_dropped_plan_takes_its_reservations_with_it() {
     a.write_reservations().await;
     assert!(binder.annotations().is_empty(), "{:?}", binder.annotations());
 }
+
+#[tokio::test]
+async fn a_forged_reservation_is_not_trusted() {
+    let forged = |grants: Vec<Grant>, members: u32, deadline: &str| {
+        Reservation {
+            gang: "ml/train".into(),
+            node: "n1".into(),
+            grants,
+            ops: vec![],
+            deadline: deadline.into(),
+            members,
+        }
+        .to_annotation()
+    };
+    let far = "2999-01-01T00:00:00Z";
+    // Three GPUs for a pod that asks for one.
+    let greedy = forged(vec![Grant::Whole { gpu: 0 }, Grant::Whole { gpu: 1 }, Grant::Whole { gpu: 2 }], 2, far);
+    let other = forged(vec![Grant::Whole { gpu: 3 }], 2, far);
+    let (b, binder) = live(vec![member("w0", "train", Some(&greedy)), member("w1", "train", Some(&other))]).await;
+    assert_eq!((grants(&b, "ml/w0"), grants(&b, "ml/w1")), (None, None));
+    b.write_reservations().await;
+    assert!(binder.annotations().is_empty(), "{:?}", binder.annotations());
+
+    // A "plan" of one member for a gang of two.
+    let alone = forged(vec![Grant::Whole { gpu: 1 }], 1, far);
+    let (b, _) = live(vec![member("w0", "train", Some(&alone)), member("w1", "train", None)]).await;
+    assert_eq!(grants(&b, "ml/w0"), None);
+
+    // An honest plan with a deadline far beyond the gang's timeout: restored, but lapsing
+    // within the timeout.
+    let (r0, r1) = (forged(vec![Grant::Whole { gpu: 1 }], 2, far), forged(vec![Grant::Whole { gpu: 2 }], 2, far));
+    let (b, _) = live(vec![member("w0", "train", Some(&r0)), member("w1", "train", Some(&r1))]).await;
+    let (g, until) = grants(&b, "ml/w0").expect("restored");
+    assert_eq!(g, vec![Grant::Whole { gpu: 1 }]);
+    let until = until.expect("lapsing");
+    let timeout_ms =
+        b.demand_of(&serde_json::from_value(member("w0", "train", None)).unwrap()).unwrap().gang.unwrap().timeout_ms;
+    assert!(until <= b.now_ms() + timeout_ms, "{until} vs now {} + {timeout_ms}", b.now_ms());
+}
