@@ -132,8 +132,14 @@ pub fn model_mix() -> Vec<Demand> {
         .with_cpu(4000, 16 * GIB)
     };
     vec![
-        Demand::new("models/qwen2-vl-72b-0", GpuDemand::Whole { count: 4 }).with_cpu(32_000, 256 * GIB),
-        Demand::new("models/llava-next-34b-0", GpuDemand::Whole { count: 2 }).with_cpu(16_000, 128 * GIB),
+        // The two larger VLMs are pinned to the A100 pool, so the story the demo tells (an A100
+        // gang that cannot fit whole) does not depend on how a policy spreads them.
+        Demand::new("models/qwen2-vl-72b-0", GpuDemand::Whole { count: 4 })
+            .with_cpu(32_000, 256 * GIB)
+            .with_models(&["A100-80GB"]),
+        Demand::new("models/llava-next-34b-0", GpuDemand::Whole { count: 2 })
+            .with_cpu(16_000, 128 * GIB)
+            .with_models(&["A100-80GB"]),
         Demand::new("models/internvl2-26b-0", GpuDemand::Whole { count: 1 }).with_cpu(8000, 64 * GIB),
         model("minilm-embed-0", 2, None),
         model("minilm-embed-1", 2, None),

@@ -79,10 +79,10 @@ async fn demo_pending_pods_show_what_keeps_each_waiting() {
         (Some("pending"), Some(0), Some(5))
     );
     assert_eq!(vlm["demand"], "8 whole GPUs");
-    // The best H100 node has 6 GPUs it could hand out whole (idle ones, and MIG GPUs whose
-    // instances are all free: they would be repartitioned); the others can never host it
-    // (wrong model). The summary gives the reason that can change, without the node's name.
-    assert_eq!(vlm["reason"], "needs 8 whole GPUs, 6 free");
+    // The best H100 node has 5 GPUs it could hand out whole (its idle GPUs; MIG GPUs whose
+    // instances were all free would count too); the others can never host it (wrong model).
+    // The summary gives the reason that can change, without the node's name.
+    assert_eq!(vlm["reason"], "needs 8 whole GPUs, 5 free");
 
     // The gang's third member is the bottleneck: two fit on the A100 nodes, the third cannot.
     for i in 0..3 {
