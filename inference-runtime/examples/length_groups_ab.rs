@@ -8,18 +8,7 @@
 use std::time::Instant;
 
 use tessera_runtime::batching::length_groups;
-use tessera_runtime::engine;
-
-const TEXTS: [&str; 8] = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Tessera places inference servers on MIG slices and whole GPUs.",
-    "A small embedding model can share an accelerator with many others.",
-    "Kubernetes schedules pods; the extender decides which GPU slice they get.",
-    "Dynamic batching trades a few milliseconds of waiting for much higher throughput.",
-    "What is the capital of France?",
-    "Sentence embeddings map text to vectors whose cosine similarity reflects meaning.",
-    "Graceful drain fails readiness first, then finishes the requests already accepted.",
-];
+use tessera_runtime::{SAMPLE_TEXTS, engine};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -29,7 +18,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let dir = std::env::args().nth(1).unwrap_or(".cache/models/minilm".into());
     let mut e = engine::load(std::path::Path::new(&dir), &candle_core::Device::Cpu, 0)?;
-    let texts: Vec<String> = (0..32).map(|i| TEXTS[i % 8].to_string()).collect();
+    let texts: Vec<String> = (0..32).map(|i| SAMPLE_TEXTS[i % 8].to_string()).collect();
     let enc = e.tokenizer().encode_batch(texts, true).map_err(anyhow::Error::msg)?;
     let groups = length_groups(&enc, 32);
     println!("groups: {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());

@@ -19,3 +19,16 @@ pub mod server;
 pub mod telemetry;
 
 pub use error::{Error, Result};
+
+/// Sentences of 9–20 tokens, varied in length, that the load generator and the batching
+/// examples send.
+pub const SAMPLE_TEXTS: [&str; 8] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Tessera places inference servers on MIG slices and whole GPUs.",
+    "A small embedding model can share an accelerator with many others.",
+    "Kubernetes schedules pods; the extender decides which GPU slice they get.",
+    "Dynamic batching trades a few milliseconds of waiting for much higher throughput.",
+    "What is the capital of France?",
+    "Sentence embeddings map text to vectors whose cosine similarity reflects meaning.",
+    "Graceful drain fails readiness first, then finishes the requests already accepted.",
+];

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
+use tessera_runtime::SAMPLE_TEXTS;
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera-loadgen", about)]
@@ -47,18 +48,6 @@ struct Args {
     allow_remote: bool,
 }
 
-/// Sentences of varied length; request i uses texts i*batch.. cyclically.
-const TEXTS: [&str; 8] = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Tessera places inference servers on MIG slices and whole GPUs.",
-    "A small embedding model can share an accelerator with many others.",
-    "Kubernetes schedules pods; the extender decides which GPU slice they get.",
-    "Dynamic batching trades a few milliseconds of waiting for much higher throughput.",
-    "What is the capital of France?",
-    "Sentence embeddings map text to vectors whose cosine similarity reflects meaning.",
-    "Graceful drain fails readiness first, then finishes the requests already accepted.",
-];
-
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 async fn one(client: &HttpClient, url: &str, body: Bytes) -> anyhow::Result<()> {
@@ -76,8 +65,9 @@ async fn one(client: &HttpClient, url: &str, body: Bytes) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Request `i`: `batch` sample texts from position `i * batch`, cyclically.
 fn body(model: &str, i: usize, batch: usize) -> Bytes {
-    let texts: Vec<&str> = (0..batch).map(|k| TEXTS[(i * batch + k) % TEXTS.len()]).collect();
+    let texts: Vec<&str> = (0..batch).map(|k| SAMPLE_TEXTS[(i * batch + k) % SAMPLE_TEXTS.len()]).collect();
     Bytes::from(json!({"model": model, "input": texts}).to_string())
 }
 

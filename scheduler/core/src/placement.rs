@@ -69,13 +69,7 @@ pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
         GpuDemand::Share { milli } => {
             !node.gpus.iter().any(|g| g.mode() == GpuMode::Shared && g.free_milli() >= *milli)
         }
-        GpuDemand::Whole { count } => {
-            node.gpus
-                .iter()
-                .filter(|g| g.healthy && if g.mode() == GpuMode::Mig { g.is_unused() } else { g.used_milli() == 0 })
-                .count()
-                < *count as usize
-        }
+        GpuDemand::Whole { count } => node.gpus.iter().filter(|g| can_be_whole(g)).count() < *count as usize,
         GpuDemand::Mig { .. } | GpuDemand::Model { .. } => {
             !node.gpus.iter().any(|g| g.healthy && (g.mode() == GpuMode::Mig || g.used_milli() == 0))
         }
@@ -240,19 +234,23 @@ fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candid
 /// A GPU that can be handed out whole: free non-MIG, or MIG with no instance held by a pod
 /// (its free instances are destroyed and it is switched back to full mode first).
 fn whole_ready(g: &Gpu) -> Option<Vec<MigOp>> {
-    if !g.healthy {
+    if !can_be_whole(g) {
         return None;
     }
     match g.mode() {
-        GpuMode::Full | GpuMode::Shared if g.used_milli() == 0 => Some(Vec::new()),
-        GpuMode::Mig if g.is_unused() => {
+        GpuMode::Full | GpuMode::Shared => Some(Vec::new()),
+        GpuMode::Mig => {
             let mut ops: Vec<MigOp> =
                 g.free_instances().map(|i| MigOp::Destroy { gpu: g.index, class: i.class, start: i.start }).collect();
             ops.push(MigOp::SetMode { gpu: g.index, mode: GpuMode::Full });
             Some(ops)
         }
-        _ => None,
     }
+}
+
+/// Whether [`whole_ready`] would hand the GPU out, without building its steps.
+fn can_be_whole(g: &Gpu) -> bool {
+    g.healthy && if g.mode() == GpuMode::Mig { g.is_unused() } else { g.used_milli() == 0 }
 }
 
 fn whole(node: &Node, ni: usize, gpus: &[&Gpu], count: u32, out: &mut Vec<Candidate>) -> Result<(), Rejection> {

@@ -571,11 +571,7 @@ impl Scheduler {
 
     /// The memo that holds `demand`'s shape (what a verdict depends on besides the node).
     fn memo_for(&self, demand: &Demand) -> Option<&Mutex<policy::Memo>> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (demand.cpu_milli, demand.memory_mib, &demand.gpu, &demand.gpu_models, &demand.node_selector, demand.priority)
-            .hash(&mut h);
-        let i = usize::try_from(h.finish() % self.memos.len().max(1) as u64).unwrap_or(0);
+        let i = usize::try_from(policy::demand_shape(demand) % self.memos.len().max(1) as u64).unwrap_or(0);
         self.memos.get(i)
     }
 

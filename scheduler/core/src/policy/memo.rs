@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use super::{Context, Policy, Score, hash_str, mix, node_verdict, summarize_rejections};
+use super::{Context, Policy, Score, best_candidate, hash_str, mix, node_verdict, summarize_rejections};
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
 use crate::placement::{Candidate, Placement, Rejection, node_candidates, quick_reject};
@@ -97,8 +97,9 @@ fn fingerprint(ctx: &Context<'_>) -> u64 {
     h.finish()
 }
 
-/// Everything a verdict depends on besides the node: the demand without its pod identity.
-fn shape(d: &Demand) -> u64 {
+/// Everything a verdict depends on besides the node: the demand without its pod identity, as
+/// a hash. Callers that shard memos use it to send equal shapes to the same memo.
+pub fn demand_shape(d: &Demand) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (d.cpu_milli, d.memory_mib, &d.gpu, &d.gpu_models, &d.node_selector, d.priority).hash(&mut h);
     h.finish()
@@ -160,22 +161,24 @@ impl Table {
             self.verdict[ni] = match node_candidates(ask.snap, ni, ask.demand, &mut scratch.cands) {
                 Ok(()) => {
                     self.score[ni] = 0.0;
-                    self.tie[ni] = hash_str(mix(ask.ctx.seed), &node.name.0);
                     Entry::Open(std::mem::take(&mut scratch.cands))
                 }
                 Err(r) => Entry::Refused(r),
             };
-            return hit;
+        } else {
+            let v =
+                node_verdict(ask.snap, ni, ask.demand, ask.policy, ask.ctx, &mut scratch.cands, &mut scratch.scores);
+            self.verdict[ni] = match v {
+                Ok((c, s)) => {
+                    self.score[ni] = s.node;
+                    Entry::Fits(c, s)
+                }
+                Err(r) => Entry::Refused(r),
+            };
         }
-        let v = node_verdict(ask.snap, ni, ask.demand, ask.policy, ask.ctx, &mut scratch.cands, &mut scratch.scores);
-        self.verdict[ni] = match v {
-            Ok((c, s)) => {
-                self.score[ni] = s.node;
-                self.tie[ni] = hash_str(mix(ask.ctx.seed), &node.name.0);
-                Entry::Fits(c, s)
-            }
-            Err(r) => Entry::Refused(r),
-        };
+        if matches!(self.verdict[ni], Entry::Fits(..) | Entry::Open(_)) {
+            self.tie[ni] = hash_str(mix(ask.ctx.seed), &node.name.0);
+        }
         hit
     }
 }
@@ -191,7 +194,7 @@ pub fn place_memo(
 ) -> Result<Placement, Rejection> {
     demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
     memo.ready(snap, policy, ctx);
-    let sh = shape(demand);
+    let sh = demand_shape(demand);
     let n = snap.nodes().len();
     let ask = Ask { snap, demand, policy, ctx };
     let rescore = !policy.memoizable();
@@ -205,13 +208,7 @@ pub fn place_memo(
             let Entry::Open(cands) = &table.verdict[ni] else { continue };
             scratch.scores.clear();
             policy.score_node(snap, demand, cands, ctx, &mut scratch.scores);
-            let mut top: Option<(usize, Score)> = None;
-            for (i, &sc) in scratch.scores.iter().enumerate() {
-                if top.is_none_or(|(_, b)| (sc.node, sc.device) > (b.node, b.device)) {
-                    top = Some((i, sc));
-                }
-            }
-            let (i, sc) = top.unwrap_or((0, Score::default()));
+            let (i, sc) = best_candidate(&scratch.scores);
             (sc.node, i)
         } else {
             (table.score[ni], 0)
@@ -263,7 +260,7 @@ pub fn evaluate_memo(
     }
     demand.validate()?;
     memo.ready(snap, policy, ctx);
-    let sh = shape(demand);
+    let sh = demand_shape(demand);
     let indices: Vec<Result<usize, &crate::cluster::NodeName>> = match only {
         None => (0..snap.nodes().len()).map(Ok).collect(),
         Some(names) => names.iter().map(|n| snap.node_index(n).ok_or(n)).collect(),

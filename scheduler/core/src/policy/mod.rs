@@ -20,7 +20,7 @@ use crate::placement::{Candidate, Placement, Rejection, node_candidates};
 
 pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
 pub use fgd::Fgd;
-pub use memo::{Memo, evaluate_memo, place_memo};
+pub use memo::{Memo, demand_shape, evaluate_memo, place_memo};
 pub use tessera::Tessera;
 
 /// Every policy name, ours first.
@@ -261,14 +261,20 @@ pub(crate) fn node_verdict(
     scores.clear();
     node_candidates(snap, ni, demand, cands)?;
     policy.score_node(snap, demand, cands, ctx, scores);
+    let (i, s) = best_candidate(scores);
+    Ok((cands.swap_remove(i), s))
+}
+
+/// The position and score of a node's best candidate: highest `(node, device)`, the first
+/// of equals.
+pub(crate) fn best_candidate(scores: &[Score]) -> (usize, Score) {
     let mut best: Option<(usize, Score)> = None;
     for (i, &s) in scores.iter().enumerate() {
         if best.is_none_or(|(_, b)| (s.node, s.device) > (b.node, b.device)) {
             best = Some((i, s));
         }
     }
-    let (i, s) = best.unwrap_or((0, Score::default()));
-    Ok((cands.swap_remove(i), s))
+    best.unwrap_or((0, Score::default()))
 }
 
 /// A 64-bit mix for seeded tie-breaks (SplitMix64 finaliser).
