@@ -57,7 +57,7 @@ for s in "${servers[@]}"; do
   done
 done
 
-uptime_json() { printf '{"uptime": "%s", "round": %s}\n' "$(uptime | sed 's/^ *//')" "$1"; }
+uptime_json() { printf '{"uptime": "%s", "round": "%s"}\n' "$(uptime | sed 's/^ *//')" "$1"; }
 
 for r in $(seq "$runs"); do
   uptime_json "$r"

@@ -7,11 +7,19 @@ use tessera_runtime::server::{AppState, serve};
 use tessera_runtime::{device, engine, repository, telemetry};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Some(Command::Plan { args, json }) => plan(&args, json),
         None => run(cli.args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The reason chain, one line; never a debug dump.
+            eprintln!("tessera-runtime: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

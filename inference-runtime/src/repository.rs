@@ -260,7 +260,11 @@ impl Repository {
                 State::Unavailable(_) => *st = State::Loading,
             }
         }
-        let result = self.load_inner(slot);
+        // A panic inside an engine's loader must not leave the model `LOADING` for ever.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_inner(slot))).unwrap_or_else(|_| {
+                Err(Error::LoadModel { dir: slot.spec.dir.display().to_string(), reason: "the loader panicked".into() })
+            });
         let mut st = slot.state();
         match result {
             Ok(loaded) => {
