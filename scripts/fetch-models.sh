@@ -88,7 +88,7 @@ if [[ -f "$cache/minilm-onnx/model.onnx" ]]; then
 else
   pytools="$cache/.pytools"
   if ! PYTHONPATH="$pytools" python3 -c 'import onnx, numpy' 2>/dev/null; then
-    pip_cmd install --quiet --disable-pip-version-check --no-deps --only-binary=:all: --target "$pytools" \
+    pip_cmd install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: --target "$pytools" \
       onnx==1.23.2 numpy==2.4.6 protobuf==7.36.2 ml_dtypes==0.7.0 typing_extensions==4.16.0
   fi
   PYTHONPATH="$pytools" python3 inference-runtime/tools/bert_to_onnx.py "$cache/minilm" "$cache/minilm-onnx"

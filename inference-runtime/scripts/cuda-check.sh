@@ -29,7 +29,7 @@ nvidia-cuda-crt==13.0.88 --hash=sha256:2c8043c7c9e02492716426e9919fc78d2c5b3b2a7
 nvidia-cuda-cccl==13.0.85 --hash=sha256:e0da7ad981f3a8aff08241b5bfc1af868742a63e2762f53a5171c492ef242649
 EOF
   rm -rf "$cuda"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: \
     --require-hashes -r "$req" --target "$cuda"
   rm -f "$req"
   "$nvcc" --version | tail -2
