@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup component add clippy rustfmt >/dev/null 2>&1 || true
 bash scripts/fetch-models.sh
+# nvcc 13.0 from PyPI for the runtime's CUDA build check in .ci/run (into .cache/cuda).
+bash inference-runtime/scripts/cuda-check.sh install
 
 # Manifest checks (scripts/check-manifests.sh): kubectl with its built-in kustomize, and the
 # Kubernetes OpenAPI schemas for offline validation.

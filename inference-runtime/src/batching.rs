@@ -11,6 +11,7 @@
 //! The queue is a bounded channel: when it is full, new requests are refused (503) instead of
 //! piling up latency. Queue depth feeds the `waiting` metrics.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread;
@@ -97,18 +98,23 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Starts the worker thread that owns `engine`. The thread ends when every `Queue` is dropped.
+    /// Starts the worker thread that owns `engine`. The thread ends when every `Queue` is dropped;
+    /// it drops the engine and then `keep` (a budget reservation), in that order.
     pub fn start(
+        model: &str,
         engine: Box<dyn Engine>,
         capacity: usize,
         limits: BatchLimits,
         metrics: Arc<Metrics>,
+        keep: Box<dyn Any + Send>,
     ) -> std::io::Result<Queue> {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let m = metrics.clone();
+        // Thread names are at most 15 bytes on Linux.
+        let name: String = format!("w-{model}").chars().take(15).collect();
         thread::Builder::new()
-            .name("tessera-worker".into())
-            .spawn(move || Worker { engine, rx, limits, metrics: m, carry: None }.run())?;
+            .name(name)
+            .spawn(move || Worker { engine, rx, limits, metrics: m, carry: None, _keep: keep }.run())?;
         Ok(Queue { tx, metrics })
     }
 
@@ -142,6 +148,8 @@ struct Worker {
     metrics: Arc<Metrics>,
     /// A job taken from the queue that did not fit in the previous batch.
     carry: Option<Job>,
+    /// Dropped after `engine` (fields drop in order): the memory is free only once the engine is.
+    _keep: Box<dyn Any + Send>,
 }
 
 impl Worker {

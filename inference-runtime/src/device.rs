@@ -61,9 +61,47 @@ pub fn open() -> (Device, DeviceInfo) {
     (Device::Cpu, info)
 }
 
-/// (MemTotal, MemAvailable) in bytes from `/proc/meminfo`; zeros where unreadable.
+/// (MemTotal, MemAvailable) in bytes from `/proc/meminfo`, both bounded by the cgroup (v2)
+/// memory limit when there is one; zeros where unreadable.
 fn host_memory() -> (u64, u64) {
-    std::fs::read_to_string("/proc/meminfo").map(|s| parse_meminfo(&s)).unwrap_or((0, 0))
+    let (total, available) = std::fs::read_to_string("/proc/meminfo").map(|s| parse_meminfo(&s)).unwrap_or((0, 0));
+    match std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(limit) if limit > 0 => {
+            let used = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            (total.min(limit), available.min(limit.saturating_sub(used)))
+        }
+        _ => (total, available),
+    }
+}
+
+/// Share of the device kept out of the budget: allocator fragmentation, cuBLAS workspaces, the
+/// tokenizers and HTTP buffers.
+pub const HEADROOM: f64 = 0.05;
+
+/// Device memory a CUDA process spends before any model: the context, kernels, cuBLAS handles.
+/// The free memory a running process reads already excludes it; a pod's request must include it.
+pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// The memory the models may use: `explicit` when given (never more than the device has free),
+/// else the free memory less [`HEADROOM`] of the total; unlimited when the device's memory is
+/// unknown and nothing was given.
+pub fn memory_budget(info: &DeviceInfo, explicit: Option<u64>) -> u64 {
+    match explicit {
+        Some(b) if info.memory_free_bytes > 0 => b.min(info.memory_free_bytes),
+        Some(b) => b,
+        None if info.memory_free_bytes == 0 => u64::MAX,
+        None => info.memory_free_bytes.saturating_sub((info.memory_total_bytes as f64 * HEADROOM) as u64),
+    }
+}
+
+/// The `tessera.dev/gpu-memory` a pod serving models that need `models_bytes` in total should
+/// ask for: the models, the CUDA context, and the headroom, so that [`memory_budget`] on a
+/// device of that size covers the models.
+pub fn pod_gpu_memory(models_bytes: u64) -> u64 {
+    ((models_bytes + CUDA_CONTEXT_BYTES) as f64 / (1.0 - HEADROOM)).ceil() as u64
 }
 
 fn parse_meminfo(s: &str) -> (u64, u64) {
@@ -94,6 +132,33 @@ mod tests {
         assert_eq!(visible_devices(env(&[("NVIDIA_VISIBLE_DEVICES", "void")])), None);
         assert_eq!(visible_devices(env(&[("CUDA_VISIBLE_DEVICES", "")])), None);
         assert_eq!(visible_devices(env(&[])), None);
+    }
+
+    #[test]
+    fn budget_is_the_free_memory_less_headroom_or_what_was_asked() {
+        let gib = 1u64 << 30;
+        let slice = DeviceInfo {
+            kind: "cuda",
+            visible_devices: None,
+            memory_total_bytes: 10 * gib,
+            memory_free_bytes: 9 * gib,
+        };
+        assert_eq!(memory_budget(&slice, None), 9 * gib - gib / 2);
+        assert_eq!(memory_budget(&slice, Some(4 * gib)), 4 * gib);
+        assert_eq!(memory_budget(&slice, Some(20 * gib)), 9 * gib, "never more than is free");
+        let unknown = DeviceInfo { kind: "cpu", visible_devices: None, memory_total_bytes: 0, memory_free_bytes: 0 };
+        assert_eq!(memory_budget(&unknown, Some(gib)), gib);
+        assert_eq!(memory_budget(&unknown, None), u64::MAX, "unknown and unset: no limit");
+        // What a pod asks for is enough for the budget on a device of that size to hold the models.
+        let models = 3 * gib;
+        let ask = pod_gpu_memory(models);
+        let device = DeviceInfo {
+            kind: "cuda",
+            visible_devices: None,
+            memory_total_bytes: ask,
+            memory_free_bytes: ask - CUDA_CONTEXT_BYTES,
+        };
+        assert!(memory_budget(&device, None) >= models - 1);
     }
 
     #[test]

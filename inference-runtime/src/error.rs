@@ -6,7 +6,7 @@ pub enum Error {
     #[error("loading model from {dir}: {reason}")]
     LoadModel { dir: String, reason: String },
     #[error("model inference failed")]
-    Inference(#[source] candle_core::Error),
+    Inference(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("tokenizer: {0}")]
     Tokenize(String),
     #[error("no route for {0}")]
@@ -25,8 +25,16 @@ pub enum Error {
     QueueFull,
     #[error("server is draining")]
     Draining,
-    #[error("model is not ready")]
-    NotReady,
+    #[error("model `{0}` is not ready")]
+    NotReady(String),
+    /// Loading the model would exceed the process's memory budget.
+    #[error("{0}")]
+    OverBudget(String),
+    /// A repository operation that conflicts with the model's state (loading twice, ...).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("model control is disabled: start the runtime with --model-control explicit to load and unload models")]
+    ControlDisabled,
     #[error("worker stopped")]
     WorkerGone,
 }
@@ -48,7 +56,10 @@ impl Error {
             Error::OverLimit { .. } => "over_limit",
             Error::QueueFull => "queue_full",
             Error::Draining => "draining",
-            Error::NotReady => "not_ready",
+            Error::NotReady(_) => "not_ready",
+            Error::OverBudget(_) => "over_budget",
+            Error::Conflict(_) => "conflict",
+            Error::ControlDisabled => "control_disabled",
             Error::WorkerGone => "worker_gone",
         }
     }
@@ -59,7 +70,9 @@ impl Error {
             Error::Unsupported { .. } | Error::BadRequest(_) | Error::Tokenize(_) => StatusCode::BAD_REQUEST,
             Error::InputTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::OverLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::QueueFull | Error::Draining | Error::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Error::QueueFull | Error::Draining | Error::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::OverBudget(_) | Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::ControlDisabled => StatusCode::FORBIDDEN,
             Error::LoadModel { .. } | Error::Inference(_) | Error::WorkerGone => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,6 +88,12 @@ impl Error {
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::Inference(e)
+        Error::Inference(Box::new(e))
+    }
+}
+
+impl From<ort::Error> for Error {
+    fn from(e: ort::Error) -> Self {
+        Error::Inference(Box::new(e))
     }
 }

@@ -1,12 +1,15 @@
 //! The bundled inference runtime tessera places on a GPU, a MIG slice or a CPU.
 //!
-//! One process serves one model from `--model-dir`:
-//! - [`engine`]: candle models behind one trait (BERT-family embeddings, Llama-family GGUF chat).
+//! One process serves several models (`--model`, `--config`) within one memory budget:
+//! - [`engine`]: models behind one trait: candle (BERT-family embeddings, Llama-family GGUF chat)
+//!   and ONNX Runtime (BERT-family embeddings); [`engine::plan`] sizes a model before loading.
+//! - [`repository`]: every configured model with its own queue, admission and metrics; loads
+//!   within the budget, refuses what does not fit, unloads.
 //! - [`batching`]: the bounded queue, dynamic batching for embeddings, the single generation worker.
 //! - [`admission`]: per-tenant limits checked before any work is queued.
-//! - [`server`]: KServe v2 and OpenAI routes, probes, drain, `/metrics`.
+//! - [`server`]: KServe v2 (with the model repository) and OpenAI routes, probes, drain, `/metrics`.
 //! - [`metrics`]: vLLM-style and Triton-style series, labelled by model.
-//! - [`device`]: which device the process got (`CUDA_VISIBLE_DEVICES`) and how much memory it has.
+//! - [`device`]: which device the process got (`CUDA_VISIBLE_DEVICES`), its memory, the budget.
 
 pub mod admission;
 pub mod batching;
@@ -15,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod repository;
 pub mod server;
 pub mod telemetry;
 

@@ -36,8 +36,38 @@ pub struct Message {
     pub content: String,
 }
 
+/// What the GGUF metadata says about the model's size.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    context: usize,
+    kv_bytes_per_token: usize,
+}
+
+fn dims(content: &gguf_file::Content) -> Dims {
+    let md_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+    let context = md_u32("llama.context_length").unwrap_or(2048);
+    let layers = md_u32("llama.block_count").unwrap_or(0);
+    let heads = md_u32("llama.attention.head_count").unwrap_or(1).max(1);
+    let kv_heads = md_u32("llama.attention.head_count_kv").unwrap_or(heads);
+    let width = md_u32("llama.embedding_length").unwrap_or(0);
+    // KV cache: keys and values, f32, per layer and kv head.
+    Dims { context, kv_bytes_per_token: 2 * layers * kv_heads * (width / heads) * 4 }
+}
+
+/// (weights, KV cache for the whole context) in bytes, from the GGUF header alone.
+pub fn plan(path: &Path) -> Result<(u64, u64)> {
+    let err = |reason: String| Error::LoadModel { dir: path.display().to_string(), reason };
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    let content = gguf_file::Content::read(&mut file).map_err(|e| err(e.to_string()))?;
+    let d = dims(&content);
+    Ok((len.saturating_sub(content.tensor_data_offset), (d.kv_bytes_per_token * d.context) as u64))
+}
+
 impl Chat {
-    pub fn load(path: &Path, device: &Device, free_memory_bytes: u64) -> Result<Self> {
+    /// Loads on `device`; `working_bytes` caps the context to the KV cache it holds (0: the
+    /// model's own context).
+    pub fn load(path: &Path, device: &Device, working_bytes: u64) -> Result<Self> {
         let err = |reason: String| Error::LoadModel { dir: path.display().to_string(), reason };
         let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| err(e.to_string()))?;
@@ -52,11 +82,7 @@ impl Chat {
         {
             return Err(err("chat template is not ChatML".into()));
         }
-        let context = md_u32("llama.context_length").unwrap_or(2048);
-        let layers = md_u32("llama.block_count").unwrap_or(0);
-        let heads = md_u32("llama.attention.head_count").unwrap_or(1).max(1);
-        let kv_heads = md_u32("llama.attention.head_count_kv").unwrap_or(heads);
-        let width = md_u32("llama.embedding_length").unwrap_or(0);
+        let Dims { context, kv_bytes_per_token } = dims(&content);
         let mut eos: Vec<u32> = md_u32("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect();
 
         let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| err(e.to_string()))?;
@@ -68,12 +94,10 @@ impl Chat {
         }
         let model = ModelWeights::from_gguf(content, &mut file, device).map_err(|e| err(e.to_string()))?;
 
-        // KV cache: keys and values, f32, per layer and kv head.
-        let kv_bytes_per_token = 2 * layers * kv_heads * (width / heads) * 4;
-        let memory_cap = if free_memory_bytes == 0 || kv_bytes_per_token == 0 {
+        let memory_cap = if working_bytes == 0 || kv_bytes_per_token == 0 {
             context
         } else {
-            ((free_memory_bytes / 2) as usize / kv_bytes_per_token).clamp(1, context)
+            (working_bytes as usize / kv_bytes_per_token).clamp(1, context)
         };
         let info = ModelInfo {
             kind: Kind::Chat,

@@ -3,6 +3,10 @@
 //! Embedding model: input `text` (BYTES, shape `[n]`) → output `embedding` (FP32, `[n, dim]`).
 //! Chat model: input `text_input` (BYTES, `[1]`, one user message) → output `text_output`
 //! (BYTES, `[1]`); request `parameters` take `max_tokens`, `temperature`, `top_p`, `seed`.
+//! Model repository extension: `POST /v2/repository/index` lists every configured model with its
+//! state; `.../models/{name}/load` and `/unload` change it (with `--model-control explicit`).
+
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -16,8 +20,10 @@ use serde_json::{Map, Value, json};
 
 use super::openai::{GenerateRequest, collect_generation, embed_texts, start_generation};
 use super::{ApiError, AppState, Dialect, parse_body, probe, tenant};
+use crate::config::ModelControl;
 use crate::engine::Kind;
 use crate::engine::llama::Message;
+use crate::repository::{Slot, Status};
 use crate::{Error, Result};
 
 pub(super) fn routes() -> Router<AppState> {
@@ -31,6 +37,9 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
+        .route("/v2/repository/models/{name}/unload", post(repository_unload))
 }
 
 fn err(e: Error) -> ApiError {
@@ -40,21 +49,24 @@ fn err(e: Error) -> ApiError {
 /// The only version this runtime serves.
 const VERSION: &str = "1";
 
-fn check(s: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
-    s.check_model(name).map_err(err)?;
+fn check<'s>(s: &'s AppState, name: &str, version: Option<&str>) -> Result<&'s Arc<Slot>, ApiError> {
+    let slot = s.model(name).map_err(err)?;
     match version {
         Some(v) if v != VERSION => Err(err(Error::UnknownModel(format!("{name}/versions/{v}")))),
-        _ => Ok(()),
+        _ => Ok(slot),
     }
 }
 
 async fn server_metadata(State(s): State<AppState>) -> Response {
+    let budget = s.repository.budget();
     Json(json!({
         "name": "tessera-runtime",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": ["model_repository"],
         "device": &*s.device,
-        "max_batch": s.loaded().map(|l| l.max_batch),
+        "memory_budget_bytes": budget.total(),
+        "memory_reserved_bytes": budget.reserved(),
+        "models": s.repository.slots().iter().map(|m| m.name()).collect::<Vec<_>>(),
     }))
     .into_response()
 }
@@ -72,11 +84,12 @@ async fn model_metadata_v(s: State<AppState>, Path((name, v)): Path<(String, Str
 }
 
 fn metadata(State(s): State<AppState>, name: String, version: Option<String>) -> Response {
-    if let Err(e) = check(&s, &name, version.as_deref()) {
-        return e.into_response();
-    }
-    let Some(loaded) = s.loaded() else {
-        return err(Error::NotReady).into_response();
+    let slot = match check(&s, &name, version.as_deref()) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
+    let Some(loaded) = slot.loaded() else {
+        return err(Error::NotReady(name)).into_response();
     };
     let info = &loaded.info;
     let (inputs, outputs) = match info.kind {
@@ -92,13 +105,15 @@ fn metadata(State(s): State<AppState>, name: String, version: Option<String>) ->
     Json(json!({
         "name": name,
         "versions": [VERSION],
-        "platform": format!("candle_{}", info.architecture),
+        "platform": format!("{}_{}", loaded.plan.engine.as_str(), info.architecture),
         "inputs": inputs,
         "outputs": outputs,
         "parameters": {
             "kind": info.kind,
             "max_input_tokens": info.max_input_tokens,
             "max_batch": loaded.max_batch,
+            "engine": loaded.plan.engine,
+            "memory_bytes": loaded.plan.total_bytes(),
             "device": &*s.device,
         },
     }))
@@ -115,9 +130,104 @@ async fn model_ready_v(s: State<AppState>, Path((name, v)): Path<(String, String
 
 fn ready(State(s): State<AppState>, name: String, version: Option<String>) -> Response {
     match check(&s, &name, version.as_deref()) {
-        Ok(()) => probe(s.is_ready(), "ready"),
+        Ok(slot) => probe(slot.loaded().is_some() && !s.is_draining(), "ready"),
         Err(e) => e.into_response(),
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IndexRequest {
+    /// Only models that are (`true`) or are not (`false`) ready.
+    #[serde(default)]
+    ready: Option<bool>,
+}
+
+/// An optional JSON body: empty means the defaults.
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: Result<Bytes, BytesRejection>) -> Result<T> {
+    match &body {
+        Ok(b) if b.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+        _ => parse_body(body),
+    }
+}
+
+async fn repository_index(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: IndexRequest = match optional_body(body) {
+        Ok(r) => r,
+        Err(e) => return err(e).into_response(),
+    };
+    let rows: Vec<_> = s
+        .repository
+        .index()
+        .into_iter()
+        .filter(|r| req.ready.is_none_or(|want| want == (r.state == Status::Ready)))
+        .collect();
+    Json(rows).into_response()
+}
+
+/// Load errors name their cause to whoever controls the models (the folder, the file that
+/// failed), unlike inference errors, whose detail stays in the logs.
+fn control_error(e: Error) -> Response {
+    let status = e.status();
+    let mut resp = (status, Json(json!({"error": e.to_string()}))).into_response();
+    resp.extensions_mut().insert(super::ErrorKind(e.kind()));
+    resp
+}
+
+async fn repository_load(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // KServe allows `parameters` in the body; none are supported, but an empty or `{}` body is.
+    if let Err(e) = optional_body::<Map<String, Value>>(body) {
+        return err(e).into_response();
+    }
+    if let Err(e) = control(&s, &name) {
+        return control_error(e);
+    }
+    let repo = s.repository.clone();
+    let started = std::time::Instant::now();
+    let n = name.clone();
+    match tokio::task::spawn_blocking(move || repo.load(&n)).await {
+        Ok(Ok(())) => {
+            tracing::info!(model = %name, load_ms = started.elapsed().as_millis() as u64, "Model loaded");
+            (StatusCode::OK, Json(json!({}))).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(model = %name, error = %e, "Model load refused or failed");
+            control_error(e)
+        }
+        Err(_) => control_error(Error::WorkerGone),
+    }
+}
+
+async fn repository_unload(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(e) = optional_body::<Map<String, Value>>(body) {
+        return err(e).into_response();
+    }
+    match control(&s, &name).and_then(|()| s.repository.unload(&name)) {
+        Ok(()) => {
+            tracing::info!(model = %name, "Model unloaded");
+            (StatusCode::OK, Json(json!({}))).into_response()
+        }
+        Err(e) => control_error(e),
+    }
+}
+
+/// Load and unload need `--model-control explicit` and a configured model.
+fn control(s: &AppState, name: &str) -> Result<()> {
+    s.model(name)?;
+    if s.serving.model_control != ModelControl::Explicit {
+        return Err(Error::ControlDisabled);
+    }
+    if s.is_draining() {
+        return Err(Error::Draining);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,12 +313,12 @@ async fn run_infer(
     let _in_flight = s.track();
     check(&s, &name, version.as_deref())?;
     let req: InferRequest = parse_body(body).map_err(err)?;
-    let loaded = s.accepting().map_err(err)?;
+    let (slot, loaded) = s.accepting(&name).map_err(err)?;
     let tenant = tenant(&headers);
     let outputs = match loaded.info.kind {
         Kind::Embedding => {
             let texts = strings(input(&req, "text").map_err(err)?).map_err(err)?;
-            let (vectors, _) = embed_texts(&s, &tenant, texts).await.map_err(err)?;
+            let (vectors, _) = embed_texts(&slot, &loaded, &tenant, texts).await.map_err(err)?;
             let dim = vectors.first().map_or(0, Vec::len);
             let n = vectors.len();
             let data: Vec<f32> = vectors.into_iter().flatten().collect();
@@ -227,8 +337,8 @@ async fn run_infer(
                 seed: p.get("seed").and_then(Value::as_u64),
                 stop: vec![],
             };
-            let started = start_generation(&s, &tenant, request).await.map_err(err)?;
-            let (g, _) = collect_generation(&s, started).await.map_err(err)?;
+            let started = start_generation(&slot, &loaded, &tenant, request).await.map_err(err)?;
+            let (g, _) = collect_generation(&slot, started).await.map_err(err)?;
             json!([{"name": "text_output", "datatype": "BYTES", "shape": [1], "data": [g.text]}])
         }
     };

@@ -3,10 +3,11 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /health/startup` | 200 once the model is loaded |
-//! | `GET /health/ready`, `/v2/health/ready` | 200 when loaded and not draining |
+//! | `GET /health/startup` | 200 once the models loaded at start are loaded |
+//! | `GET /health/ready`, `/v2/health/ready` | 200 when started and not draining |
 //! | `GET /health/live`, `/v2/health/live` | 200 while the process serves HTTP |
 //! | `GET /v2`, `/v2/models/{name}[/versions/{v}][/ready]`, `POST .../infer` | KServe Open Inference Protocol v2 |
+//! | `POST /v2/repository/index`, `.../models/{name}/load`, `.../unload` | KServe model repository |
 //! | `GET /v1/models`, `POST /v1/embeddings`, `POST /v1/chat/completions` | OpenAI-compatible |
 //! | `POST /admin/drain` | stop taking work, finish in-flight, then exit |
 //! | `GET /metrics` | Prometheus (OpenMetrics text) |
@@ -15,8 +16,8 @@ mod kserve;
 mod openai;
 
 use std::future::{Future, IntoFuture};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -27,32 +28,22 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use candle_core::Device;
 use serde_json::json;
-use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use crate::admission::{Admission, DEFAULT_TENANT, TENANT_HEADER};
-use crate::batching::{BatchLimits, Queue};
-use crate::config::Serving;
-use crate::device::DeviceInfo;
-use crate::engine::{Engine, Kind, ModelInfo};
-use crate::metrics::Metrics;
+use crate::admission::{DEFAULT_TENANT, TENANT_HEADER};
+use crate::config::{ModelSpec, Serving};
+use crate::device::{self, DeviceInfo};
+use crate::metrics::Exporter;
+use crate::repository::{Loaded, Repository, Slot};
 use crate::{Error, Result};
-
-/// What exists once the model has loaded.
-#[derive(Debug)]
-pub struct Loaded {
-    pub info: ModelInfo,
-    pub tokenizer: Arc<Tokenizer>,
-    pub queue: Queue,
-    /// Effective embedding batch: the configured one, lowered to what memory allows.
-    pub max_batch: usize,
-}
 
 #[derive(Debug, Default)]
 struct Lifecycle {
-    loaded: OnceLock<Loaded>,
+    /// Every model loaded at start is loaded.
+    started: AtomicBool,
     draining: AtomicBool,
     drain_requested: Notify,
     in_flight: AtomicUsize,
@@ -62,49 +53,66 @@ struct Lifecycle {
 /// Shared by every handler. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub model_name: Arc<str>,
     pub device: Arc<DeviceInfo>,
     pub serving: Arc<Serving>,
-    pub admission: Admission,
-    pub metrics: Arc<Metrics>,
+    pub repository: Arc<Repository>,
+    exporter: Arc<Exporter>,
     started_unix: u64,
     life: Arc<Lifecycle>,
 }
 
 impl AppState {
-    /// A state with no model yet: probes answer, inference routes return 503.
-    pub fn new(model_name: &str, device: DeviceInfo, serving: Serving) -> Self {
-        AppState {
-            model_name: model_name.into(),
-            device: Arc::new(device),
-            admission: Admission::new(serving.policy.clone()),
+    /// A state serving `models` on `device` within `budget` bytes (`None`: derived from the
+    /// device, [`device::memory_budget`]). Nothing is loaded yet: probes answer, inference
+    /// routes return 503 until [`AppState::load_startup`] has run.
+    pub fn new(
+        device: (Device, DeviceInfo),
+        serving: Serving,
+        models: Vec<ModelSpec>,
+        budget: Option<u64>,
+    ) -> Result<Self> {
+        let (dev, info) = device;
+        let budget = device::memory_budget(&info, budget);
+        let repository = Arc::new(Repository::new(models, &serving, budget, dev)?);
+        let exporter = Arc::new(Exporter::new(
+            repository.slots().iter().map(|s| (s.name().to_string(), s.metrics.clone())).collect(),
+            repository.budget_gauges(),
+        ));
+        Ok(AppState {
+            device: Arc::new(info),
             serving: Arc::new(serving),
-            metrics: Arc::new(Metrics::new(model_name)),
+            repository,
+            exporter,
             started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             life: Arc::default(),
-        }
+        })
     }
 
-    /// Hands the loaded engine to its worker thread and marks the model ready.
-    pub fn set_loaded(&self, engine: Box<dyn Engine>) -> Result<()> {
-        let info = engine.info().clone();
-        let tokenizer = engine.tokenizer();
-        let max_batch = match info.kind {
-            Kind::Embedding => self.serving.max_batch.min(info.memory_cap).max(1),
-            Kind::Chat => 1,
-        };
-        let limits = BatchLimits { max_batch, max_wait: self.serving.max_wait };
-        let queue = Queue::start(engine, self.serving.queue_capacity, limits, self.metrics.clone())
-            .map_err(|e| Error::LoadModel { dir: String::new(), reason: format!("starting worker: {e}") })?;
-        let loaded = Loaded { info, tokenizer, queue, max_batch };
-        if self.life.loaded.set(loaded).is_err() {
-            return Err(Error::BadRequest("model already loaded".into()));
+    /// Loads every model configured to load at start (blocking), after checking that they fit
+    /// the budget together; then startup and readiness pass.
+    pub fn load_startup(&self) -> Result<()> {
+        self.repository.check_startup()?;
+        for slot in self.repository.slots().iter().filter(|s| s.spec.load) {
+            let started = Instant::now();
+            self.repository.load(slot.name())?;
+            if let Some(l) = slot.loaded() {
+                tracing::info!(
+                    model = slot.name(),
+                    engine = l.plan.engine.as_str(),
+                    kind = ?l.info.kind,
+                    memory_mib = l.plan.total_bytes() >> 20,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "Model ready"
+                );
+            }
         }
+        self.life.started.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    pub fn loaded(&self) -> Option<&Loaded> {
-        self.life.loaded.get()
+    /// A configured model, known or 404.
+    pub fn model(&self, name: &str) -> Result<&Arc<Slot>> {
+        self.repository.get(name)
     }
 
     /// When this process started, in Unix seconds (the `created` of `/v1/models`).
@@ -112,12 +120,16 @@ impl AppState {
         self.started_unix
     }
 
+    pub fn is_started(&self) -> bool {
+        self.life.started.load(Ordering::SeqCst)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.life.draining.load(Ordering::SeqCst)
     }
 
     pub fn is_ready(&self) -> bool {
-        self.loaded().is_some() && !self.is_draining()
+        self.is_started() && !self.is_draining()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -133,17 +145,14 @@ impl AppState {
         self.life.drain_requested.notify_one();
     }
 
-    /// The model, if it can take new work now.
-    fn accepting(&self) -> Result<&Loaded> {
+    /// The named model, if it can take new work now.
+    fn accepting(&self, name: &str) -> Result<(Arc<Slot>, Arc<Loaded>)> {
+        let slot = self.model(name)?;
         if self.is_draining() {
             return Err(Error::Draining);
         }
-        self.loaded().ok_or(Error::NotReady)
-    }
-
-    /// Checks a requested model name.
-    fn check_model(&self, name: &str) -> Result<()> {
-        if name == &*self.model_name { Ok(()) } else { Err(Error::UnknownModel(name.to_string())) }
+        let loaded = slot.loaded().ok_or_else(|| Error::NotReady(name.to_string()))?;
+        Ok((slot.clone(), loaded))
     }
 
     /// Counts a request as in flight until the guard drops (drain waits for zero).
@@ -290,7 +299,7 @@ fn probe(ok: bool, what: &str) -> Response {
 }
 
 async fn startup(State(s): State<AppState>) -> Response {
-    probe(s.loaded().is_some(), "started")
+    probe(s.is_started(), "started")
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
@@ -307,7 +316,7 @@ async fn drain(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.exporter.encode())
         .into_response()
 }
 

@@ -1,6 +1,7 @@
 //! OpenAI-compatible routes: `/v1/models`, `/v1/embeddings`, `/v1/chat/completions` (+ SSE).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -22,6 +23,7 @@ use crate::admission::{Permit, utc_day};
 use crate::batching::{EmbedJob, GenerateEvent, GenerateJob};
 use crate::engine::llama::{Message, render_chatml};
 use crate::engine::{FinishReason, Generation, Kind, Sampling};
+use crate::repository::{Loaded, Slot};
 use crate::{Error, Result};
 
 /// Most texts in one embeddings request (OpenAI's own limit).
@@ -38,13 +40,19 @@ fn err(e: Error) -> ApiError {
     ApiError(e, Dialect::OpenAi)
 }
 
+/// Every configured model; `ready` (an extension) says whether it takes requests now.
 async fn models(State(s): State<AppState>) -> Response {
     let created = s.started_unix();
-    Json(json!({
-        "object": "list",
-        "data": [{"id": &*s.model_name, "object": "model", "created": created, "owned_by": "tessera"}]
-    }))
-    .into_response()
+    let data: Vec<Value> = s
+        .repository
+        .slots()
+        .iter()
+        .map(|m| {
+            json!({"id": m.name(), "object": "model", "created": created, "owned_by": "tessera",
+                   "ready": m.loaded().is_some()})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,11 +74,15 @@ struct EmbeddingsRequest {
 }
 
 /// Tokenises, admits and runs texts through the embedding batcher. Shared with KServe `infer`.
-pub(super) async fn embed_texts(s: &AppState, tenant: &str, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize)> {
+pub(super) async fn embed_texts(
+    slot: &Slot,
+    loaded: &Loaded,
+    tenant: &str,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let started = Instant::now();
-    let loaded = s.accepting()?;
     if loaded.info.kind != Kind::Embedding {
-        return Err(Error::Unsupported { model: s.model_name.to_string(), op: "embeddings" });
+        return Err(Error::Unsupported { model: slot.name().to_string(), op: "embeddings" });
     }
     if texts.is_empty() {
         return Err(Error::BadRequest("input is empty".into()));
@@ -84,17 +96,17 @@ pub(super) async fn embed_texts(s: &AppState, tenant: &str, texts: Vec<String>) 
         .map_err(|_| Error::WorkerGone)?
         .map_err(|e| Error::Tokenize(e.to_string()))?;
     let tokens: usize = encodings.iter().map(|e| e.len()).sum();
-    let mut permit = s.admission.admit(tenant, tokens as u64, 0, utc_day())?;
+    let mut permit = slot.admission.admit(tenant, tokens as u64, 0, utc_day())?;
     let (reply, rx) = oneshot::channel();
     loaded.queue.embed(EmbedJob { inputs: encodings, enqueued: Instant::now(), reply })?;
     let result = rx.await.map_err(|_| Error::WorkerGone).and_then(|r| r);
-    finish(s, &mut permit, &result, tokens, 0, started);
+    finish(slot, &mut permit, &result, tokens, 0, started);
     result.map(|v| (v, tokens))
 }
 
 /// Settles the tenant's budget and records request metrics.
 fn finish<T>(
-    s: &AppState,
+    s: &Slot,
     permit: &mut Permit,
     result: &Result<T>,
     prompt_tokens: usize,
@@ -116,7 +128,7 @@ async fn embeddings(
 ) -> Result<Response, ApiError> {
     let _in_flight = s.track();
     let req: EmbeddingsRequest = parse_body(body).map_err(err)?;
-    s.check_model(&req.model).map_err(err)?;
+    s.model(&req.model).map_err(err)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -124,10 +136,11 @@ async fn embeddings(
             return Err(err(Error::BadRequest(format!("encoding_format `{other}`; expected float or base64"))));
         }
     };
-    if let (Some(d), Some(l)) = (req.dimensions, s.loaded())
-        && d != l.info.dim
+    let (slot, loaded) = s.accepting(&req.model).map_err(err)?;
+    if let Some(d) = req.dimensions
+        && d != loaded.info.dim
     {
-        return Err(err(Error::BadRequest(format!("dimensions {d}: this model only produces {}", l.info.dim))));
+        return Err(err(Error::BadRequest(format!("dimensions {d}: this model only produces {}", loaded.info.dim))));
     }
     let texts = match req.input {
         EmbeddingInput::One(t) => vec![t],
@@ -138,7 +151,7 @@ async fn embeddings(
             )));
         }
     };
-    let (vectors, tokens) = embed_texts(&s, &tenant(&headers), texts).await.map_err(err)?;
+    let (vectors, tokens) = embed_texts(&slot, &loaded, &tenant(&headers), texts).await.map_err(err)?;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -155,7 +168,7 @@ async fn embeddings(
     Ok(Json(json!({
         "object": "list",
         "data": data,
-        "model": &*s.model_name,
+        "model": slot.name(),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
@@ -276,11 +289,15 @@ fn random_seed() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-pub(super) async fn start_generation(s: &AppState, tenant: &str, req: GenerateRequest) -> Result<Started> {
+pub(super) async fn start_generation(
+    slot: &Slot,
+    loaded: &Loaded,
+    tenant: &str,
+    req: GenerateRequest,
+) -> Result<Started> {
     let started = Instant::now();
-    let loaded = s.accepting()?;
     if loaded.info.kind != Kind::Chat {
-        return Err(Error::Unsupported { model: s.model_name.to_string(), op: "chat completions" });
+        return Err(Error::Unsupported { model: slot.name().to_string(), op: "chat completions" });
     }
     let prompt = render_chatml(&req.messages);
     let tokenizer = loaded.tokenizer.clone();
@@ -292,7 +309,7 @@ pub(super) async fn start_generation(s: &AppState, tenant: &str, req: GenerateRe
         .get_ids()
         .to_vec();
     let context = loaded.info.max_input_tokens.min(loaded.info.memory_cap);
-    let policy = s.admission.policy();
+    let policy = slot.admission.policy();
     if prompt_ids.len() as u64 > policy.max_input_tokens {
         return Err(Error::InputTooLarge(format!(
             "{} prompt tokens; the limit is {}",
@@ -325,7 +342,7 @@ pub(super) async fn start_generation(s: &AppState, tenant: &str, req: GenerateRe
     {
         return Err(Error::BadRequest(format!("top_p {p} outside (0, 1]")));
     }
-    let permit = s.admission.admit(tenant, prompt_ids.len() as u64, max_tokens, utc_day())?;
+    let permit = slot.admission.admit(tenant, prompt_ids.len() as u64, max_tokens, utc_day())?;
     let (tx, events) = mpsc::unbounded_channel();
     let prompt_tokens = prompt_ids.len();
     loaded.queue.generate(GenerateJob {
@@ -345,7 +362,7 @@ pub(super) async fn start_generation(s: &AppState, tenant: &str, req: GenerateRe
 }
 
 /// Waits for a whole generation, recording TTFT when the first text arrives.
-pub(super) async fn collect_generation(s: &AppState, mut g: Started) -> Result<(Generation, usize)> {
+pub(super) async fn collect_generation(s: &Slot, mut g: Started) -> Result<(Generation, usize)> {
     let mut first = true;
     let result = loop {
         match g.events.recv().await {
@@ -387,7 +404,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let in_flight = s.track();
     let req: ChatRequest = parse_body(body).map_err(err)?;
-    s.check_model(&req.model).map_err(err)?;
+    s.model(&req.model).map_err(err)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(err(Error::BadRequest("only n = 1 is supported".into())));
     }
@@ -405,18 +422,19 @@ async fn chat_completions(
             Some(Stop::Many(v)) => v,
         },
     };
-    let started = start_generation(&s, &tenant(&headers), gen_req).await.map_err(err)?;
+    let (slot, loaded) = s.accepting(&req.model).map_err(err)?;
+    let started = start_generation(&slot, &loaded, &tenant(&headers), gen_req).await.map_err(err)?;
     let id = completion_id();
     let created = unix_now();
     if stream {
-        return Ok(stream_chat(s, started, id, created, include_usage, in_flight).into_response());
+        return Ok(stream_chat(slot, started, id, created, include_usage, in_flight).into_response());
     }
-    let (done, prompt_tokens) = collect_generation(&s, started).await.map_err(err)?;
+    let (done, prompt_tokens) = collect_generation(&slot, started).await.map_err(err)?;
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": &*s.model_name,
+        "model": slot.name(),
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": done.text},
@@ -435,7 +453,7 @@ async fn chat_completions(
 /// events to the response; when the client goes away the relay's send fails, it drops the
 /// event channel, and the worker stops generating.
 fn stream_chat(
-    s: AppState,
+    s: Arc<Slot>,
     g: Started,
     id: String,
     created: u64,
@@ -443,7 +461,7 @@ fn stream_chat(
     in_flight: InFlight,
 ) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(32);
-    let model = s.model_name.to_string();
+    let model = s.name().to_string();
     let chunk = move |delta: Value, finish: Option<&str>| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -24,7 +24,8 @@ async fn drain_fails_readiness_finishes_in_flight_then_stops() {
     });
     // Wait until it is generating, not merely received (a request not yet admitted when the
     // drain starts is refused, which is also correct).
-    while srv.state.metrics.running.get() == 0 {
+    let metrics = srv.state.model(SMOLLM2).unwrap().metrics.clone();
+    while metrics.running.get() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let r = post(a, "/admin/drain", json!({})).await;

@@ -5,14 +5,14 @@ use crate::support::{self, MINILM, assert_error, get, post};
 
 /// Vectors recorded once with sentence-transformers; `fixtures/record_minilm_reference.py`
 /// holds the exact command.
-fn reference() -> (Vec<String>, Vec<Vec<f32>>) {
+pub fn reference() -> (Vec<String>, Vec<Vec<f32>>) {
     let v: Value = serde_json::from_str(include_str!("../fixtures/minilm_reference.json")).unwrap();
     let sentences = serde_json::from_value(v["sentences"].clone()).unwrap();
     let embeddings = serde_json::from_value(v["embeddings"].clone()).unwrap();
     (sentences, embeddings)
 }
 
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
+pub fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: dimension");
     let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst <= 1e-5, "{what}: max abs diff {worst} > 1e-5");
@@ -137,7 +137,7 @@ async fn kserve_v2_routes_serve_the_embedding_model() {
     let v = get(a, "/v2").await.json();
     assert_eq!(v["name"], "tessera-runtime");
     assert_eq!(v["device"]["kind"], "cpu");
-    assert_eq!(v["max_batch"], 32);
+    assert_eq!(v["models"], json!([MINILM]));
     assert_eq!(get(a, "/health/startup").await.status, 200);
     assert_eq!(get(a, "/health/ready").await.status, 200);
     assert_eq!(get(a, "/health/live").await.status, 200);
@@ -153,6 +153,8 @@ async fn kserve_v2_routes_serve_the_embedding_model() {
     assert_eq!(md["versions"], json!(["1"]));
     assert_eq!(md["platform"], "candle_bert");
     assert_eq!(md["outputs"][0]["shape"], json!([-1, 384]));
+    assert_eq!(md["parameters"]["max_batch"], 32);
+    assert_eq!(md["parameters"]["engine"], "candle");
     assert_error(&get(a, "/v2/models/minilm/versions/7").await, 404, "versions/7");
 
     let (sentences, want) = reference();

@@ -1,11 +1,14 @@
 //! Integration tests: real weights from the model cache, real HTTP over loopback.
 //!
 //! The cache is `<repo>/.cache/models` (or `$TESSERA_MODEL_CACHE`), filled by
-//! `scripts/fetch-models.sh`. Without it these tests fail under CI (`CI` set) and skip with one
-//! printed line elsewhere.
+//! `scripts/fetch-models.sh`: the models, the ONNX export of MiniLM and the ONNX Runtime
+//! library. Without it these tests fail under CI (`CI` set) and skip with one printed line
+//! elsewhere.
 
 mod chat;
 mod drain;
 mod embeddings;
+mod multi;
+mod ort;
 mod routes;
 mod support;

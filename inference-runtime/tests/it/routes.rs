@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tessera_runtime::config::Serving;
+use tessera_runtime::config::{ModelSpec, Serving};
 use tessera_runtime::server::{AppState, router};
 use tower::ServiceExt;
 
@@ -26,7 +26,8 @@ async fn send(state: &AppState, method: &str, uri: &str, body: Option<Value>) ->
 
 #[tokio::test]
 async fn probes_tell_the_truth_before_the_model_loads() {
-    let state = AppState::new("m", support::cpu(), Serving::default());
+    let models = vec![ModelSpec::new("m", "/nonexistent/m")];
+    let state = AppState::new((candle_core::Device::Cpu, support::cpu()), Serving::default(), models, None).unwrap();
     assert_eq!(send(&state, "GET", "/health/live", None).await.0, StatusCode::OK);
     let (s, v) = send(&state, "GET", "/health/startup", None).await;
     assert_eq!((s, v), (StatusCode::SERVICE_UNAVAILABLE, json!({"started": false})));
@@ -34,14 +35,23 @@ async fn probes_tell_the_truth_before_the_model_loads() {
     assert_eq!(send(&state, "GET", "/v2/models/m/ready", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (s, v) = send(&state, "POST", "/v1/embeddings", Some(json!({"model": "m", "input": "x"}))).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(v["error"]["message"], "model is not ready");
+    assert_eq!(v["error"]["message"], "model `m` is not ready");
     let (s, v) = send(&state, "GET", "/no/such/route", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["type"], "no_route");
     let (s, v) = send(&state, "GET", "/v1/models", None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["data"][0]["id"], "m");
+    assert_eq!(v["data"][0]["ready"], false);
     assert_eq!(v["object"], "list");
+    // Loading a folder that is not there fails with the reason, which the index then shows.
+    let e = state.load_startup().unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/m"), "{e}");
+    let (s, v) = send(&state, "POST", "/v2/repository/index", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["state"], "UNAVAILABLE");
+    assert!(v[0]["reason"].as_str().unwrap().contains("/nonexistent/m"), "{v}");
+    assert_eq!(send(&state, "GET", "/health/startup", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]

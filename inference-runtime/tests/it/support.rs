@@ -8,30 +8,54 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tessera_runtime::config::Serving;
+use tessera_runtime::config::{ModelSpec, Serving};
 use tessera_runtime::device::DeviceInfo;
-use tessera_runtime::engine::{self, Engine};
+use tessera_runtime::engine::{self, Engine, MemoryPlan, OrtOptions};
 use tessera_runtime::server::{AppState, serve};
 use tokio::task::JoinHandle;
 
 pub const MINILM: &str = "minilm";
+/// all-MiniLM-L6-v2 as ONNX, written by the set-up from the same safetensors.
+pub const MINILM_ONNX: &str = "minilm-onnx";
 pub const SMOLLM2: &str = "smollm2";
+
+fn cache() -> PathBuf {
+    std::env::var_os("TESSERA_MODEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"))
+}
+
+/// `path` if it exists; else a panic under CI and `None` (after one printed line) elsewhere.
+fn present(path: PathBuf, what: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} {} is missing; run `bash scripts/fetch-models.sh` first", path.display());
+    }
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        println!("skipping real-model tests: {} missing (run scripts/fetch-models.sh)", path.display())
+    });
+    None
+}
 
 /// The model folder, or `None` (after printing why) when the cache is missing outside CI.
 pub fn model_dir(name: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("TESSERA_MODEL_CACHE")
+    present(cache().join(name), "model cache")
+}
+
+/// The ONNX Runtime library the set-up unpacked (`TESSERA_ORT_LIBRARY` overrides).
+pub fn ort_library() -> Option<PathBuf> {
+    let path = std::env::var_os("TESSERA_ORT_LIBRARY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models"));
-    let dir = cache.join(name);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("model cache {} is missing; run `bash scripts/fetch-models.sh` first", dir.display());
-    }
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| println!("skipping real-model tests: {} missing (run scripts/fetch-models.sh)", dir.display()));
-    None
+        .unwrap_or_else(|| cache().join("onnxruntime/libonnxruntime.so.1.31.1"));
+    present(path, "ONNX Runtime library")
+}
+
+/// The spec of a cached model, named like its folder.
+pub fn spec(name: &str) -> Option<ModelSpec> {
+    Some(ModelSpec::new(name, model_dir(name)?))
 }
 
 pub fn load(name: &str) -> Option<Box<dyn Engine>> {
@@ -39,15 +63,32 @@ pub fn load(name: &str) -> Option<Box<dyn Engine>> {
     Some(engine::load(&dir, &candle_core::Device::Cpu, 0).expect("model loads"))
 }
 
+/// Loads an ORT model folder as the server would.
+pub fn load_ort(name: &str) -> Option<(Box<dyn Engine>, MemoryPlan)> {
+    let spec = spec(name)?;
+    let opts = OrtOptions { library: Some(ort_library()?), threads: 1 };
+    let serving = Serving::default().for_model(&spec);
+    let plan = engine::plan(&spec, &serving).expect("plan");
+    Some((engine::load_spec(&spec, &plan, &candle_core::Device::Cpu, &opts).expect("ORT model loads"), plan))
+}
+
 pub fn cpu() -> DeviceInfo {
     DeviceInfo { kind: "cpu", visible_devices: None, memory_total_bytes: 0, memory_free_bytes: 0 }
 }
 
+/// A state over `models` (not loaded), with the ORT library set when any needs it.
+pub fn new_state(models: Vec<ModelSpec>, mut serving: Serving, budget: Option<u64>) -> Option<AppState> {
+    if models.iter().any(|m| m.dir.join("model.onnx").is_file()) {
+        serving.ort_library = Some(ort_library()?);
+        serving.ort_threads = 1;
+    }
+    Some(AppState::new((candle_core::Device::Cpu, cpu()), serving, models, budget).expect("valid models"))
+}
+
 /// A state serving `model` (folder name doubles as model name), or `None` when skipped.
 pub fn state(model: &str, serving: Serving) -> Option<AppState> {
-    let engine = load(model)?;
-    let state = AppState::new(model, cpu(), serving);
-    state.set_loaded(engine).expect("worker starts");
+    let state = new_state(vec![spec(model)?], serving, None)?;
+    state.load_startup().expect("model loads");
     Some(state)
 }
 
@@ -59,11 +100,23 @@ pub struct Server {
 }
 
 pub async fn start(model: &str, serving: Serving) -> Option<Server> {
-    let state = state(model, serving)?;
+    Some(serve_state(state(model, serving)?).await)
+}
+
+/// Serves `state` on an ephemeral loopback port.
+pub async fn serve_state(state: AppState) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = tokio::spawn(serve(listener, state.clone(), std::future::pending()));
-    Some(Server { addr, state, handle })
+    Server { addr, state, handle }
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
 }
 
 pub struct Reply {
