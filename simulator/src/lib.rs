@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod compare;
+pub mod family;
 pub mod occupancy;
 pub mod openb;
 pub mod report;

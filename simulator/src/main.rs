@@ -1,6 +1,6 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
-use tessera_sim::{capture, compare, openb, report, scenario, trace, whatif};
+use tessera_sim::{capture, compare, family, openb, report, scenario, trace, whatif};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -24,6 +24,31 @@ enum Command {
     /// Can these pods / this gang fit on a captured live cluster, where, and how many nodes of a
     /// type must be added. Exit status 0: everything fits; 3: something does not; 1: bad input.
     Whatif(WhatifArgs),
+    /// Generate a member of an openb workload family (cpuXXX, gpushareXX, multigpuXX, gpuspecXX)
+    /// from the default pod list with a seed, as the FGD artifact's variants are made.
+    GenTrace(GenTraceArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GenTraceArgs {
+    /// The default pod list (`openb_pod_list_default.csv`).
+    #[arg(long)]
+    pods: PathBuf,
+    /// `cpu` (level: CPU-only pods per mille of pods), `gpushare`, `multigpu` or `gpuspec`
+    /// (level: % of the GPU request from shares, multi-GPU pods, constrained pods).
+    #[arg(long)]
+    family: String,
+    #[arg(long)]
+    level: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// gpuspec only: a pod list with the default's rows and real GPU-model constraints
+    /// (`openb_pod_list_gpuspec20.csv`).
+    #[arg(long)]
+    spec_source: Option<PathBuf>,
+    /// Where to write the pod list (CSV, the loader's 6-column form).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -135,6 +160,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Openb(args) => run_openb(args),
         Command::Scenario(args) => run_scenario(args),
+        Command::GenTrace(args) => run_gen(args),
         Command::Whatif(args) => {
             if !run_whatif(args)? {
                 std::process::exit(3);
@@ -142,6 +168,30 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_gen(args: GenTraceArgs) -> Result<()> {
+    let family = family::Family::parse(&args.family)?;
+    let default = trace::load_pods(&args.pods)?;
+    let source = match &args.spec_source {
+        Some(p) => Some(trace::load_pods(p)?),
+        None => None,
+    };
+    let pods = family::generate(&default, family, args.level, args.seed, source.as_deref())?;
+    family::write_csv(&args.out, &pods)?;
+    let m = family::mix(&pods);
+    println!(
+        "{} seed {}: {} pods; cpu-only {:.1}% of pods; GPU request {:.1}% shares, {:.1}% multi-GPU, {:.1}% constrained; wrote {}",
+        family.label(args.level),
+        args.seed,
+        m.pods,
+        100.0 * m.cpu_pods,
+        100.0 * m.share_request,
+        100.0 * m.multi_request,
+        100.0 * m.spec_request,
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// Returns whether everything fits.
