@@ -390,7 +390,8 @@ mod tests {
 
         let multi = generate(&d, Family::Multigpu, 40, 1, None).unwrap_or_else(|e| panic!("{e:#}"));
         let m = mix(&multi);
-        assert!(m.multi_request >= 0.40 && m.multi_request < 0.42, "{m:?}");
+        // Whole hundreds of GPUs overshoot more on this small trace than on the real one.
+        assert!(m.multi_request >= 0.40 && m.multi_request < 0.45, "{m:?}");
         let added = request(&multi) - request(&d);
         assert_eq!(added % 100_000, 0, "whole hundreds of GPUs are added: {added}");
         assert!(multi.len() > d.len() && base.multi_request < 0.40);

@@ -2,6 +2,7 @@
 //! all driving `tessera-core`'s placement entry points. The `tessera-sim` binary is a thin CLI
 //! over these modules; benches and tests use them directly.
 
+pub mod bound;
 pub mod capture;
 pub mod compare;
 pub mod family;

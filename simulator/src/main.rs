@@ -134,6 +134,9 @@ struct OpenbArgs {
     /// Write a self-contained HTML report (curves, fragmentation, slice maps) here.
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Skip the certified upper bound (an LP per seed).
+    #[arg(long)]
+    no_bound: bool,
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -331,6 +334,8 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         args.seeds
     );
     let tty = std::io::stderr().is_terminal();
+    let bound =
+        if args.no_bound { None } else { Some(tessera_sim::bound::for_seeds(&nodes, &pods, args.tune, &seeds)?) };
     let mut reports = Vec::new();
     for name in &policies {
         let policy = tessera_core::policy::by_name(name).context("policy vanished")?;
@@ -388,6 +393,7 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
             runs,
             mean_allocation_ratio: mean,
             elapsed_seconds: started.elapsed().as_secs_f64(),
+            upper_bound: bound.clone(),
         });
     }
     let expected = match &args.compare {
@@ -395,6 +401,16 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         None => None,
     };
     print_table(&reports, expected.as_ref());
+    if let Some(b) = &bound {
+        let best = reports.iter().map(|r| r.mean_allocation_ratio).fold(0.0, f64::max);
+        println!(
+            "{:<16} {:>10.2}   certified LP bound over the same arrivals (best policy {:.2}, gap {:.2} points)",
+            "upper bound",
+            100.0 * b.mean_allocation_ratio,
+            100.0 * best,
+            100.0 * (b.mean_allocation_ratio - best)
+        );
+    }
     if let Some(path) = &args.json {
         let body = if reports.len() == 1 {
             serde_json::to_string_pretty(&reports[0])?
