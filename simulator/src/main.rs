@@ -263,6 +263,11 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
             if rej.is_empty() { "-".to_owned() } else { rej.join(" ") }
         );
     }
+    println!();
+    println!("{:<16} {:>15} {:>15}", "rejected", "need whole GPUs", "slices");
+    for o in &outcomes {
+        println!("{:<16} {:>15} {:>15}", o.policy, o.rejected_large, o.rejected_small);
+    }
     if outcomes.iter().any(|o| o.dynamics.is_some()) {
         println!();
         println!(

@@ -516,3 +516,49 @@ fn incremental_fragmentation_equals_recomputing_the_node() {
     }
     assert!(checked > 100, "{checked}");
 }
+
+#[test]
+fn whole_gpu_classes_weigh_by_their_share_of_the_expected_gpu_request() {
+    // 18 embedders (a 1g slice: 1/7 GPU) and 2 VLMs (a whole GPU): the VLMs are a tenth of the
+    // pods and 2/(2 + 18/7) of the GPUs asked for.
+    let mut demands: Vec<Demand> = (0..18)
+        .map(|i| Demand::new(format!("w/e{i}").as_str(), GpuDemand::Model { memory_mib: 3000, compute_slices: None }))
+        .collect();
+    demands.extend((0..2).map(|i| {
+        Demand::new(format!("w/v{i}").as_str(), GpuDemand::Model { memory_mib: 76_000, compute_slices: None })
+    }));
+    let w = Workload::from_demands(demands.iter());
+    let weights = w.whole_request_weights();
+    let vlm = w.classes.iter().position(|c| c.gpu == GpuDemand::Model { memory_mib: 76_000, compute_slices: None });
+    let vlm = vlm.unwrap_or_else(|| panic!("{w:?}"));
+    assert!((w.classes[vlm].weight - 0.1).abs() < 1e-12);
+    assert!((weights[vlm] - 2.0 / (2.0 + 18.0 / 7.0)).abs() < 1e-9, "{weights:?}");
+    assert_eq!(weights.iter().filter(|&&x| x > 0.0).count(), 1, "slices get no headroom weight");
+}
+
+#[test]
+fn tessera_keeps_the_idle_gpu_a_large_model_needs() {
+    // H100 node: GPU 0 partitioned with a free 1g left beside held ones, GPU 1 idle. The workload
+    // expects embedders and, now and then, a 34B model that needs a whole 80 GB GPU.
+    let mut s = snap(vec![
+        Node::test("h").with_gpus(2, "H100-80GB").with_mig_at(0, &[("3g.40gb", 0), ("2g.20gb", 4), ("1g.10gb", 6)]),
+    ]);
+    occupy(&mut s, "x/a", "h", vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 0 }]);
+    occupy(&mut s, "x/b", "h", vec![Grant::Mig { gpu: 0, class: ProfileClass::G2, start: 4 }]);
+    let mut demands: Vec<Demand> = (0..9)
+        .map(|i| {
+            Demand::new(format!("w/e{i}").as_str(), GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) })
+        })
+        .collect();
+    demands.push(Demand::new("w/v", GpuDemand::Model { memory_mib: 76_000, compute_slices: None }));
+    let w = Workload::from_demands(demands.iter());
+    // A 2g-sized model: GPU 0's free 1g is too small, so it repartitions there (destroy + create)
+    // or partitions the idle GPU 1 (mode + create), two steps either way. Only the second takes
+    // the large model's last slot.
+    let d = Demand::new("ns/llm", GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) });
+    let t = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let ctx = Context { workload: &w, seed: 1 };
+    let v = evaluate(&s, &d, t.as_ref(), &ctx, None).unwrap_or_else(|e| panic!("{e}"));
+    let (c, _) = v[0].outcome.as_ref().unwrap_or_else(|r| panic!("{r}"));
+    assert!(c.grants.iter().all(|g| g.gpu() == 0), "the idle GPU stays whole: {c:?}");
+}
