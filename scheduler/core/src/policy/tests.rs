@@ -538,27 +538,22 @@ fn whole_gpu_classes_weigh_by_their_share_of_the_expected_gpu_request() {
 
 #[test]
 fn tessera_keeps_the_idle_gpu_a_large_model_needs() {
-    // H100 node: GPU 0 partitioned with a free 1g left beside held ones, GPU 1 idle. The workload
-    // expects embedders and, now and then, a 34B model that needs a whole 80 GB GPU.
+    // H100 node: GPU 0 partitioned, a held 3g and two free 1g instances; GPU 1 idle.
     let mut s = snap(vec![
-        Node::test("h").with_gpus(2, "H100-80GB").with_mig_at(0, &[("3g.40gb", 0), ("2g.20gb", 4), ("1g.10gb", 6)]),
+        Node::test("h").with_gpus(2, "H100-80GB").with_mig_at(0, &[("3g.40gb", 0), ("1g.10gb", 4), ("1g.10gb", 5)]),
     ]);
     occupy(&mut s, "x/a", "h", vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 0 }]);
-    occupy(&mut s, "x/b", "h", vec![Grant::Mig { gpu: 0, class: ProfileClass::G2, start: 4 }]);
-    let mut demands: Vec<Demand> = (0..9)
-        .map(|i| {
-            Demand::new(format!("w/e{i}").as_str(), GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) })
-        })
-        .collect();
+    let llm = || GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) };
+    let mut demands: Vec<Demand> = (0..9).map(|i| Demand::new(format!("w/e{i}").as_str(), llm())).collect();
     demands.push(Demand::new("w/v", GpuDemand::Model { memory_mib: 76_000, compute_slices: None }));
-    let w = Workload::from_demands(demands.iter());
-    // A 2g-sized model: GPU 0's free 1g is too small, so it repartitions there (destroy + create)
-    // or partitions the idle GPU 1 (mode + create), two steps either way. Only the second takes
-    // the large model's last slot.
-    let d = Demand::new("ns/llm", GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) });
-    let t = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
-    let ctx = Context { workload: &w, seed: 1 };
-    let v = evaluate(&s, &d, t.as_ref(), &ctx, None).unwrap_or_else(|e| panic!("{e}"));
-    let (c, _) = v[0].outcome.as_ref().unwrap_or_else(|r| panic!("{r}"));
-    assert!(c.grants.iter().all(|g| g.gpu() == 0), "the idle GPU stays whole: {c:?}");
+    let with_vlm = Workload::from_demands(demands.iter());
+    // A 2g-sized model: on GPU 0 it repartitions (destroy both free 1g, create: three steps), on
+    // GPU 1 it partitions the idle GPU (mode + create: two). Only the second takes the 34B
+    // model's last slot.
+    let d = Demand::new("ns/llm", llm());
+    let gpu_of = |w: &Workload| {
+        let p = decide(&s, &d, "tessera", w).unwrap_or_else(|r| panic!("{r}"));
+        p.grants[0].gpu()
+    };
+    assert_eq!(gpu_of(&with_vlm), 0, "the idle GPU stays whole for the expected 34B model");
 }
