@@ -2,8 +2,10 @@
 //! all driving `tessera-core`'s placement entry points. The `tessera-sim` binary is a thin CLI
 //! over these modules; benches and tests use them directly.
 
+pub mod bound;
 pub mod capture;
 pub mod compare;
+pub mod family;
 pub mod occupancy;
 pub mod openb;
 pub mod report;

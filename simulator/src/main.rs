@@ -1,6 +1,6 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
-use tessera_sim::{capture, compare, openb, report, scenario, trace, whatif};
+use tessera_sim::{capture, compare, family, openb, report, scenario, trace, whatif};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -24,6 +24,31 @@ enum Command {
     /// Can these pods / this gang fit on a captured live cluster, where, and how many nodes of a
     /// type must be added. Exit status 0: everything fits; 3: something does not; 1: bad input.
     Whatif(WhatifArgs),
+    /// Generate a member of an openb workload family (cpuXXX, gpushareXX, multigpuXX, gpuspecXX)
+    /// from the default pod list with a seed, as the FGD artifact's variants are made.
+    GenTrace(GenTraceArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GenTraceArgs {
+    /// The default pod list (`openb_pod_list_default.csv`).
+    #[arg(long)]
+    pods: PathBuf,
+    /// `cpu` (level: CPU-only pods per mille of pods), `gpushare`, `multigpu` or `gpuspec`
+    /// (level: % of the GPU request from shares, multi-GPU pods, constrained pods).
+    #[arg(long)]
+    family: String,
+    #[arg(long)]
+    level: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// gpuspec only: a pod list with the default's rows and real GPU-model constraints
+    /// (`openb_pod_list_gpuspec20.csv`).
+    #[arg(long)]
+    spec_source: Option<PathBuf>,
+    /// Where to write the pod list (CSV, the loader's 6-column form).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -109,6 +134,9 @@ struct OpenbArgs {
     /// Write a self-contained HTML report (curves, fragmentation, slice maps) here.
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Skip the certified upper bound (an LP per seed).
+    #[arg(long)]
+    no_bound: bool,
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -135,6 +163,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Openb(args) => run_openb(args),
         Command::Scenario(args) => run_scenario(args),
+        Command::GenTrace(args) => run_gen(args),
         Command::Whatif(args) => {
             if !run_whatif(args)? {
                 std::process::exit(3);
@@ -142,6 +171,30 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_gen(args: GenTraceArgs) -> Result<()> {
+    let family = family::Family::parse(&args.family)?;
+    let default = trace::load_pods(&args.pods)?;
+    let source = match &args.spec_source {
+        Some(p) => Some(trace::load_pods(p)?),
+        None => None,
+    };
+    let pods = family::generate(&default, family, args.level, args.seed, source.as_deref())?;
+    family::write_csv(&args.out, &pods)?;
+    let m = family::mix(&pods);
+    println!(
+        "{} seed {}: {} pods; cpu-only {:.1}% of pods; GPU request {:.1}% shares, {:.1}% multi-GPU, {:.1}% constrained; wrote {}",
+        family.label(args.level),
+        args.seed,
+        m.pods,
+        100.0 * m.cpu_pods,
+        100.0 * m.share_request,
+        100.0 * m.multi_request,
+        100.0 * m.spec_request,
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// Returns whether everything fits.
@@ -209,6 +262,11 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
             used.join(", "),
             if rej.is_empty() { "-".to_owned() } else { rej.join(" ") }
         );
+    }
+    println!();
+    println!("{:<16} {:>15} {:>15}", "rejected", "need whole GPUs", "slices");
+    for o in &outcomes {
+        println!("{:<16} {:>15} {:>15}", o.policy, o.rejected_large, o.rejected_small);
     }
     if outcomes.iter().any(|o| o.dynamics.is_some()) {
         println!();
@@ -281,6 +339,8 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         args.seeds
     );
     let tty = std::io::stderr().is_terminal();
+    let bound =
+        if args.no_bound { None } else { Some(tessera_sim::bound::for_seeds(&nodes, &pods, args.tune, &seeds)?) };
     let mut reports = Vec::new();
     for name in &policies {
         let policy = tessera_core::policy::by_name(name).context("policy vanished")?;
@@ -338,6 +398,7 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
             runs,
             mean_allocation_ratio: mean,
             elapsed_seconds: started.elapsed().as_secs_f64(),
+            upper_bound: bound.clone(),
         });
     }
     let expected = match &args.compare {
@@ -345,6 +406,16 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         None => None,
     };
     print_table(&reports, expected.as_ref());
+    if let Some(b) = &bound {
+        let best = reports.iter().map(|r| r.mean_allocation_ratio).fold(0.0, f64::max);
+        println!(
+            "{:<16} {:>10.2}   certified LP bound over the same arrivals (best policy {:.2}, gap {:.2} points)",
+            "upper bound",
+            100.0 * b.mean_allocation_ratio,
+            100.0 * best,
+            100.0 * (b.mean_allocation_ratio - best)
+        );
+    }
     if let Some(path) = &args.json {
         let body = if reports.len() == 1 {
             serde_json::to_string_pretty(&reports[0])?

@@ -62,6 +62,10 @@ pub struct PolicyReport {
     /// Mean over the runs (fraction).
     pub mean_allocation_ratio: f64,
     pub elapsed_seconds: f64,
+    /// The certified upper bound for the same trace, tune and seeds (the same in every policy's
+    /// report); absent with `--no-bound`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upper_bound: Option<crate::bound::Summary>,
 }
 
 /// One seed's result.

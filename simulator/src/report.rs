@@ -412,7 +412,7 @@ pub fn openb_html(reports: &[crate::openb::PolicyReport], command: &str) -> Resu
         &[("fragmentation %".to_owned(), reports.iter().map(|r| mean(r, &|x| x.fragmentation_pct)).collect())],
     )?);
     page.heading("Numbers");
-    let rows: Vec<Vec<String>> = reports
+    let mut rows: Vec<Vec<String>> = reports
         .iter()
         .map(|r| {
             vec![
@@ -425,7 +425,23 @@ pub fn openb_html(reports: &[crate::openb::PolicyReport], command: &str) -> Resu
             ]
         })
         .collect();
+    if let Some(b) = reports.first().and_then(|r| r.upper_bound.as_ref()) {
+        let cap: f64 = reports.first().and_then(|r| r.runs.first()).map_or(0.0, |x| x.occupancy.gpus.len() as f64);
+        rows.push(vec![
+            "upper bound (LP, certified)".to_owned(),
+            format!("{:.2}", 100.0 * b.mean_allocation_ratio),
+            format!("{:.1}", cap * (1.0 - b.mean_allocation_ratio)),
+            "-".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+        ]);
+    }
     page.table(&["policy", "alloc %", "unalloc GPU", "failed pods", "frag %", "s/run"], &rows);
+    if reports.first().is_some_and(|r| r.upper_bound.is_some()) {
+        page.paragraph(
+            "The upper bound holds for every policy on the same arrivals: an LP relaxation over node types and pod shapes, certified by a dual solution (docs/algorithms.md).",
+        );
+    }
     page.heading("Final GPU occupancy");
     page.paragraph("One cell per GPU in node order, shaded by the share in use (grey: idle, dark: full).");
     for r in reports {
@@ -665,6 +681,9 @@ mod tests {
                     runs,
                     mean_allocation_ratio: mean,
                     elapsed_seconds: 0.0,
+                    upper_bound: Some(
+                        crate::bound::for_seeds(&nodes, &pods, 1.3, &[1, 2]).unwrap_or_else(|e| panic!("{e:#}")),
+                    ),
                 }
             })
             .collect()
@@ -684,6 +703,7 @@ mod tests {
         }
         // Text is escaped, the command line is shown.
         assert!(html.contains("tiny&lt;&amp;&gt;"));
+        assert!(html.contains("<td>upper bound (LP, certified)</td>"), "the bound beside the policies");
         assert!(!html.contains("tiny<&>"));
         assert!(html.contains("--pods &#39;a b&lt;c&gt;.csv&#39;"));
         assert_eq!(check::external_refs(&html), Vec::<String>::new());

@@ -428,6 +428,10 @@ pub struct Outcome {
     pub placed: u32,
     pub rejected: u32,
     pub rejected_by_model: BTreeMap<String, u32>,
+    /// Rejected pods (gang members included) that need whole GPUs on every product of the
+    /// scenario's pools (tensor-parallel groups, models larger than any MIG slice), and the rest.
+    pub rejected_large: u32,
+    pub rejected_small: u32,
     /// GPUs holding at least one pod at the end, per product.
     pub gpus_used: BTreeMap<String, u32>,
     /// max(Σ compute slices / 7, Σ memory slices / 8) per product over what is placed at the end.
@@ -518,6 +522,8 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
         placed: 0,
         rejected: 0,
         rejected_by_model: BTreeMap::new(),
+        rejected_large: 0,
+        rejected_small: 0,
         gpus_used: BTreeMap::new(),
         lower_bound: BTreeMap::new(),
         mig_reconfigs: 0,
@@ -539,10 +545,12 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
             _ => {
                 snap.rollback(cp);
                 out.rejected += g.len() as u32;
+                out.rejected_large += g.len() as u32;
                 *out.rejected_by_model.entry(format!("gang {gang_name}")).or_default() += g.len() as u32;
             }
         }
     }
+    let products: Vec<MigProduct> = sc.pools.iter().filter_map(|p| MigProduct::from_name(&p.product)).collect();
     let mut memo = Memo::new();
     let mut place_one = |snap: &mut Snapshot, d: &Demand, out: &mut Outcome| -> Result<bool> {
         match place_memo(snap, d, policy, &ctx, &mut memo) {
@@ -553,6 +561,11 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
             }
             _ => {
                 out.rejected += 1;
+                if needs_whole_gpus(&d.gpu, &products) {
+                    out.rejected_large += 1;
+                } else {
+                    out.rejected_small += 1;
+                }
                 *out.rejected_by_model.entry(model_of(d)).or_default() += 1;
                 Ok(false)
             }
@@ -592,6 +605,18 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
     out.lower_bound = bound_of(&shares);
     out.occupancy = Occupancy::of(&snap);
     Ok(out)
+}
+
+/// Whether a demand needs whole GPUs wherever it goes: several GPUs, or a model that no MIG
+/// slice of any of the pools' MIG products holds.
+fn needs_whole_gpus(g: &GpuDemand, products: &[MigProduct]) -> bool {
+    match g {
+        GpuDemand::Whole { .. } => true,
+        GpuDemand::Model { memory_mib, compute_slices } => products.iter().all(|p| {
+            tessera_core::demand::smallest_fitting_profile(p.geometry(), *memory_mib, *compute_slices).is_none()
+        }),
+        _ => false,
+    }
 }
 
 type PlaceFn<'a> = dyn FnMut(&mut Snapshot, &Demand, &mut Outcome) -> Result<bool> + 'a;
@@ -830,6 +855,44 @@ models:
         assert!(html.contains("lower bound (tessera)"));
         assert_eq!(crate::report::check::external_refs(&html), Vec::<String>::new());
         crate::report::check::balanced(&html).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn churn_scenarios_have_large_arrivals_and_tessera_keeps_room_for_them() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        for name in ["churn-mixed-fleet", "churn-vlm-day", "churn-tp4-night"] {
+            let sc = Scenario::load(&dir.join(format!("{name}.yaml"))).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let products: Vec<MigProduct> = sc.pools.iter().filter_map(|p| MigProduct::from_name(&p.product)).collect();
+            let arrivals = sc.arrivals(1);
+            let large = arrivals.iter().filter(|a| needs_whole_gpus(&a.demand.gpu, &products)).count();
+            assert!(large >= 10 && large * 5 < arrivals.len(), "{name}: {large} of {}", arrivals.len());
+            assert!(
+                sc.pools.iter().any(|p| p.product == "A100-40GB") && sc.pools.iter().any(|p| p.product == "H100-80GB")
+            );
+        }
+        // The scenario tuned on, one seed: fewer large-model rejections than fgd, no more small.
+        let sc = Scenario::load(&dir.join("churn-mixed-fleet.yaml")).unwrap_or_else(|e| panic!("{e:#}"));
+        let t = run(&sc, "tessera", 1).unwrap_or_else(|e| panic!("{e:#}"));
+        let f = run(&sc, "fgd", 1).unwrap_or_else(|e| panic!("{e:#}"));
+        for o in [&t, &f] {
+            assert_eq!(o.rejected_large + o.rejected_small, o.rejected, "{o:?}");
+        }
+        assert!(t.rejected_large < f.rejected_large, "tessera {} vs fgd {}", t.rejected_large, f.rejected_large);
+        assert!(t.rejected_small <= f.rejected_small, "tessera {} vs fgd {}", t.rejected_small, f.rejected_small);
+    }
+
+    #[test]
+    fn large_means_whole_gpus_on_every_product() {
+        let h100 = [MigProduct::H100_80GB];
+        let both = [MigProduct::H100_80GB, MigProduct::A100_40GB];
+        let model = |m| GpuDemand::Model { memory_mib: m, compute_slices: None };
+        assert!(needs_whole_gpus(&GpuDemand::Whole { count: 4 }, &both));
+        assert!(needs_whole_gpus(&model(76_000), &both));
+        // 30 GB fits a 3g.40gb slice of an H100, not any slice of an A100-40GB.
+        assert!(!needs_whole_gpus(&model(30_000), &both));
+        assert!(needs_whole_gpus(&model(30_000), &[MigProduct::A100_40GB]));
+        assert!(!needs_whole_gpus(&model(3_000), &h100));
+        assert!(!needs_whole_gpus(&GpuDemand::Mig { profile: "1g.10gb".into() }, &h100));
     }
 
     #[test]

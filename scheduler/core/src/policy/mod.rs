@@ -76,6 +76,10 @@ pub struct Workload {
     /// computed once per distinct demand, not once per class (many classes differ only in cpu).
     #[serde(skip)]
     kinds: std::sync::OnceLock<Kinds>,
+    /// Per class: its share of the expected GPU request when it needs whole GPUs, else 0
+    /// ([`Workload::whole_request_weights`]).
+    #[serde(skip)]
+    whole: std::sync::OnceLock<Vec<f64>>,
 }
 
 impl PartialEq for Workload {
@@ -93,7 +97,7 @@ pub(crate) struct Kinds {
 
 impl Workload {
     pub fn new(classes: Vec<WorkloadClass>) -> Self {
-        Self { classes, kinds: Default::default() }
+        Self { classes, kinds: Default::default(), whole: Default::default() }
     }
 
     pub(crate) fn kinds(&self) -> &Kinds {
@@ -158,6 +162,61 @@ impl Workload {
 
     pub fn is_empty(&self) -> bool {
         self.classes.is_empty()
+    }
+
+    /// Per class, its share of the expected GPU request if it needs whole GPUs (`Whole`, or a
+    /// model no slice of an 80 GB-or-smaller MIG product holds), else 0. Popularity counts pods: a
+    /// 34B model that is 2% of the arrivals is a tenth of the GPUs they ask for, and it is the
+    /// one that cannot use a slice.
+    pub(crate) fn whole_request_weights(&self) -> &[f64] {
+        self.whole.get_or_init(|| {
+            let size: Vec<(f64, bool)> = self.classes.iter().map(|c| gpu_size(&c.gpu)).collect();
+            let total: f64 = self.classes.iter().zip(&size).map(|(c, (g, _))| c.weight * g).sum();
+            self.classes
+                .iter()
+                .zip(&size)
+                .map(|(c, &(g, whole))| if whole && total > 0.0 { c.weight * g / total } else { 0.0 })
+                .collect()
+        })
+    }
+}
+
+/// A demand's size in GPUs (MIG-sized ones by the smallest share of a GPU any product gives
+/// them; a whole GPU for a model too large for the slices of 80 GB-class products), and whether
+/// it needs whole GPUs.
+fn gpu_size(g: &GpuDemand) -> (f64, bool) {
+    use crate::mig::MigProduct;
+    let sub = |f: &dyn Fn(&crate::mig::Geometry) -> Option<&'static crate::mig::Profile>| {
+        MigProduct::ALL
+            .iter()
+            .filter_map(|p| {
+                let geom = p.geometry();
+                f(geom).map(|pr| f64::from(pr.compute_slices) / f64::from(geom.compute_slices))
+            })
+            .fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.min(x))))
+    };
+    match g {
+        GpuDemand::None => (0.0, false),
+        GpuDemand::Share { milli } => (f64::from(*milli) / 1000.0, false),
+        GpuDemand::Whole { count } => (f64::from(*count), true),
+        GpuDemand::Mig { profile } => (sub(&|geom| geom.profile_by_name(profile)).unwrap_or(1.0), false),
+        GpuDemand::Model { memory_mib, compute_slices } => {
+            // Large: no slice of any MIG product of 80 GB or less holds it (bigger boards slice
+            // such models, but a fleet of them is not what whole-GPU headroom is about).
+            let somewhere_whole = MigProduct::ALL
+                .iter()
+                .filter(|p| p.geometry().memory_mib <= 81_920)
+                .all(|p| crate::demand::smallest_fitting_profile(p.geometry(), *memory_mib, *compute_slices).is_none());
+            if somewhere_whole {
+                (1.0, true)
+            } else {
+                (
+                    sub(&|geom| crate::demand::smallest_fitting_profile(geom, *memory_mib, *compute_slices))
+                        .unwrap_or(1.0),
+                    false,
+                )
+            }
+        }
     }
 }
 

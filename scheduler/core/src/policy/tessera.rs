@@ -42,6 +42,11 @@ const PACK_WEIGHT: f64 = 0.001;
 /// instance (less free capacity, less fragment); under churn that starves the large profiles.
 const OVERSIZE_WEIGHT: f64 = 2.0;
 
+/// Milli-GPU of score per milli-GPU of whole-GPU room a slice takes from the large classes
+/// the workload expects ([`headroom_loss`]). 1 already helps; from 3 on the churn scenarios'
+/// large-model rejections stop falling.
+const HEADROOM_WEIGHT: f64 = 3.0;
+
 /// Expected cpu (milli-cores) per GPU of the workload's GPU demand; 0 when unknown.
 fn cpu_per_gpu(ctx: &Context<'_>) -> f64 {
     let (mut cpu, mut gpu) = (0.0, 0.0);
@@ -93,11 +98,81 @@ fn oversize(node: &Node, d: &Demand, c: &Candidate) -> u32 {
         .sum()
 }
 
+/// How many pods of a whole-GPU class the node could start on the GPUs `views` describe: idle
+/// GPUs with the memory, or (several GPUs) idle GPUs per NVLink island in whole groups.
+fn whole_slots(node: &Node, views: &[crate::metrics::GpuView<'_>], class: &GpuDemand, cpu_ok: bool) -> u32 {
+    if !cpu_ok {
+        return 0;
+    }
+    let idle = |i: usize| views[i].healthy && views[i].idle() && views[i].free() > 0;
+    match *class {
+        GpuDemand::Whole { count: 0 } => 0,
+        GpuDemand::Whole { count: 1 } => (0..views.len()).filter(|&i| idle(i)).count() as u32,
+        GpuDemand::Whole { count } => {
+            if !node.topology.has_nvlink() {
+                return (0..views.len()).filter(|&i| idle(i)).count() as u32 / count;
+            }
+            node.topology
+                .nvlink_islands()
+                .iter()
+                .map(|island| {
+                    let n = (0..views.len()).filter(|&i| idle(i) && island.contains(&node.gpus[i].index)).count();
+                    n as u32 / count
+                })
+                .sum()
+        }
+        GpuDemand::Model { memory_mib, compute_slices } => (0..views.len())
+            .filter(|&i| {
+                // A slot only where the model needs the whole GPU: not where a slice holds it.
+                let slice = views[i]
+                    .product
+                    .and_then(|p| crate::demand::smallest_fitting_profile(p.geometry(), memory_mib, compute_slices));
+                idle(i) && slice.is_none() && views[i].memory_mib >= memory_mib
+            })
+            .count() as u32,
+        _ => 0,
+    }
+}
+
+/// Milli-GPU of whole-GPU room for the expected large classes a candidate takes away on its
+/// node: per class, slots lost × its size × its share of the expected GPU request.
+fn headroom_loss(
+    node: &Node,
+    before: &Before<'_>,
+    after: &[crate::metrics::GpuView<'_>],
+    d: &Demand,
+    ctx: &Context<'_>,
+) -> f64 {
+    let w = ctx.workload.whole_request_weights();
+    let cpu_after = node.free_cpu_milli().saturating_sub(d.cpu_milli);
+    let mut loss = 0.0;
+    for (m, &wm) in ctx.workload.classes.iter().zip(w) {
+        let model = crate::metrics::node_model(node);
+        if wm == 0.0 || !(m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model))) {
+            continue;
+        }
+        let b = whole_slots(node, &before.views, &m.gpu, m.cpu_milli <= node.free_cpu_milli());
+        let a = whole_slots(node, after, &m.gpu, m.cpu_milli <= cpu_after);
+        let size = match m.gpu {
+            GpuDemand::Whole { count } => f64::from(count),
+            _ => 1.0,
+        };
+        loss += wm * f64::from(b.saturating_sub(a)) * size * f64::from(crate::cluster::MILLI_PER_GPU);
+    }
+    loss
+}
+
 impl Tessera {
     fn score_with(&self, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>, ratio: f64) -> Score {
         let node = before.node;
         let after = before.after(c);
         let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(d, c, &after, ctx) };
+        // Only slices pay for whole-GPU room: shares and whole GPUs are what FGD's measure is
+        // about, and they keep its behaviour (the openb replay is unchanged).
+        let headroom = match d.gpu {
+            GpuDemand::Mig { .. } | GpuDemand::Model { .. } => headroom_loss(node, before, &after, d, ctx),
+            _ => 0.0,
+        };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();
         let touched_free: f64 = c
             .grants
@@ -113,7 +188,7 @@ impl Tessera {
         };
         // Every step counts: each is a driver call that briefly blocks the GPU's other tenants.
         let steps = c.ops.len() as f64;
-        let s = gain + BALANCE_WEIGHT * balance
+        let s = gain - HEADROOM_WEIGHT * headroom + BALANCE_WEIGHT * balance
             - RECONFIG_COST * steps
             - PACK_WEIGHT * touched_free
             - OVERSIZE_WEIGHT * f64::from(oversize(node, d, c));

@@ -516,3 +516,44 @@ fn incremental_fragmentation_equals_recomputing_the_node() {
     }
     assert!(checked > 100, "{checked}");
 }
+
+#[test]
+fn whole_gpu_classes_weigh_by_their_share_of_the_expected_gpu_request() {
+    // 18 embedders (a 1g slice: 1/7 GPU) and 2 VLMs (a whole GPU): the VLMs are a tenth of the
+    // pods and 2/(2 + 18/7) of the GPUs asked for.
+    let mut demands: Vec<Demand> = (0..18)
+        .map(|i| Demand::new(format!("w/e{i}").as_str(), GpuDemand::Model { memory_mib: 3000, compute_slices: None }))
+        .collect();
+    demands.extend((0..2).map(|i| {
+        Demand::new(format!("w/v{i}").as_str(), GpuDemand::Model { memory_mib: 76_000, compute_slices: None })
+    }));
+    let w = Workload::from_demands(demands.iter());
+    let weights = w.whole_request_weights();
+    let vlm = w.classes.iter().position(|c| c.gpu == GpuDemand::Model { memory_mib: 76_000, compute_slices: None });
+    let vlm = vlm.unwrap_or_else(|| panic!("{w:?}"));
+    assert!((w.classes[vlm].weight - 0.1).abs() < 1e-12);
+    assert!((weights[vlm] - 2.0 / (2.0 + 18.0 / 7.0)).abs() < 1e-9, "{weights:?}");
+    assert_eq!(weights.iter().filter(|&&x| x > 0.0).count(), 1, "slices get no headroom weight");
+}
+
+#[test]
+fn tessera_keeps_the_idle_gpu_a_large_model_needs() {
+    // H100 node: GPU 0 partitioned, a held 3g and two free 1g instances; GPU 1 idle.
+    let mut s = snap(vec![
+        Node::test("h").with_gpus(2, "H100-80GB").with_mig_at(0, &[("3g.40gb", 0), ("1g.10gb", 4), ("1g.10gb", 5)]),
+    ]);
+    occupy(&mut s, "x/a", "h", vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 0 }]);
+    let llm = || GpuDemand::Model { memory_mib: 18_000, compute_slices: Some(2) };
+    let mut demands: Vec<Demand> = (0..9).map(|i| Demand::new(format!("w/e{i}").as_str(), llm())).collect();
+    demands.push(Demand::new("w/v", GpuDemand::Model { memory_mib: 76_000, compute_slices: None }));
+    let with_vlm = Workload::from_demands(demands.iter());
+    // A 2g-sized model: on GPU 0 it repartitions (destroy both free 1g, create: three steps), on
+    // GPU 1 it partitions the idle GPU (mode + create: two). Only the second takes the 34B
+    // model's last slot.
+    let d = Demand::new("ns/llm", llm());
+    let gpu_of = |w: &Workload| {
+        let p = decide(&s, &d, "tessera", w).unwrap_or_else(|r| panic!("{r}"));
+        p.grants[0].gpu()
+    };
+    assert_eq!(gpu_of(&with_vlm), 0, "the idle GPU stays whole for the expected 34B model");
+}
