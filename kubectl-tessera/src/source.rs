@@ -76,7 +76,7 @@ impl Source {
     }
 
     /// GETs `path` (e.g. `/api/v1/cluster`) and parses the JSON answer. A non-2xx answer becomes
-    /// an error with the server's `error` message when it sent one.
+    /// an error with the server's `Error` message when it sent one.
     pub fn get_json(&self, path: &str) -> Result<Value> {
         match self {
             Source::Direct { host, port, prefix } => {
@@ -85,7 +85,8 @@ impl Source {
                 if !(200..300).contains(&status) {
                     let msg = value
                         .as_ref()
-                        .and_then(|v| v.get("error"))
+                        // The scheduler writes `Error` (the extender wire's spelling).
+                        .and_then(|v| v.get("Error").or_else(|| v.get("error")))
                         .and_then(Value::as_str)
                         .map(str::to_owned)
                         .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());

@@ -79,10 +79,15 @@ fn explain_accepts_namespace_slash_name_and_shows_the_devices_held() {
 
 #[test]
 fn explain_of_a_pod_the_scheduler_never_saw_fails_with_its_message() {
-    let body = r#"{"error":"pod default/ghost has not been filtered by this replica and holds no devices"}"#;
+    // The body as tessera-scheduler writes it: the message under `Error`.
+    let body = r#"{"Error":"pod default/ghost has not been filtered by this replica and holds no devices"}"#;
     let server = Server::start(vec![("/api/v1/explain/default/ghost", Reply { status: 404, body: body.into() })]);
     let err = run(&["explain", "ghost", "--server", &server.url()]).failure();
-    assert!(err.contains("HTTP 404") && err.contains("has not been filtered by this replica"), "{err}");
+    assert!(
+        err.contains("HTTP 404: pod default/ghost has not been filtered by this replica and holds no devices"),
+        "{err}"
+    );
+    assert!(!err.contains(r#"{"Error""#), "the message, not the JSON body: {err}");
 }
 
 #[test]

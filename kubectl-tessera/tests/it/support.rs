@@ -53,7 +53,7 @@ impl Server {
                     .iter()
                     .find(|(p, _)| *p == path)
                     .map(|(_, r)| r.clone())
-                    .unwrap_or(Reply { status: 404, body: format!(r#"{{"error":"no such endpoint: {path}"}}"#) });
+                    .unwrap_or(Reply { status: 404, body: format!(r#"{{"Error":"no such endpoint: {path}"}}"#) });
                 let _ = write!(
                     stream,
                     "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
