@@ -23,3 +23,7 @@ pub const GANG_SIZE: &str = "tessera.dev/gang-size";
 
 /// The extended resource the tessera device plugin serves.
 pub const RESOURCE_GPU: &str = "tessera.dev/gpu";
+/// Written by the scheduler on pods it refused for lack of free devices when devices free up
+/// (an RFC 3339 time): the pod update makes kube-scheduler retry them at once instead of at its
+/// next periodic flush of unschedulable pods.
+pub const REQUEUE: &str = "tessera.dev/requeue";

@@ -17,9 +17,27 @@ use serde::{Deserialize, Serialize};
     status = "GpuNodeStatus"
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct GpuNodeSpec {
     #[serde(default)]
     pub gpus: Vec<GpuSpec>,
+}
+
+/// Rewrites schemars' Rust integer formats (`uint8`, `uint32`, `uint64`, ...) into the ones
+/// Kubernetes structural schemas know (`int32`, `int64`); the `minimum: 0` they come with stays.
+/// kube-apiserver warns about every other format (`unrecognized format "uint32"`).
+pub fn kubernetes_formats(schema: &mut schemars::Schema) {
+    use schemars::transform::{RecursiveTransform, Transform};
+    let mut rewrite = RecursiveTransform(|s: &mut schemars::Schema| {
+        let Some(obj) = s.as_object_mut() else { return };
+        let known = match obj.get("format").and_then(serde_json::Value::as_str) {
+            Some("int8" | "int16" | "uint8" | "uint16") => "int32",
+            Some("uint32" | "uint64" | "uint" | "int" | "uint128" | "int128") => "int64",
+            _ => return,
+        };
+        obj.insert("format".into(), known.into());
+    });
+    rewrite.transform(schema);
 }
 
 /// Whether a GPU is used whole or partitioned into MIG instances.
@@ -55,6 +73,7 @@ pub struct MigInstanceSpec {
 /// What the node really has, written by the node agent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct GpuNodeStatus {
     #[serde(default)]
     pub gpus: Vec<GpuStatus>,
@@ -162,7 +181,7 @@ pub mod condition {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use kube::CustomResourceExt;
 
     use super::*;
@@ -188,6 +207,30 @@ mod tests {
             have == want,
             "manifests/crds/gpunodes.tessera.dev.yaml is stale; run TESSERA_BLESS=1 cargo test -p tessera-api"
         );
+    }
+
+    /// Every `format` in a schema, depth first.
+    pub(crate) fn formats(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(f) = m.get("format").and_then(serde_json::Value::as_str) {
+                    out.push(f.to_owned());
+                }
+                m.values().for_each(|x| formats(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| formats(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_crd_uses_only_formats_kubernetes_knows() {
+        let mut found = Vec::new();
+        formats(&serde_json::to_value(GpuNode::crd()).unwrap(), &mut found);
+        assert!(found.iter().any(|f| f == "int64"), "{found:?}");
+        let unknown: Vec<&String> =
+            found.iter().filter(|f| !["int32", "int64", "double", "float"].contains(&f.as_str())).collect();
+        assert!(unknown.is_empty(), "kube-apiserver warns about formats {unknown:?}");
     }
 
     #[test]

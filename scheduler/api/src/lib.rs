@@ -5,6 +5,7 @@
 //!   node agent (what the node really has).
 //! - [`annotations`]: annotation keys tessera reads and writes.
 //! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding.
+//! - [`kube_error`]: Kubernetes API errors rendered as one sentence (no debug dumps).
 //! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
 //! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
@@ -12,11 +13,13 @@
 pub mod annotations;
 pub mod assignment;
 pub mod gpunode;
+pub mod kube_error;
 pub mod pod;
 pub mod podgroup;
 pub mod snapshot;
 
 pub use assignment::{AssignedDevice, Assignment};
 pub use gpunode::{GpuNode, GpuNodeSpec, GpuNodeStatus};
+pub use kube_error::kube_error;
 pub use pod::PodError;
 pub use podgroup::{PodGroup, PodGroupSpec};

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use tessera_core::rules::{NodeRules, Requirement, Toleration};
 use tessera_core::{Demand, GangRef, GpuDemand, PodKey};
 
 use crate::annotations;
@@ -17,6 +18,8 @@ use crate::podgroup::{DEFAULT_SCHEDULE_TIMEOUT_SECONDS, POD_GROUP_LABEL, PodGrou
 pub const NVIDIA_GPU: &str = "nvidia.com/gpu";
 /// Prefix of NVIDIA's MIG resources (`nvidia.com/mig-3g.40gb`).
 pub const NVIDIA_MIG_PREFIX: &str = "nvidia.com/mig-";
+/// Extended resources under this prefix are NVIDIA's device plugin's, counted by kube-scheduler.
+pub const NVIDIA_PREFIX: &str = "nvidia.com/";
 
 /// Why a pod's demand cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,6 +90,66 @@ pub fn resources(pod: &Pod) -> Result<BTreeMap<String, Quantity>, PodError> {
     resource_totals(pod)
 }
 
+/// The extended resources by NVIDIA name (`nvidia.com/...`) the pod requests, with counts, as
+/// kube-scheduler counts them against a node's allocatable. Unreadable quantities count 0
+/// (the pod's demand reports them).
+pub fn extended(pod: &Pod) -> Vec<(String, u64)> {
+    resource_totals(pod)
+        .map(|r| {
+            r.iter()
+                .filter(|(k, _)| k.starts_with(NVIDIA_PREFIX))
+                .filter_map(|(k, q)| parse_quantity(&q.0).map(|v| (k.clone(), v.ceil() as u64)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// kube-scheduler's node filters the pod carries: tolerations, required node affinity and the
+/// NVIDIA extended resources it requests.
+pub fn node_rules(pod: &Pod) -> NodeRules {
+    let spec = pod.spec.as_ref();
+    let tolerations = spec
+        .and_then(|s| s.tolerations.as_ref())
+        .map(|ts| {
+            ts.iter()
+                .map(|t| Toleration {
+                    key: t.key.clone().unwrap_or_default(),
+                    operator: t.operator.clone().unwrap_or_default(),
+                    value: t.value.clone().unwrap_or_default(),
+                    effect: t.effect.clone().unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let terms = spec
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let requirement = |field: bool| {
+        move |e: &k8s_openapi::api::core::v1::NodeSelectorRequirement| Requirement {
+            key: e.key.clone(),
+            operator: e.operator.clone(),
+            values: e.values.clone().unwrap_or_default(),
+            field,
+        }
+    };
+    let affinity = terms
+        .iter()
+        .map(|t| {
+            t.match_expressions
+                .iter()
+                .flatten()
+                .map(requirement(false))
+                .chain(t.match_fields.iter().flatten().map(requirement(true)))
+                .collect()
+        })
+        .collect();
+    NodeRules { tolerations, affinity, extended: extended(pod) }
+}
+
 /// The gang a pod belongs to by label or annotation, as `namespace/name`, without validation.
 pub fn gang_name(pod: &Pod) -> Option<String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
@@ -121,6 +184,7 @@ pub fn demand(pod: &Pod, group: Option<&PodGroupSpec>) -> Result<Demand, PodErro
     }
     d.priority = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
     d.gang = gang(pod, ns, ann, group)?;
+    d.rules = node_rules(pod);
     d.validate().map_err(|e| PodError::Invalid(e.to_string()))?;
     Ok(d)
 }
@@ -134,8 +198,9 @@ fn resource(name: &str, q: &Quantity, why: impl Into<String>) -> PodError {
 }
 
 /// Per-resource totals the way kubelet counts them: the sum over containers, or the largest
-/// init container if that is more. Limits win over requests (extended resources need both
-/// equal; for cpu/memory a limit without a request defaults the request to it).
+/// init container if that is more. Requests count, as kube-scheduler counts them; a limit is
+/// used only where its request is absent (the request then defaults to it; extended resources
+/// need both equal).
 fn resource_totals(pod: &Pod) -> Result<BTreeMap<String, Quantity>, PodError> {
     let Some(spec) = pod.spec.as_ref() else {
         return Ok(BTreeMap::new());
@@ -179,10 +244,12 @@ fn format_number(v: f64) -> String {
 fn container_resources(c: &Container) -> BTreeMap<String, Quantity> {
     let mut out = BTreeMap::new();
     if let Some(r) = c.resources.as_ref() {
-        for (k, v) in r.requests.iter().flatten() {
+        // kube-scheduler counts requests; a limit stands in only where no request is set (the
+        // API server defaults the request to the limit then).
+        for (k, v) in r.limits.iter().flatten() {
             out.insert(k.clone(), v.clone());
         }
-        for (k, v) in r.limits.iter().flatten() {
+        for (k, v) in r.requests.iter().flatten() {
             out.insert(k.clone(), v.clone());
         }
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use tessera_core::mig::MigProduct;
+use tessera_core::rules::Taint;
 use tessera_core::topology::{Edge, Link, Topology};
 use tessera_core::{Allocation, Gpu, GpuMode, Grant, MigOp, Node, NodeName, PodKey, Snapshot};
 
@@ -103,6 +104,29 @@ fn node_of(node: &KubeNode, gn: Option<&GpuNode>, warnings: &mut Vec<String>) ->
     let mut n = Node::new(name, cpu, mem, gpus);
     n.labels = labels;
     n.schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    n.taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|ts| {
+            ts.iter()
+                .map(|t| Taint {
+                    key: t.key.clone(),
+                    value: t.value.clone().unwrap_or_default(),
+                    effect: t.effect.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // What kube-scheduler counts NVIDIA-named pods against.
+    n.extended = Some(
+        alloc
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(podparse::NVIDIA_PREFIX))
+            .filter_map(|(k, q)| parse_quantity(&q.0).map(|v| (k.clone(), v as u64)))
+            .collect(),
+    );
     n.topology = Arc::new(topology);
     Some((n, ops))
 }
@@ -186,6 +210,7 @@ where
             priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
             gang: podparse::gang_name(pod),
             reserved_until_ms: None,
+            extended: podparse::extended(pod),
         };
         if let Err(e) = b.snap.allocate(alloc.clone()) {
             // Devices first: a node whose cpu/memory looks over-committed (static pods, stale

@@ -191,6 +191,12 @@ pub struct Node {
     pub schedulable: bool,
     pub gpus: Vec<Gpu>,
     pub topology: Arc<Topology>,
+    /// Taints; those with effect `NoSchedule`/`NoExecute` repel pods that do not tolerate them.
+    pub taints: Vec<crate::rules::Taint>,
+    /// Allocatable extended resources by NVIDIA name (`nvidia.com/gpu`, `nvidia.com/mig-*`), as
+    /// kube-scheduler counts them; `None` when unknown (demo, simulator): not checked.
+    pub extended: Option<BTreeMap<String, u64>>,
+    pub(crate) extended_used: BTreeMap<String, u64>,
     pub(crate) used_cpu_milli: u64,
     pub(crate) used_memory_mib: u64,
     /// Pods holding allocations here, sorted.
@@ -217,6 +223,9 @@ impl PartialEq for Node {
             && self.schedulable == o.schedulable
             && self.gpus == o.gpus
             && self.topology == o.topology
+            && self.taints == o.taints
+            && self.extended == o.extended
+            && self.extended_used == o.extended_used
             && self.used_cpu_milli == o.used_cpu_milli
             && self.used_memory_mib == o.used_memory_mib
             && self.pods == o.pods
@@ -235,6 +244,9 @@ impl Node {
             schedulable: true,
             gpus,
             topology: Arc::new(Topology::unconnected(n)),
+            taints: Vec::new(),
+            extended: None,
+            extended_used: BTreeMap::new(),
             used_cpu_milli: 0,
             used_memory_mib: 0,
             pods: Vec::new(),
@@ -266,6 +278,12 @@ impl Node {
 
     pub fn used_memory_mib(&self) -> u64 {
         self.used_memory_mib
+    }
+
+    /// Of an extended resource: (allocatable, requested by the pods here), when known.
+    pub fn extended_of(&self, name: &str) -> Option<(u64, u64)> {
+        let cap = self.extended.as_ref()?;
+        Some((cap.get(name).copied().unwrap_or(0), self.extended_used.get(name).copied().unwrap_or(0)))
     }
 
     pub fn gpu(&self, index: u32) -> Option<&Gpu> {
@@ -323,6 +341,9 @@ pub struct Allocation {
     /// Set while the allocation is a gang reservation not yet bound: it lapses at this time
     /// (milliseconds, on the caller's clock).
     pub reserved_until_ms: Option<u64>,
+    /// Extended resources by NVIDIA name the pod requests (see [`Node::extended`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extended: Vec<(String, u64)>,
 }
 
 /// A MIG reconfiguration step on one GPU, as data for the node agent.
@@ -624,6 +645,9 @@ impl Snapshot {
         node.version = next_version();
         node.used_cpu_milli += alloc.cpu_milli;
         node.used_memory_mib += alloc.memory_mib;
+        for (name, n) in &alloc.extended {
+            *node.extended_used.entry(name.clone()).or_default() += n;
+        }
         if let Err(pos) = node.pods.binary_search(&alloc.pod) {
             node.pods.insert(pos, alloc.pod.clone());
         }
@@ -644,6 +668,14 @@ impl Snapshot {
         node.version = next_version();
         node.used_cpu_milli -= alloc.cpu_milli;
         node.used_memory_mib -= alloc.memory_mib;
+        for (name, n) in &alloc.extended {
+            if let Some(used) = node.extended_used.get_mut(name) {
+                *used = used.saturating_sub(*n);
+                if *used == 0 {
+                    node.extended_used.remove(name);
+                }
+            }
+        }
         if let Ok(pos) = node.pods.binary_search(&alloc.pod) {
             node.pods.remove(pos);
         }
@@ -770,6 +802,7 @@ impl Snapshot {
         for n in &mut expect.nodes {
             n.used_cpu_milli = 0;
             n.used_memory_mib = 0;
+            n.extended_used.clear();
             n.pods.clear();
             for g in &mut n.gpus {
                 g.used_milli = 0;

@@ -79,6 +79,10 @@ pub struct Demand {
     pub node_selector: Vec<(String, String)>,
     pub priority: i32,
     pub gang: Option<GangRef>,
+    /// kube-scheduler's node filters the pod carries (tolerations, required affinity, NVIDIA
+    /// extended resources).
+    #[serde(default, skip_serializing_if = "crate::rules::NodeRules::is_empty")]
+    pub rules: crate::rules::NodeRules,
 }
 
 impl Demand {
@@ -92,6 +96,7 @@ impl Demand {
             node_selector: Vec::new(),
             priority: 0,
             gang: None,
+            rules: crate::rules::NodeRules::default(),
         }
     }
 

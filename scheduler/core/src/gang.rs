@@ -78,6 +78,19 @@ pub fn plan_gang(
     ctx: &Context<'_>,
     now_ms: u64,
 ) -> Result<GangPlan, Rejection> {
+    plan_gang_avoiding(snap, members, policy, ctx, now_ms, &|_, _| None)
+}
+
+/// [`plan_gang`], keeping each member off the nodes `refused(member, node)` names a reason for
+/// (nodes the caller learned kube-scheduler will not accept for that member).
+pub fn plan_gang_avoiding(
+    snap: &mut Snapshot,
+    members: &[Demand],
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    now_ms: u64,
+    refused: &dyn Fn(&PodKey, &crate::cluster::NodeName) -> Option<String>,
+) -> Result<GangPlan, Rejection> {
     let Some(first) = members.first() else {
         return Err(Rejection::Unresolvable("gang has no members".into()));
     };
@@ -107,13 +120,20 @@ pub fn plan_gang(
     let mut planned = Vec::with_capacity(order.len());
     let mut cohesive = Cohesive { inner: policy, nodes: BTreeSet::new() };
     for (i, d) in order.iter().enumerate() {
-        let verdicts = match evaluate(snap, d, &cohesive, ctx, None) {
+        let mut verdicts = match evaluate(snap, d, &cohesive, ctx, None) {
             Ok(v) => v,
             Err(e) => {
                 snap.rollback(cp);
                 return Err(Rejection::Unresolvable(e.to_string()));
             }
         };
+        for v in &mut verdicts {
+            if v.outcome.is_ok()
+                && let Some(why) = refused(&d.pod, &v.node)
+            {
+                v.outcome = Err(Rejection::Unschedulable(format!("node {}: {why}", v.node)));
+            }
+        }
         let Some(best) = choose(&verdicts, ctx) else {
             let why = summarize(d, &verdicts);
             snap.rollback(cp);
@@ -210,14 +230,21 @@ pub fn preemption_victims(
 ) -> Option<Vec<PodKey>> {
     let priority = members.iter().map(|m| m.priority).max()?;
     let mut units: BTreeMap<String, Unit> = BTreeMap::new();
+    let mut reserved: BTreeSet<String> = BTreeSet::new();
     for a in snap.allocations().values() {
         let key = a.gang.clone().map_or_else(|| format!("pod:{}", a.pod), |g| format!("gang:{g}"));
+        // A reservation is a pod that does not run yet: nothing to evict, and its gang is not
+        // a whole unit until every member runs.
+        if a.reserved_until_ms.is_some() {
+            reserved.insert(key.clone());
+        }
         let u = units.entry(key).or_insert(Unit { pods: Vec::new(), priority: i32::MIN, gpu_milli: 0 });
         u.pods.push(a.pod.clone());
         u.priority = u.priority.max(a.priority);
         u.gpu_milli += a.grants.len() as u64 * 1000;
     }
-    let mut candidates: Vec<Unit> = units.into_values().filter(|u| u.priority < priority).collect();
+    let mut candidates: Vec<Unit> =
+        units.into_iter().filter(|(k, u)| u.priority < priority && !reserved.contains(k)).map(|(_, u)| u).collect();
     candidates
         .sort_by(|a, b| a.priority.cmp(&b.priority).then(a.gpu_milli.cmp(&b.gpu_milli)).then(a.pods.cmp(&b.pods)));
 

@@ -12,6 +12,8 @@
 //!   [`placement::Rejection`] that says why not (now, or never).
 //! - [`policy`]: the [`policy::Policy`] trait, `tessera` and the baselines, and the entry points
 //!   [`policy::place`] and [`policy::evaluate`].
+//! - [`rules`]: kube-scheduler's node filters that tessera applies too (taints, required
+//!   node affinity, NVIDIA extended resources).
 //! - [`metrics`]: packing metrics and FGD's fragmentation measure, extended to MIG.
 //! - [`testing`] (feature `testing`): builders and [`testing::synth_cluster`].
 
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod mig;
 pub mod placement;
 pub mod policy;
+pub mod rules;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod topology;

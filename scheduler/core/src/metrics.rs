@@ -375,7 +375,9 @@ pub fn packing(snap: &Snapshot, workload: &Workload, filter: impl Fn(&Node) -> b
             if let Some(l) = g.mig_layout() {
                 let free_slices = u32::from(l.geometry().compute_slices) - u32::from(l.used_compute());
                 let usable = mig_classes.iter().any(|m| gpu_usable_by(v, &m.gpu));
-                if free_slices > 0 && !usable {
+                // With no MIG demand known, no free slice is stranded: nothing says which
+                // profiles are wanted.
+                if free_slices > 0 && !mig_classes.is_empty() && !usable {
                     p.stranded_slices += free_slices;
                 }
             }

@@ -64,6 +64,9 @@ pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
     if !node.schedulable || demand.cpu_milli > node.free_cpu_milli() || demand.memory_mib > node.free_memory_mib() {
         return true;
     }
+    if !demand.rules.is_empty() && check_rules(node, demand).is_err() {
+        return true;
+    }
     match &demand.gpu {
         GpuDemand::None => false,
         GpuDemand::Share { milli } => {
@@ -86,6 +89,7 @@ pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
             return Err(never(node, format_args!("label {k}={v} does not match")));
         }
     }
+    check_rules(node, demand)?;
     if demand.cpu_milli > node.cpu_milli {
         return Err(never(node, format_args!("{}m cpu requested, node has {}m", demand.cpu_milli, node.cpu_milli)));
     }
@@ -106,6 +110,31 @@ pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
             node,
             format_args!("{} MiB memory requested, {} MiB free", demand.memory_mib, node.free_memory_mib()),
         ));
+    }
+    Ok(())
+}
+
+/// kube-scheduler's filters that tessera applies too ([`crate::rules`]): taints, required node
+/// affinity, and NVIDIA extended resources against the node's allocatable less what its pods
+/// request.
+fn check_rules(node: &Node, demand: &Demand) -> Result<(), Rejection> {
+    if let Some(t) = demand.rules.untolerated(&node.taints) {
+        let kv = if t.value.is_empty() { t.key.clone() } else { format!("{}={}", t.key, t.value) };
+        return Err(never(node, format_args!("taint {kv}:{} is not tolerated", t.effect)));
+    }
+    if !demand.rules.affinity_matches(&node.name.0, &node.labels) {
+        return Err(never(node, "does not match the pod's required node affinity"));
+    }
+    for (name, want) in &demand.rules.extended {
+        if let Some((cap, used)) = node.extended_of(name) {
+            let free = cap.saturating_sub(used);
+            if free < *want {
+                return Err(unsched(
+                    node,
+                    format_args!("Insufficient {name}: {want} requested, {free} of {cap} allocatable free"),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -550,6 +579,7 @@ impl Placement {
                 priority: demand.priority,
                 gang: demand.gang.as_ref().map(|g| g.name.clone()),
                 reserved_until_ms,
+                extended: demand.rules.extended.clone(),
             })
         })();
         match result {

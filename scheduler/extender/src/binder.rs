@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -46,10 +47,14 @@ pub trait Binder: Send + Sync + fmt::Debug {
     /// POSTs `pods/{name}/binding`.
     fn bind<'a>(&'a self, req: &'a BindRequest) -> BoxFuture<'a, Result<()>>;
 
-    /// Writes `gpus` (the desired state of the GPUs that change) into `GpuNode.spec` and waits
-    /// until `status` shows those GPUs in their desired mode with every wanted instance;
+    /// Writes `gpus` (the desired state of the GPUs that change) into `GpuNode.spec`, merged
+    /// by index into what the spec lists now. A concurrent writer (409 Conflict on the
+    /// conditional patch) makes it read the object again and re-apply, a few times.
+    fn write_spec<'a>(&'a self, node: &'a str, gpus: &'a [GpuSpec]) -> BoxFuture<'a, Result<()>>;
+
+    /// Waits until `status` shows `gpus` in their desired mode with every wanted instance;
     /// returns each new instance's MIG UUID when reported.
-    fn reconfigure<'a>(
+    fn await_status<'a>(
         &'a self,
         node: &'a str,
         gpus: &'a [GpuSpec],
@@ -57,9 +62,39 @@ pub trait Binder: Send + Sync + fmt::Debug {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>>;
 
-    /// Sets (`Some`) or removes (`None`) one annotation of a pod (a merge patch).
+    /// [`Binder::write_spec`], then [`Binder::await_status`].
+    fn reconfigure<'a>(
+        &'a self,
+        node: &'a str,
+        gpus: &'a [GpuSpec],
+        wanted: &'a [WantedInstance],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
+        Box::pin(async move {
+            self.write_spec(node, gpus).await?;
+            self.await_status(node, gpus, wanted, timeout).await
+        })
+    }
+
+    /// Sets (`Some`) or removes (`None`) one annotation of a pod (a merge patch). A pod that
+    /// is gone (404) counts as done: there is nothing left to annotate.
     fn annotate<'a>(&'a self, pod: &'a PodKey, key: &'a str, value: Option<&'a str>) -> BoxFuture<'a, Result<()>>;
+
+    /// Evicts a pod through the Eviction API (`pods/{name}/eviction`), which honours its
+    /// PodDisruptionBudgets; `dry_run` asks the API server whether it would, changing nothing.
+    fn evict<'a>(&'a self, pod: &'a PodKey, dry_run: bool) -> BoxFuture<'a, Result<()>>;
+
+    /// Writes a PodGroup's `status` (a merge patch of the status subresource).
+    fn pod_group_status<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        status: &'a tessera_api::podgroup::PodGroupStatus,
+    ) -> BoxFuture<'a, Result<()>>;
 }
+
+/// Attempts of a conditional `GpuNode.spec` patch before a conflict is reported.
+pub const SPEC_ATTEMPTS: u32 = 8;
 
 /// Binds through the Kubernetes API.
 #[derive(Clone)]
@@ -143,10 +178,45 @@ impl Binder for KubeBinder {
             let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
             // In a merge patch, null deletes the key.
             let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
-            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| Error::Annotate { pod: pod.clone(), source: Box::new(e) })?;
-            Ok(())
+            match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => Ok(()),
+                Err(e) if tessera_api::kube_error::is_not_found(&e) => Ok(()),
+                Err(e) => Err(Error::Annotate { pod: pod.clone(), api: Box::new(e) }),
+            }
+        })
+    }
+
+    fn evict<'a>(&'a self, pod: &'a PodKey, dry_run: bool) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (ns, name) = pod.0.split_once('/').unwrap_or(("default", pod.0.as_str()));
+            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
+            let params = kube::api::EvictParams {
+                delete_options: Some(kube::api::DeleteParams { dry_run, ..Default::default() }),
+                post_options: PostParams { dry_run, ..Default::default() },
+            };
+            match api.evict(name, &params).await {
+                Ok(_) => Ok(()),
+                // Gone already: what an eviction wants.
+                Err(e) if tessera_api::kube_error::is_not_found(&e) => Ok(()),
+                Err(e) => Err(Error::Evict { pod: pod.clone(), api: Box::new(e) }),
+            }
+        })
+    }
+
+    fn pod_group_status<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        status: &'a tessera_api::podgroup::PodGroupStatus,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let api: Api<tessera_api::PodGroup> = Api::namespaced(self.client.clone(), namespace);
+            let patch = serde_json::json!({ "status": status });
+            match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => Ok(()),
+                Err(e) if tessera_api::kube_error::is_not_found(&e) => Ok(()),
+                Err(e) => Err(Error::PodGroupStatus { group: format!("{namespace}/{name}"), api: Box::new(e) }),
+            }
         })
     }
 
@@ -160,12 +230,40 @@ impl Binder for KubeBinder {
                 &binding(req),
             )
             .await
-            .map_err(|e| Error::Bind { pod: req.pod(), node: req.node.clone(), source: Box::new(e) })?;
+            .map_err(|e| Error::Bind { pod: req.pod(), node: req.node.clone(), api: Box::new(e) })?;
             Ok(())
         })
     }
 
-    fn reconfigure<'a>(
+    fn write_spec<'a>(&'a self, node: &'a str, gpus: &'a [GpuSpec]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let api: Api<GpuNode> = Api::all(self.client.clone());
+            let patch_err = |e| Error::PatchGpuNode { node: node.to_owned(), api: Box::new(e) };
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let current = api.get(node).await.map_err(patch_err)?;
+                let spec = merge_spec(&current.spec.gpus, gpus);
+                // resourceVersion makes the merge patch conditional: a concurrent writer (another
+                // bind, the node agent's status) fails us instead of being overwritten; then the
+                // object is read again and the change re-applied.
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": current.metadata.resource_version},
+                    "spec": {"gpus": spec},
+                });
+                match api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if tessera_api::kube_error::is_conflict(&e) && attempt < SPEC_ATTEMPTS => {
+                        tracing::debug!(%node, attempt, "GpuNode changed under the spec patch; reading it again");
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    }
+                    Err(e) => return Err(patch_err(e)),
+                }
+            }
+        })
+    }
+
+    fn await_status<'a>(
         &'a self,
         node: &'a str,
         gpus: &'a [GpuSpec],
@@ -174,16 +272,7 @@ impl Binder for KubeBinder {
     ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
         Box::pin(async move {
             let api: Api<GpuNode> = Api::all(self.client.clone());
-            let patch_err = |e| Error::PatchGpuNode { node: node.to_owned(), source: Box::new(e) };
-            let current = api.get(node).await.map_err(patch_err)?;
-            let spec = merge_spec(&current.spec.gpus, gpus);
-            // resourceVersion makes the merge patch conditional: a concurrent writer fails us
-            // instead of being overwritten.
-            let patch = serde_json::json!({
-                "metadata": {"resourceVersion": current.metadata.resource_version},
-                "spec": {"gpus": spec},
-            });
-            api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(patch_err)?;
+            let patch_err = |e| Error::PatchGpuNode { node: node.to_owned(), api: Box::new(e) };
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 // The object itself carries status; reading it needs only `get` on gpunodes.
@@ -212,8 +301,17 @@ pub struct MemoryBinder {
     reconfigured: Mutex<Vec<(String, Vec<GpuSpec>)>>,
     /// Every annotation write, in order: (pod, key, value or `None` for a removal).
     annotated: Mutex<Vec<(PodKey, String, Option<String>)>>,
+    /// Pods evicted (not dry runs), in order.
+    evicted: Mutex<Vec<PodKey>>,
+    /// PodGroup status writes, in order.
+    group_status: Mutex<Vec<(String, tessera_api::podgroup::PodGroupStatus)>>,
     /// Makes every bind fail with this message (tests of the failure path).
     pub fail_binds: Option<String>,
+    /// Pods whose eviction the "API server" refuses (a PodDisruptionBudget), with its message.
+    pub refuse_evictions: Mutex<BTreeMap<PodKey, String>>,
+    /// The next this many binds answer 409 Conflict, as the API server does for a pod that is
+    /// bound already.
+    pub conflict_binds: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryBinder {
@@ -234,6 +332,14 @@ impl MemoryBinder {
         self.annotated.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
+    pub fn evicted(&self) -> Vec<PodKey> {
+        self.evicted.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn group_status(&self) -> Vec<(String, tessera_api::podgroup::PodGroupStatus)> {
+        self.group_status.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
     /// The value each (pod, key) holds after every write so far.
     pub fn annotations(&self) -> BTreeMap<(PodKey, String), String> {
         let mut out = BTreeMap::new();
@@ -245,6 +351,18 @@ impl MemoryBinder {
         }
         out
     }
+}
+
+/// An API server's answer with `code`, `reason` and `message`, as kube reports it.
+pub fn api_status(code: u16, reason: &str, message: &str) -> kube::Error {
+    kube::Error::Api(Box::new(kube::core::Status {
+        status: Some(kube::core::response::StatusSummary::Failure),
+        code,
+        message: message.to_owned(),
+        reason: reason.to_owned(),
+        metadata: None,
+        details: None,
+    }))
 }
 
 impl Binder for MemoryBinder {
@@ -262,6 +380,18 @@ impl Binder for MemoryBinder {
             if let Some(msg) = &self.fail_binds {
                 return Err(Error::BadRequest(msg.clone()));
             }
+            let conflicts = &self.conflict_binds;
+            if conflicts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                let msg = format!(
+                    "Operation cannot be fulfilled on pods/binding \"{}\": pod {} is already assigned to node \"{}\"",
+                    req.name, req.name, req.node
+                );
+                return Err(Error::Bind {
+                    pod: req.pod(),
+                    node: req.node.clone(),
+                    api: Box::new(api_status(409, "Conflict", &msg)),
+                });
+            }
             if let Ok(mut b) = self.bound.lock() {
                 b.push(req.clone());
             }
@@ -269,18 +399,50 @@ impl Binder for MemoryBinder {
         })
     }
 
-    fn reconfigure<'a>(
-        &'a self,
-        node: &'a str,
-        gpus: &'a [GpuSpec],
-        wanted: &'a [WantedInstance],
-        _timeout: Duration,
-    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
+    fn write_spec<'a>(&'a self, node: &'a str, gpus: &'a [GpuSpec]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if let Ok(mut r) = self.reconfigured.lock() {
                 r.push((node.to_owned(), gpus.to_vec()));
             }
+            Ok(())
+        })
+    }
+
+    fn await_status<'a>(
+        &'a self,
+        node: &'a str,
+        _gpus: &'a [GpuSpec],
+        wanted: &'a [WantedInstance],
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<BTreeMap<(u32, u8), String>>> {
+        Box::pin(async move {
             Ok(wanted.iter().map(|w| ((w.gpu, w.start), format!("MIG-demo-{node}-{}-{}", w.gpu, w.start))).collect())
+        })
+    }
+
+    fn evict<'a>(&'a self, pod: &'a PodKey, dry_run: bool) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if let Some(msg) = self.refuse_evictions.lock().ok().and_then(|r| r.get(pod).cloned()) {
+                return Err(Error::Evict { pod: pod.clone(), api: Box::new(api_status(429, "TooManyRequests", &msg)) });
+            }
+            if !dry_run && let Ok(mut e) = self.evicted.lock() {
+                e.push(pod.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn pod_group_status<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        status: &'a tessera_api::podgroup::PodGroupStatus,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if let Ok(mut g) = self.group_status.lock() {
+                g.push((format!("{namespace}/{name}"), status.clone()));
+            }
+            Ok(())
         })
     }
 }

@@ -49,6 +49,16 @@ pub struct Args {
     /// Time limit to read a request and answer filter, prioritize or preempt, in seconds.
     #[arg(long, default_value_t = 10)]
     pub request_timeout_secs: u64,
+    /// kube-scheduler's `httpTimeout` for this extender (scheduler-config.yaml), in seconds.
+    /// Every verb answers within it: a bind that must wait longer (a gang's other members, a
+    /// MIG instance being created) answers an error a little before it, keeps its devices
+    /// reserved, and kube-scheduler's retry joins the bind in progress.
+    #[arg(long, default_value_t = 45, env = "TESSERA_HTTP_TIMEOUT_SECS")]
+    pub http_timeout_secs: u64,
+    /// Never evict lower-priority pods for pods kube-scheduler cannot preempt for
+    /// (tessera.dev/gpu pods, gangs).
+    #[arg(long)]
+    pub no_preemption: bool,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -77,6 +87,8 @@ pub struct Config {
     pub mig_timeout: Duration,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    pub http_timeout: Duration,
+    pub preemption: bool,
     pub log_json: bool,
     /// TLS with client-certificate authentication on `listen`.
     pub tls: Option<TlsFiles>,
@@ -113,6 +125,12 @@ impl Args {
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".into());
         }
+        if self.http_timeout_secs < 2 {
+            return Err(format!(
+                "--http-timeout-secs {} is too short: kube-scheduler's httpTimeout must leave at least 2 s",
+                self.http_timeout_secs
+            ));
+        }
         let tls = TlsFiles::from_flags(self.tls_cert, self.tls_key, self.client_ca)?;
         Ok(Config {
             demo: self.demo,
@@ -123,7 +141,10 @@ impl Args {
             lease,
             mig_timeout: Duration::from_secs(self.mig_timeout_secs),
             max_body_bytes: self.max_body_bytes,
-            request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
+            // Reading a body never outlasts what kube-scheduler waits for the answer.
+            request_timeout: Duration::from_secs(self.request_timeout_secs.clamp(1, self.http_timeout_secs)),
+            http_timeout: Duration::from_secs(self.http_timeout_secs),
+            preemption: !self.no_preemption,
             log_json: self.log_json,
             tls,
         })
@@ -161,6 +182,15 @@ mod tests {
         let c = parse(&["--hostname", "pod-1"]).unwrap();
         assert_eq!(c.lease, Some(("tessera-system".into(), "tessera-scheduler".into(), "pod-1".into())));
         assert_eq!(c.read_listen.map(|a| a.to_string()), Some("0.0.0.0:8889".into()));
+    }
+
+    #[test]
+    fn the_http_timeout_matches_the_manifests_and_bounds_the_request_timeout() {
+        let c = parse(&["--demo"]).unwrap();
+        assert_eq!(c.http_timeout, Duration::from_secs(45));
+        let c = parse(&["--demo", "--http-timeout-secs", "5", "--request-timeout-secs", "30"]).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert!(parse(&["--demo", "--http-timeout-secs", "1"]).unwrap_err().contains("--http-timeout-secs"));
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub fn scheduler(policy: Box<dyn Policy>, seed: u64) -> (Arc<Scheduler>, Arc<Mem
     // The fixtures' gang: a PodGroup of one, so `filter-args.json` schedules as it is.
     lookup.add_group("ml", "train-job-7", PodGroupSpec { min_member: 1, ..Default::default() });
     let binder = Arc::new(MemoryBinder::default());
-    let settings = Settings { mode: "demo", seed, ..Default::default() };
+    let settings = Settings { mode: "demo", seed, preemption: false, ..Default::default() };
     let sched = Arc::new(Scheduler::new(snap, policy, binder.clone(), lookup.clone(), settings));
     sched.set_workload(workload);
     for (i, pod) in placed.into_iter().enumerate() {

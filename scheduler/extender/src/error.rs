@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tessera_api::kube_error;
 use tessera_core::PodKey;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,29 +30,27 @@ pub enum Error {
     Gang { gang: String, why: String },
     #[error("this replica is not the leader; only the leader binds")]
     NotLeader,
-    #[error("binding pod {pod} to {node}")]
-    Bind {
-        pod: PodKey,
-        node: String,
-        #[source]
-        source: Box<kube::Error>,
-    },
-    #[error("updating GpuNode {node}")]
-    PatchGpuNode {
-        node: String,
-        #[source]
-        source: Box<kube::Error>,
-    },
-    #[error("annotating pod {pod}")]
-    Annotate {
-        pod: PodKey,
-        #[source]
-        source: Box<kube::Error>,
-    },
+    // Kubernetes API errors are rendered by `tessera_api::kube_error` (message, HTTP code and
+    // reason) and are not error sources: kube's own Display appends a Rust debug dump.
+    #[error("binding pod {pod} to {node}: {}", kube_error(api))]
+    Bind { pod: PodKey, node: String, api: Box<kube::Error> },
+    #[error("updating GpuNode {node}: {}", kube_error(api))]
+    PatchGpuNode { node: String, api: Box<kube::Error> },
+    #[error("annotating pod {pod}: {}", kube_error(api))]
+    Annotate { pod: PodKey, api: Box<kube::Error> },
+    #[error("writing the status of PodGroup {group}: {}", kube_error(api))]
+    PodGroupStatus { group: String, api: Box<kube::Error> },
+    #[error("evicting pod {pod}: {}", kube_error(api))]
+    Evict { pod: PodKey, api: Box<kube::Error> },
+    #[error("pod {pod} is being bound to {node} by an earlier request; {why}")]
+    Binding { pod: PodKey, node: String, why: String },
     #[error("GpuNode {node} did not report {what} within {timeout:?}")]
     MigTimeout { node: String, what: String, timeout: Duration },
     #[error(transparent)]
     Core(#[from] tessera_core::Error),
+    /// An error of a bind that ran in its own task, as that task reported it.
+    #[error("{message}")]
+    Relayed { kind: &'static str, message: String },
 }
 
 impl Error {
@@ -70,8 +69,12 @@ impl Error {
             Error::Bind { .. } => "bind",
             Error::PatchGpuNode { .. } => "patch_gpunode",
             Error::Annotate { .. } => "annotate",
+            Error::Evict { .. } => "evict",
+            Error::PodGroupStatus { .. } => "podgroup_status",
+            Error::Binding { .. } => "binding",
             Error::MigTimeout { .. } => "mig_timeout",
             Error::Core(_) => "core",
+            Error::Relayed { kind, .. } => kind,
         }
     }
 
@@ -85,6 +88,20 @@ impl Error {
             src = s.source();
         }
         msg
+    }
+}
+
+impl Error {
+    /// The Kubernetes API error behind this one, if any.
+    pub fn api(&self) -> Option<&kube::Error> {
+        match self {
+            Error::Bind { api, .. }
+            | Error::PatchGpuNode { api, .. }
+            | Error::Annotate { api, .. }
+            | Error::Evict { api, .. }
+            | Error::PodGroupStatus { api, .. } => Some(api),
+            _ => None,
+        }
     }
 }
 

@@ -249,17 +249,10 @@ impl App {
             _ => {
                 let _t = Timer::start(&s.metrics, "bind");
                 match decode("bind", &body) {
-                    Ok(args) => {
-                        // A bind runs to its end in its own task even if the client goes away,
-                        // so a reservation is always either confirmed or released.
-                        let sched = s.clone();
-                        match tokio::spawn(async move { sched.bind(args).await }).await {
-                            Ok(r) => json(StatusCode::OK, &r),
-                            Err(e) => {
-                                json(StatusCode::OK, &ExtenderBindingResult { error: format!("bind task failed: {e}") })
-                            }
-                        }
-                    }
+                    // The bind's work runs to its end in its own task even if the client goes
+                    // away, so a reservation is always either confirmed or released; the answer
+                    // comes within kube-scheduler's httpTimeout.
+                    Ok(args) => json(StatusCode::OK, &s.bind(args).await),
                     Err(e) => self.verb_error(path, &e),
                 }
             }

@@ -8,6 +8,8 @@
 //! - [`cluster`]: reflectors of Nodes, Pods, GpuNodes, PodGroups → core snapshot.
 //! - [`leader`]: which replica binds (follows its kube-scheduler's Lease).
 //! - [`reservations`]: gang reservations written on member pods, restored after a restart.
+//! - [`podgroups`]: PodGroup status (`phase`, `scheduled`, ...) as scheduler-plugins writes it.
+//! - [`preemption`]: priority preemption tessera performs itself (Eviction API), whole gangs only.
 //! - [`metrics`]: `tessera_*` metrics.
 //! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
@@ -23,6 +25,8 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod podgroups;
+pub mod preemption;
 pub mod reservations;
 pub mod state;
 pub mod tls;

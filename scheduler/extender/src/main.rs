@@ -58,6 +58,8 @@ async fn main() -> anyhow::Result<()> {
             mig_timeout: cfg.mig_timeout,
             seed: cfg.seed,
             persist_reservations: true,
+            http_timeout: cfg.http_timeout,
+            preemption: cfg.preemption,
             ..Default::default()
         };
         let s = Arc::new(Scheduler::new(
@@ -96,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
     });
     // Gang reservation annotations are written by one task, off the request path.
     tokio::spawn(tessera_scheduler::reservations::writer(scheduler.clone()));
+    // Evictions for pods kube-scheduler cannot preempt for, off the request path too.
+    if !cfg.demo {
+        tokio::spawn(tessera_scheduler::preemption::preemptor(scheduler.clone()));
+    }
     let limits = Limits { max_body_bytes: cfg.max_body_bytes, timeout: cfg.request_timeout };
     let verbs_surface = if cfg.read_listen.is_none() { Surface::ALL } else { Surface::VERBS };
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;

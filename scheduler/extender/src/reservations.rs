@@ -126,12 +126,13 @@ pub fn collect(pods: &[Arc<Pod>], now: Timestamp) -> Found {
     found
 }
 
-/// Annotation writes waiting for the [`writer`]: `Some` sets the reservation, `None` removes it.
+/// Annotation writes waiting for the [`writer`]: the gang reservation (`Some` sets it, `None`
+/// removes it) and the requeue nudge ([`tessera_api::annotations::REQUEUE`]).
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     /// Off (demo mode, tests without a writer): nothing is queued, so nothing piles up.
     enabled: bool,
-    pending: Vec<(PodKey, Option<String>)>,
+    pending: Vec<(PodKey, &'static str, Option<String>)>,
 }
 
 impl Outbox {
@@ -140,26 +141,34 @@ impl Outbox {
     }
 
     pub(crate) fn set(&mut self, pod: PodKey, r: &Reservation) {
-        if self.enabled {
-            self.pending.push((pod, Some(r.to_annotation())));
-        }
+        self.annotate(pod, RESERVATION, Some(r.to_annotation()));
     }
 
     pub(crate) fn clear(&mut self, pod: PodKey) {
+        self.annotate(pod, RESERVATION, None);
+    }
+
+    pub(crate) fn annotate(&mut self, pod: PodKey, key: &'static str, value: Option<String>) {
         if self.enabled {
-            self.pending.push((pod, None));
+            self.pending.push((pod, key, value));
         }
+    }
+
+    /// Drops every queued write to `pod` (it was deleted: there is nothing left to write to).
+    pub(crate) fn forget(&mut self, pod: &PodKey) {
+        self.pending.retain(|(p, _, _)| p != pod);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
-    /// The writes in order, keeping only the last one per pod.
-    fn take(&mut self) -> Vec<(PodKey, Option<String>)> {
+    /// The writes in order, keeping only the last one per pod and key.
+    fn take(&mut self) -> Vec<(PodKey, &'static str, Option<String>)> {
         let all = std::mem::take(&mut self.pending);
-        let last: BTreeMap<&PodKey, usize> = all.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
-        let keep: Vec<bool> = (0..all.len()).map(|i| last.get(&all[i].0) == Some(&i)).collect();
+        let last: BTreeMap<(&PodKey, &str), usize> =
+            all.iter().enumerate().map(|(i, (k, a, _))| ((k, *a), i)).collect();
+        let keep: Vec<bool> = (0..all.len()).map(|i| last.get(&(&all[i].0, all[i].1)) == Some(&i)).collect();
         all.into_iter().zip(keep).filter_map(|(w, k)| k.then_some(w)).collect()
     }
 }
@@ -300,11 +309,16 @@ impl Scheduler {
             return 0;
         }
         let mut done = 0;
-        for (pod, value) in writes {
-            match self.binder().annotate(&pod, RESERVATION, value.as_deref()).await {
+        for (pod, key, value) in writes {
+            // A pod deleted while its write waited: nothing to write to.
+            if self.is_deleted(&pod) {
+                continue;
+            }
+            match self.binder().annotate(&pod, key, value.as_deref()).await {
                 Ok(()) => done += 1,
-                // A lost write costs only the plan's survival across a restart, never a bind.
-                Err(e) => tracing::warn!(%pod, error = %e.chain(), "Writing the gang reservation annotation failed"),
+                // A lost write costs only the plan's survival across a restart (or one early
+                // retry), never a bind.
+                Err(e) => tracing::warn!(%pod, annotation = key, error = %e.chain(), "Writing a pod annotation failed"),
             }
         }
         done
@@ -324,6 +338,7 @@ pub async fn writer(scheduler: Arc<Scheduler>) {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         scheduler.write_reservations().await;
+        scheduler.write_pod_group_status().await;
     }
 }
 
@@ -414,8 +429,15 @@ mod tests {
         o.clear(PodKey::from("ml/a0"));
         let w = o.take();
         assert_eq!(w.len(), 2);
-        assert_eq!((w[0].0.0.as_str(), w[0].1.is_some()), ("ml/a1", true));
-        assert_eq!((w[1].0.0.as_str(), w[1].1.is_none()), ("ml/a0", true));
+        assert_eq!((w[0].0.0.as_str(), w[0].2.is_some()), ("ml/a1", true));
+        assert_eq!((w[1].0.0.as_str(), w[1].2.is_none()), ("ml/a0", true));
         assert!(o.is_empty());
+        // A deleted pod's queued writes are dropped, others kept.
+        o.set(PodKey::from("ml/a0"), &r);
+        o.annotate(PodKey::from("ml/a1"), tessera_api::annotations::REQUEUE, Some("t".into()));
+        o.forget(&PodKey::from("ml/a0"));
+        let w = o.take();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].0.0.as_str(), w[0].1), ("ml/a1", tessera_api::annotations::REQUEUE));
     }
 }

@@ -83,6 +83,23 @@ pub struct Settings {
     /// Write planned gang members' reservations on the pods (live mode with
     /// [`crate::reservations::writer`] running); off, nothing is queued.
     pub persist_reservations: bool,
+    /// kube-scheduler's `httpTimeout` for this extender: every verb answers within it. A bind
+    /// that must wait longer (a gang whose members have not all reached bind, a node creating
+    /// a MIG instance) answers an error before it, keeping its devices reserved, and
+    /// kube-scheduler retries; the retried bind joins the one in progress.
+    pub http_timeout: Duration,
+    /// Evict lower-priority pods (whole gangs or single pods) through the Eviction API when a
+    /// pod kube-scheduler cannot preempt for (tessera.dev/gpu, gangs) fits no node.
+    pub preemption: bool,
+}
+
+impl Settings {
+    /// How long a verb may take before it must answer: `http_timeout` less a margin for the
+    /// network and kube-scheduler (a tenth, at least 1 s, at most 5 s).
+    pub fn reply_budget(&self) -> Duration {
+        let margin = (self.http_timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        self.http_timeout.saturating_sub(margin).max(Duration::from_millis(100))
+    }
 }
 
 impl Default for Settings {
@@ -94,6 +111,8 @@ impl Default for Settings {
             assume_ttl: Duration::from_secs(300),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             persist_reservations: false,
+            http_timeout: Duration::from_secs(45),
+            preemption: true,
         }
     }
 }
@@ -171,6 +190,10 @@ pub(crate) struct GangState {
     pub(crate) deadline: Option<String>,
     arrived: BTreeSet<PodKey>,
     barrier: tokio::sync::watch::Sender<Barrier>,
+    /// Nodes kube-scheduler refused for a member (its filter came without the planned node,
+    /// or the plan lapsed before the member reached bind), until when (ms): later plans leave
+    /// them out for that member.
+    pub(crate) refused: BTreeMap<PodKey, BTreeMap<NodeName, u64>>,
 }
 
 impl GangState {
@@ -183,7 +206,23 @@ impl GangState {
             deadline: None,
             arrived: BTreeSet::new(),
             barrier: tokio::sync::watch::channel(Barrier::Waiting).0,
+            refused: BTreeMap::new(),
         }
+    }
+
+    /// Remembers that kube-scheduler will not put `pod` on `node` (for [`REFUSAL_MS`]).
+    fn refuse(&mut self, pod: &PodKey, node: &NodeName, now_ms: u64) {
+        self.refused.entry(pod.clone()).or_default().insert(node.clone(), now_ms + REFUSAL_MS);
+    }
+
+    /// Members of the plan that have not reached bind, with their planned nodes.
+    fn unarrived(&self) -> Vec<(PodKey, NodeName)> {
+        self.plan
+            .iter()
+            .flat_map(|p| p.members.iter())
+            .filter(|(k, _)| !self.arrived.contains(k))
+            .map(|(k, p)| (k.clone(), p.node.clone()))
+            .collect()
     }
 
     pub(crate) fn planned(&self, pod: &PodKey) -> bool {
@@ -191,13 +230,37 @@ impl GangState {
     }
 }
 
+/// How long a node kube-scheduler refused for a gang member stays out of that member's plans.
+pub const REFUSAL_MS: u64 = 5 * 60_000;
+
+/// A bind in progress: retries of the same pod's bind wait for it instead of starting another.
+#[derive(Clone, Debug)]
+struct Inflight {
+    node: String,
+    /// What the bind waits for now, for the answer given when the reply budget runs out.
+    stage: Arc<Mutex<String>>,
+    done: tokio::sync::watch::Receiver<Option<Result<(), (&'static str, String)>>>,
+}
+
+/// A pod deleted recently, by UID: a rebuild from a store that has not caught up yet must not
+/// bring its devices back.
+#[derive(Clone, Debug)]
+struct Deleted {
+    uid: String,
+    pod: PodKey,
+    at_ms: u64,
+}
+
+/// How long deletions are remembered for rebuilds ([`Deleted`]).
+const DELETED_MS: u64 = 30_000;
+
 #[derive(Debug)]
 pub(crate) struct Inner {
     /// Shared with filters evaluating outside the lock; writers copy on write.
     pub(crate) snap: Arc<Snapshot>,
     /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
     pub(crate) generation: u64,
-    workload: Arc<Workload>,
+    pub(crate) workload: Arc<Workload>,
     recent: VecDeque<Demand>,
     filtered: u64,
     seen: Bounded<Seen>,
@@ -213,12 +276,122 @@ pub(crate) struct Inner {
     /// Plans this replica dropped, by (gang, deadline as annotated), until their deadline (ms):
     /// their annotations may still be visible, and must not bring them back.
     pub(crate) dropped_plans: HashMap<(String, String), u64>,
+    /// The cluster as last rebuilt from the API (live mode), before the assume cache and the
+    /// gang reservations are laid over it: what the nodes report, nothing planned.
+    base: Option<Arc<Snapshot>>,
+    /// MIG operations (instances created or destroyed, mode switches) that nodes applied for
+    /// this replica's binds.
+    reconfigs_done: u64,
+    inflight: HashMap<PodKey, Inflight>,
+    /// Pods this replica bound, with the node, until the informer has surely reported them
+    /// (a retried bind of one of them is answered from here).
+    bound_here: HashMap<PodKey, (String, u64)>,
+    deleted: VecDeque<Deleted>,
+    /// Preemptions started, by preemptor (pod or gang), and when (ms): not repeated while
+    /// their victims terminate.
+    pub(crate) preempting: HashMap<String, u64>,
+    /// Preemptors waiting for the preemption task: (key, members' demands).
+    pub(crate) preempt_queue: VecDeque<(String, Vec<Demand>)>,
+    /// PodGroup status writes waiting for the writer, and the last status queued per group.
+    pub(crate) group_writes: Vec<(String, String, tessera_api::podgroup::PodGroupStatus)>,
+    pub(crate) group_written: HashMap<String, tessera_api::podgroup::PodGroupStatus>,
 }
 
 impl Inner {
     /// Drops a gang's plan: releases its members still reserved (bound ones stay) and fails
-    /// every held bind with `why`.
+    /// every held bind with `why`. In live mode the state is then laid over the last rebuild
+    /// again, so MIG instances the plan assumed but no node created disappear with it.
     fn fail_gang(&mut self, name: &str, why: &str) -> Vec<PodKey> {
+        let released = self.drop_plan(name, why);
+        if !released.is_empty() {
+            self.rebase();
+        }
+        released
+    }
+
+    /// Lays the assume cache and the live gang plans over the last rebuild again (live mode).
+    fn rebase(&mut self) {
+        if let Some(base) = self.base.clone() {
+            self.lay_over((*base).clone(), None);
+        }
+    }
+
+    /// Makes `snap` (a rebuild) the state: pods the rebuild shows leave the assume cache (and,
+    /// with `expire` = (now, ttl), assumed pods older than ttl); the rest and every live gang
+    /// plan are applied again. Plans that no longer fit are dropped.
+    fn lay_over(&mut self, mut snap: Snapshot, expire: Option<(u64, u64)>) {
+        let mut keep = BTreeMap::new();
+        for (key, a) in std::mem::take(&mut self.assumed) {
+            if snap.allocation(&key).is_some() || expire.is_some_and(|(now, ttl)| now.saturating_sub(a.at_ms) > ttl) {
+                continue;
+            }
+            let alloc = Allocation {
+                pod: key.clone(),
+                node: a.placement.node.clone(),
+                cpu_milli: a.demand.cpu_milli,
+                memory_mib: a.demand.memory_mib,
+                grants: a.placement.grants.clone(),
+                priority: a.demand.priority,
+                gang: a.demand.gang.as_ref().map(|g| g.name.clone()),
+                reserved_until_ms: None,
+                extended: a.demand.rules.extended.clone(),
+            };
+            // The instances may exist by now (node agent done); if not, create them again.
+            let ok = snap.allocate(alloc).is_ok() || a.placement.apply(&mut snap, &a.demand, None).is_ok();
+            if ok {
+                keep.insert(key, a);
+            } else {
+                tracing::warn!(pod = %key, node = %a.placement.node, "Assumed pod no longer fits the observed state; forgetting it");
+            }
+        }
+        self.assumed = keep;
+        self.snap = Arc::new(snap);
+        // Gang reservations exist only here: lay them over the rebuilt state again.
+        let mut broken = Vec::new();
+        let plans: Vec<(String, GangPlan)> =
+            self.gangs.iter().filter_map(|(n, st)| st.plan.clone().map(|p| (n.clone(), p))).collect();
+        for (name, plan) in plans {
+            for (pod, placement) in &plan.members {
+                if self.snap.allocation(pod).is_some() {
+                    continue;
+                }
+                let Some(demand) = self.gangs.get(&name).and_then(|st| st.members.get(pod)).map(|(d, _)| d.clone())
+                else {
+                    broken.push(name.clone());
+                    break;
+                };
+                let alloc = Allocation {
+                    pod: pod.clone(),
+                    node: placement.node.clone(),
+                    cpu_milli: demand.cpu_milli,
+                    memory_mib: demand.memory_mib,
+                    grants: placement.grants.clone(),
+                    priority: demand.priority,
+                    gang: Some(name.clone()),
+                    reserved_until_ms: Some(plan.deadline_ms),
+                    extended: demand.rules.extended.clone(),
+                };
+                let ok = Arc::make_mut(&mut self.snap).allocate(alloc).is_ok()
+                    || placement.apply(Arc::make_mut(&mut self.snap), &demand, Some(plan.deadline_ms)).is_ok();
+                if !ok {
+                    broken.push(name.clone());
+                    break;
+                }
+            }
+        }
+        let mut released = false;
+        for name in broken {
+            tracing::warn!(gang = %name, "Gang plan no longer fits the observed state; dropped");
+            released |= !self.drop_plan(&name, "the cluster changed under the plan; replanning").is_empty();
+        }
+        self.generation += 1;
+        if released {
+            self.rebase();
+        }
+    }
+
+    /// [`Inner::fail_gang`] without laying the state over the rebuild again.
+    fn drop_plan(&mut self, name: &str, why: &str) -> Vec<PodKey> {
         let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
         let mut released = Vec::new();
         if let Some(plan) = st.plan.take() {
@@ -230,6 +403,7 @@ impl Inner {
                 if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
                     && Arc::make_mut(&mut self.snap).release(pod).is_ok()
                 {
+                    self.assumed.remove(pod);
                     released.push(pod.clone());
                 }
             }
@@ -246,6 +420,41 @@ impl Inner {
 
     fn gang_of(&self, pod: &PodKey) -> Option<String> {
         self.gangs.iter().find(|(_, st)| st.planned(pod)).map(|(n, _)| n.clone())
+    }
+
+    /// Whether this replica filtered a member of `gang` recently.
+    pub(crate) fn seen_gang(&self, gang: &str) -> bool {
+        self.seen.map.values().any(|s| s.demand.as_ref().is_ok_and(|d| d.gang.as_ref().is_some_and(|g| g.name == gang)))
+    }
+
+    /// Records that kube-scheduler did not take the plan's node for members that never reached
+    /// bind, so the next plan of the gang leaves those nodes out for them.
+    fn refuse_unarrived(&mut self, gang: &str, now_ms: u64) {
+        if let Some(st) = self.gangs.get_mut(gang) {
+            for (pod, node) in st.unarrived() {
+                tracing::info!(%gang, %pod, %node, "Member never reached bind on its planned node; the next plan avoids it");
+                st.refuse(&pod, &node, now_ms);
+            }
+        }
+    }
+
+    /// Pods this replica refused for lack of free devices at their last filter, not holding
+    /// anything now, filtered within the last ten minutes: the ones kube-scheduler may park
+    /// until its periodic flush.
+    fn waiting_for_capacity(&self, now_ms: u64) -> Vec<PodKey> {
+        self.seen
+            .map
+            .iter()
+            .filter(|(k, s)| {
+                now_ms.saturating_sub(s.at_ms) <= 10 * 60_000
+                    && self.snap.allocation(k).is_none()
+                    && s.demand.is_ok()
+                    && !s.verdicts.is_empty()
+                    && s.verdicts.iter().all(|v| v.outcome.is_err())
+                    && s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }
 
@@ -267,6 +476,10 @@ pub struct Scheduler {
     origin_wall: k8s_openapi::jiff::Timestamp,
     /// Wakes the reservation writer.
     writes: tokio::sync::Notify,
+    /// Orders `GpuNode.spec` writes per node ([`Scheduler::node_lock`]).
+    spec_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wakes the preemption task.
+    preempts: tokio::sync::Notify,
     leader: AtomicBool,
     synced: AtomicBool,
 }
@@ -365,6 +578,15 @@ impl Scheduler {
                 gangs: BTreeMap::new(),
                 outbox: Outbox::new(settings.persist_reservations),
                 dropped_plans: HashMap::new(),
+                base: None,
+                reconfigs_done: 0,
+                inflight: HashMap::new(),
+                bound_here: HashMap::new(),
+                deleted: VecDeque::new(),
+                preempting: HashMap::new(),
+                preempt_queue: VecDeque::new(),
+                group_writes: Vec::new(),
+                group_written: HashMap::new(),
             }),
             memos: (0..settings.threads.clamp(1, 8)).map(|_| Mutex::new(policy::Memo::new())).collect(),
             policy,
@@ -375,6 +597,8 @@ impl Scheduler {
             origin: tokio::time::Instant::now(),
             origin_wall: k8s_openapi::jiff::Timestamp::now(),
             writes: tokio::sync::Notify::new(),
+            spec_locks: Mutex::new(HashMap::new()),
+            preempts: tokio::sync::Notify::new(),
             leader: AtomicBool::new(true),
             synced: AtomicBool::new(true),
         };
@@ -399,6 +623,34 @@ impl Scheduler {
     /// Wakes the reservation writer (something is queued).
     pub(crate) fn writes_ready(&self) {
         self.writes.notify_one();
+    }
+
+    /// Wakes the preemption task.
+    pub(crate) fn preempts_ready(&self) {
+        self.preempts.notify_one();
+    }
+
+    /// Resolves when a preemptor is queued.
+    pub(crate) async fn preempts_wait(&self) {
+        self.preempts.notified().await;
+    }
+
+    pub(crate) fn seed(&self) -> u64 {
+        self.settings.seed
+    }
+
+    pub(crate) fn policy_ref(&self) -> &dyn Policy {
+        self.policy.as_ref()
+    }
+
+    /// Whether `pod` was deleted recently (and no pod of that name exists again).
+    pub(crate) fn is_deleted(&self, pod: &PodKey) -> bool {
+        let uids: Vec<String> = self.lock().deleted.iter().filter(|d| d.pod == *pod).map(|d| d.uid.clone()).collect();
+        if uids.is_empty() {
+            return false;
+        }
+        let (ns, name) = pod.0.split_once('/').unwrap_or(("default", pod.0.as_str()));
+        self.lookup.pod(ns, name).is_none_or(|p| p.metadata.uid.as_ref().is_some_and(|u| uids.contains(u)))
     }
 
     /// Resolves when something is queued for the reservation writer.
@@ -517,6 +769,15 @@ impl Scheduler {
             (Verdicts::Done(v), _) => v,
         };
         let fits = verdicts.iter().any(|v| v.outcome.is_ok());
+        if !fits
+            && self.settings.preemption
+            && crate::preemption::may_preempt(&pod)
+            && let Ok(d) = &demand
+            && !crate::preemption::kube_scheduler_preempts(d)
+            && verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable()))
+        {
+            self.queue_preemption(d);
+        }
         let result = if fits { "fits" } else { "unschedulable" };
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
         let at_ms = self.now_ms();
@@ -539,6 +800,32 @@ impl Scheduler {
         FilterReply { verdicts, nodes, error: None }
     }
 
+    /// Queues `d` (or its whole gang, once `minMember` members are pending) for tessera's own
+    /// preemption ([`crate::preemption`]).
+    fn queue_preemption(&self, d: &Demand) {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let (key, members) = match &d.gang {
+            Some(g) => {
+                let Some(st) = inner.gangs.get(&g.name) else { return };
+                let members: Vec<Demand> = st
+                    .members
+                    .values()
+                    .map(|(m, _)| m.clone())
+                    .filter(|m| inner.snap.allocation(&m.pod).is_none())
+                    .collect();
+                if (members.len() as u64) < u64::from(g.min_member) || st.plan.is_some() {
+                    return;
+                }
+                (format!("gang {}", g.name), members)
+            }
+            None => (format!("pod {}", d.pod), vec![d.clone()]),
+        };
+        inner.want_preemption(key, members, now);
+        drop(inner);
+        self.preempts_ready();
+    }
+
     /// Decides under the lock what a demand's verdicts need: answered already (held devices,
     /// gangs: they change the snapshot) or a plain evaluation, done by the caller unlocked.
     fn prepare(&self, inner: &mut Inner, demand: &Demand, names: &[NodeName]) -> Verdicts {
@@ -558,8 +845,22 @@ impl Scheduler {
         }
         if let Some(a) = inner.snap.allocation(&demand.pod) {
             // Already assumed or reserved: only its node.
-            let (here, grants) = (a.node.clone(), a.grants.clone());
-            return Verdicts::Done(self.pinned(inner, demand, &here, grants, names));
+            let (here, grants, reserved) = (a.node.clone(), a.grants.clone(), a.reserved_until_ms.is_some());
+            match &demand.gang {
+                // A planned member whose filter comes without its planned node: kube-scheduler's
+                // own filters refused that node for it (resources it counts, taints, affinity).
+                // Holding the plan would only wait for the deadline; plan again without it.
+                Some(g) if reserved && !names.contains(&here) => {
+                    let now = self.now_ms();
+                    if let Some(st) = inner.gangs.get_mut(&g.name) {
+                        st.refuse(&demand.pod, &here, now);
+                    }
+                    tracing::info!(gang = %g.name, pod = %demand.pod, node = %here, "kube-scheduler did not offer the planned node; replanning without it");
+                    let why = format!("kube-scheduler refused node {here} for pod {}; replanning", demand.pod);
+                    inner.fail_gang(&g.name, &why);
+                }
+                _ => return Verdicts::Done(self.pinned(inner, demand, &here, grants, names)),
+            }
         }
         if let Some(g) = &demand.gang
             && let Some(v) = self.gang_verdicts(inner, demand, g, names)
@@ -704,8 +1005,28 @@ impl Scheduler {
                 st.min_member
             ))));
         }
+        let refused: BTreeMap<PodKey, BTreeMap<NodeName, u64>> = st
+            .refused
+            .iter()
+            .map(|(k, m)| {
+                (k.clone(), m.iter().filter(|(_, until)| **until > now).map(|(n, u)| (n.clone(), *u)).collect())
+            })
+            .collect();
+        let avoid = |pod: &PodKey, node: &NodeName| {
+            refused
+                .get(pod)
+                .filter(|m| m.contains_key(node))
+                .map(|_| format!("kube-scheduler refused this node for pod {pod} in an earlier plan"))
+        };
         let ctx = Context { workload: &inner.workload, seed: self.settings.seed };
-        match gang::plan_gang(Arc::make_mut(&mut inner.snap), &members, self.policy.as_ref(), &ctx, now) {
+        match gang::plan_gang_avoiding(
+            Arc::make_mut(&mut inner.snap),
+            &members,
+            self.policy.as_ref(),
+            &ctx,
+            now,
+            &avoid,
+        ) {
             Ok(plan) => {
                 tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
                 inner.generation += 1;
@@ -751,8 +1072,11 @@ impl Scheduler {
                 .collect();
             for n in names {
                 tracing::warn!(gang = %n, "Gang reservation lapsed before every member was bound; released");
+                inner.refuse_unarrived(&n, now);
                 inner.fail_gang(&n, "the gang's reservation deadline passed before every member reached bind");
             }
+            // The lapsed members were released above: drop the MIG instances only they assumed.
+            inner.rebase();
         }
         inner.dropped_plans.retain(|_, deadline_ms| *deadline_ms > now);
         // Plans whose members all bound elsewhere (a follower's restored plan, the leader
@@ -825,8 +1149,15 @@ impl Scheduler {
 
     // ---- bind --------------------------------------------------------------------------
 
-    pub async fn bind(&self, args: ExtenderBindingArgs) -> ExtenderBindingResult {
-        match self.try_bind(&args).await {
+    /// The bind verb. It answers within [`Settings::reply_budget`]: the work runs in its own
+    /// task, which goes on when the answer is due (a gang waiting for its members, a node
+    /// creating a MIG instance); then the answer is an error, the devices stay reserved, and
+    /// kube-scheduler's retry of the same pod on the same node joins the bind in progress
+    /// instead of starting a second one. A retry after the bind finished is answered from
+    /// its outcome.
+    pub async fn bind(self: &Arc<Self>, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+        let budget = self.settings.reply_budget();
+        match self.bind_within(args.clone(), budget).await {
             Ok(()) => {
                 self.metrics.decision("bind", "bound");
                 ExtenderBindingResult::default()
@@ -839,7 +1170,7 @@ impl Scheduler {
         }
     }
 
-    async fn try_bind(&self, args: &ExtenderBindingArgs) -> Result<(), Error> {
+    async fn bind_within(self: &Arc<Self>, args: ExtenderBindingArgs, budget: Duration) -> Result<(), Error> {
         for (field, v) in [("PodName", &args.pod_name), ("PodNamespace", &args.pod_namespace), ("Node", &args.node)] {
             if v.is_empty() {
                 return Err(Error::BadRequest(format!("ExtenderBindingArgs.{field} is empty")));
@@ -849,7 +1180,78 @@ impl Scheduler {
             return Err(Error::NotLeader);
         }
         let key = PodKey::new(&args.pod_namespace, &args.pod_name);
+        let flight = {
+            let mut inner = self.lock();
+            match inner.inflight.get(&key) {
+                Some(f) if f.node == args.node => f.clone(),
+                Some(f) => {
+                    return Err(Error::Binding {
+                        pod: key,
+                        node: f.node.clone(),
+                        why: format!("a bind to {} waits until it ends", args.node),
+                    });
+                }
+                None => {
+                    if inner.bound_here.get(&key).is_some_and(|(n, _)| *n == args.node) {
+                        // Bound by an earlier request whose answer kube-scheduler did not get.
+                        return Ok(());
+                    }
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let stage = Arc::new(Mutex::new("starting".to_owned()));
+                    let f = Inflight { node: args.node.clone(), stage: stage.clone(), done: rx };
+                    inner.inflight.insert(key.clone(), f.clone());
+                    drop(inner);
+                    let me = self.clone();
+                    let k = key.clone();
+                    tokio::spawn(async move {
+                        let result = me.try_bind(&args, &stage).await.map_err(|e| (e.kind(), e.chain()));
+                        let mut inner = me.lock();
+                        inner.inflight.remove(&k);
+                        if result.is_ok() {
+                            let now = me.now_ms();
+                            inner.bound_here.insert(k, (args.node.clone(), now));
+                        }
+                        drop(inner);
+                        tx.send_replace(Some(result));
+                    });
+                    f
+                }
+            }
+        };
+        let mut rx = flight.done.clone();
+        match tokio::time::timeout(budget, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(r)) => match &*r {
+                Some(Ok(())) => Ok(()),
+                Some(Err((kind, message))) => Err(Error::Relayed { kind, message: message.clone() }),
+                None => Err(Error::Relayed { kind: "internal", message: "the bind ended without an outcome".into() }),
+            },
+            Ok(Err(_)) => {
+                Err(Error::Relayed { kind: "internal", message: "the bind task ended without an outcome".into() })
+            }
+            Err(_) => {
+                let stage = flight.stage.lock().map(|s| s.clone()).unwrap_or_default();
+                Err(Error::Binding {
+                    pod: key,
+                    node: flight.node,
+                    why: format!(
+                        "it is {stage}, longer than the {budget:?} kube-scheduler's httpTimeout leaves; the devices stay reserved and a retry of this bind joins it"
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn try_bind(&self, args: &ExtenderBindingArgs, stage: &Mutex<String>) -> Result<(), Error> {
+        let key = PodKey::new(&args.pod_namespace, &args.pod_name);
         let node = NodeName(args.node.clone());
+        let set_stage = |s: String| {
+            if let Ok(mut st) = stage.lock() {
+                *st = s;
+            }
+        };
+        if let Some(g) = self.lock().gang_of(&key) {
+            set_stage(format!("waiting for every member of gang {g} to reach bind"));
+        }
         let gang = self.hold_for_gang(&key).await?;
         let prepared = match self.reserve(&key, &node, &args.pod_uid) {
             Ok(p) => p,
@@ -860,6 +1262,11 @@ impl Scheduler {
                 return Err(e);
             }
         };
+        set_stage(if prepared.gpus.is_empty() {
+            "binding".to_owned()
+        } else {
+            format!("waiting for node {node} to create its MIG instances")
+        });
         match self.effect(args, &key, &prepared).await {
             Ok(mig_uuids) => {
                 let mut inner = self.lock();
@@ -892,15 +1299,39 @@ impl Scheduler {
                 }
                 Ok(())
             }
+            Err(e) if e.api().is_some_and(tessera_api::kube_error::is_conflict) => {
+                // The API server already has a binding for the pod: an earlier bind of ours won,
+                // or someone else bound it. Either way the pod may hold these devices now, so
+                // they are never released here; the informer settles which (an assumed pod the
+                // rebuild shows elsewhere is dropped then).
+                let (ns, name) = (&args.pod_namespace, &args.pod_name);
+                let bound_to = self.lookup.pod(ns, name).and_then(|p| p.spec.and_then(|s| s.node_name));
+                let mut inner = self.lock();
+                let _ = Arc::make_mut(&mut inner.snap).confirm(&key);
+                inner.generation += 1;
+                if gang.is_some() {
+                    inner.outbox.clear(key.clone());
+                }
+                drop(inner);
+                match bound_to {
+                    Some(n) if n == args.node => {
+                        tracing::info!(pod = %key, node = %n, "The pod is bound already (an earlier bind won); keeping its devices");
+                        Ok(())
+                    }
+                    _ => Err(e),
+                }
+            }
             Err(e) => {
                 let mut inner = self.lock();
+                // Out of the assume cache first: dropping the gang's plan lays the state over
+                // the last rebuild again, which must not bring this pod back.
+                inner.assumed.remove(&key);
                 if Arc::make_mut(&mut inner.snap).release(&key).is_ok() {
                     inner.generation += 1;
                 }
                 if let Some(g) = &gang {
                     inner.fail_gang(g, &e.chain());
                 }
-                inner.assumed.remove(&key);
                 self.metrics.reservations.set(inner.assumed.len() as i64);
                 drop(inner);
                 if gang.is_some() {
@@ -939,7 +1370,10 @@ impl Scheduler {
             Ok(Err(_)) => Err(Error::Gang { gang: name, why: "the plan was dropped".into() }),
             Err(_) => {
                 let why = "the reservation deadline passed before every member reached bind";
-                self.lock().fail_gang(&name, why);
+                let now = self.now_ms();
+                let mut inner = self.lock();
+                inner.refuse_unarrived(&name, now);
+                inner.fail_gang(&name, why);
                 Err(Error::Gang { gang: name, why: why.into() })
             }
         }
@@ -1029,7 +1463,26 @@ impl Scheduler {
                 AssignedDevice { gpu: uuid, index: g.gpu(), profile, start, mig, share }
             })
             .collect();
-        Ok(Prepared { gpus, wanted, assignment: Assignment { node: node.0.clone(), devices } })
+        Ok(Prepared {
+            gpus,
+            wanted,
+            assignment: Assignment { node: node.0.clone(), devices },
+            ops: placement.ops.len(),
+        })
+    }
+
+    /// The lock that orders `GpuNode.spec` writes to one node.
+    fn node_lock(&self, node: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.spec_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(node.to_owned()).or_default().clone()
+    }
+
+    /// The desired spec of the GPUs in `changed`, from the state as it is now (the bind's own
+    /// reservation and those of binds on the same GPUs included).
+    fn fresh_specs(&self, node: &str, changed: &[GpuSpec]) -> Vec<GpuSpec> {
+        let inner = self.lock();
+        let Some(n) = inner.snap.node(&NodeName(node.to_owned())) else { return changed.to_vec() };
+        changed.iter().map(|g| n.gpu(g.index).map_or_else(|| g.clone(), gpu_spec)).collect()
     }
 
     fn place_on(&self, inner: &Inner, demand: &Demand, node: &NodeName) -> Result<Placement, Error> {
@@ -1055,10 +1508,18 @@ impl Scheduler {
         // New instances, or a GPU switching mode (an idle MIG GPU handed out whole).
         if !prepared.gpus.is_empty() {
             self.metrics.mig_reconfig_requests_total.inc();
-            uuids = self
-                .binder
-                .reconfigure(&args.node, &prepared.gpus, &prepared.wanted, self.settings.mig_timeout)
-                .await?;
+            let gpus = {
+                // One spec write per node at a time, each from the state as it is now: a
+                // concurrent bind's instances on the same GPU are in it (its reservation is),
+                // so no write drops another's instance.
+                let lock = self.node_lock(&args.node);
+                let _held = lock.lock().await;
+                let gpus = self.fresh_specs(&args.node, &prepared.gpus);
+                self.binder.write_spec(&args.node, &gpus).await?;
+                gpus
+            };
+            uuids = self.binder.await_status(&args.node, &gpus, &prepared.wanted, self.settings.mig_timeout).await?;
+            self.lock().reconfigs_done += prepared.ops as u64;
             for d in &mut assignment.devices {
                 if let Some(s) = d.start
                     && d.mig.is_none()
@@ -1215,7 +1676,9 @@ impl Scheduler {
     // ---- live cluster state ------------------------------------------------------------
 
     /// Replaces the snapshot with one rebuilt from the API, then lays the assume cache over it:
-    /// pods the rebuild already shows bound leave the cache; the rest are re-applied.
+    /// pods the rebuild already shows bound leave the cache; the rest are re-applied. Pods
+    /// deleted since (their UIDs, [`Scheduler::pod_deleted`]) stay released even when the
+    /// stores the rebuild read had not caught up yet.
     pub fn replace_base(
         &self,
         mut snap: Snapshot,
@@ -1225,91 +1688,127 @@ impl Scheduler {
         let now = self.now_ms();
         let ttl = u64::try_from(self.settings.assume_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut inner = self.lock();
-        let base_reconfigs = snap.reconfigs();
-        let mut keep = BTreeMap::new();
-        for (key, a) in std::mem::take(&mut inner.assumed) {
-            if snap.allocation(&key).is_some() || now.saturating_sub(a.at_ms) > ttl {
-                continue;
-            }
-            let alloc = Allocation {
-                pod: key.clone(),
-                node: a.placement.node.clone(),
-                cpu_milli: a.demand.cpu_milli,
-                memory_mib: a.demand.memory_mib,
-                grants: a.placement.grants.clone(),
-                priority: a.demand.priority,
-                gang: a.demand.gang.as_ref().map(|g| g.name.clone()),
-                reserved_until_ms: None,
-            };
-            // The instances may exist by now (node agent done); if not, create them again.
-            let ok = snap.allocate(alloc).is_ok() || a.placement.apply(&mut snap, &a.demand, None).is_ok();
-            if ok {
-                keep.insert(key, a);
-            } else {
-                tracing::warn!(pod = %key, node = %a.placement.node, "Assumed pod no longer fits the observed state; forgetting it");
+        inner.deleted.retain(|d| now.saturating_sub(d.at_ms) <= DELETED_MS);
+        for d in &inner.deleted {
+            if uids.get(&d.uid) == Some(&d.pod) && snap.allocation(&d.pod).is_some() {
+                let _ = snap.release(&d.pod);
             }
         }
-        inner.assumed = keep;
-        inner.snap = Arc::new(snap);
-        // Gang reservations exist only here: lay them over the rebuilt state again.
-        let mut broken = Vec::new();
-        let plans: Vec<(String, GangPlan)> =
-            inner.gangs.iter().filter_map(|(n, st)| st.plan.clone().map(|p| (n.clone(), p))).collect();
-        for (name, plan) in plans {
-            for (pod, placement) in &plan.members {
-                if inner.snap.allocation(pod).is_some() {
-                    continue;
-                }
-                let Some(demand) = inner.gangs.get(&name).and_then(|st| st.members.get(pod)).map(|(d, _)| d.clone())
-                else {
-                    broken.push(name.clone());
-                    break;
-                };
-                let alloc = Allocation {
-                    pod: pod.clone(),
-                    node: placement.node.clone(),
-                    cpu_milli: demand.cpu_milli,
-                    memory_mib: demand.memory_mib,
-                    grants: placement.grants.clone(),
-                    priority: demand.priority,
-                    gang: Some(name.clone()),
-                    reserved_until_ms: Some(plan.deadline_ms),
-                };
-                let ok = Arc::make_mut(&mut inner.snap).allocate(alloc).is_ok()
-                    || placement.apply(Arc::make_mut(&mut inner.snap), &demand, Some(plan.deadline_ms)).is_ok();
-                if !ok {
-                    broken.push(name.clone());
-                    break;
-                }
-            }
+        inner.base_reconfigs = snap.reconfigs();
+        if self.settings.mode == "live" {
+            inner.base = Some(Arc::new(snap.clone()));
         }
-        for name in broken {
-            tracing::warn!(gang = %name, "Gang plan no longer fits the observed state; dropped");
-            inner.fail_gang(&name, "the cluster changed under the plan; replanning");
-        }
-        inner.base_reconfigs = base_reconfigs;
+        inner.lay_over(snap, Some((now, ttl)));
         inner.uids = uids;
         inner.mig_uuids = mig_uuids;
-        inner.generation += 1;
+        inner.bound_here.retain(|_, (_, at)| now.saturating_sub(*at) <= ttl);
         self.metrics.reservations.set(inner.assumed.len() as i64);
+    }
+
+    /// A pod was deleted (a watch event): whatever it held is free for the very next filter,
+    /// its gang's plan (if it was a planned member) is dropped so the other members' devices
+    /// are released too, and queued annotation writes to it are dropped. Pods refused for lack
+    /// of devices are nudged so that kube-scheduler retries them now.
+    pub fn pod_deleted(&self, pod: &Pod) {
+        let Ok(key) = podparse::pod_key(pod) else { return };
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        self.forget_pod(&key, &uid, true);
+    }
+
+    /// A pod changed (a watch event): one that finished (Succeeded/Failed) frees its devices at
+    /// once, as a deleted one does.
+    pub fn pod_changed(&self, pod: &Pod) {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if !matches!(phase, Some("Succeeded" | "Failed")) {
+            return;
+        }
+        let Ok(key) = podparse::pod_key(pod) else { return };
+        if self.lock().snap.allocation(&key).is_some() {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            self.forget_pod(&key, &uid, false);
+        }
+    }
+
+    fn forget_pod(&self, key: &PodKey, uid: &str, deleted: bool) {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let mut freed = false;
+        if deleted {
+            inner.outbox.forget(key);
+            inner.deleted.push_back(Deleted { uid: uid.to_owned(), pod: key.clone(), at_ms: now });
+            inner.uids.remove(uid);
+            // A planned member is gone: the plan cannot complete; release every reservation.
+            let gangs: Vec<String> = inner
+                .gangs
+                .iter()
+                .filter(|(_, st)| st.planned(key) || st.members.contains_key(key))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for g in gangs {
+                let planned = inner.gangs.get(&g).is_some_and(|st| st.planned(key));
+                if let Some(st) = inner.gangs.get_mut(&g) {
+                    st.members.remove(key);
+                    st.refused.remove(key);
+                }
+                if planned {
+                    tracing::info!(gang = %g, pod = %key, "A planned gang member was deleted; its plan is dropped");
+                    let why = format!("member {key} was deleted");
+                    freed |= !inner.drop_plan(&g, &why).is_empty();
+                }
+            }
+        }
+        inner.assumed.remove(key);
+        inner.bound_here.remove(key);
+        if inner.snap.allocation(key).is_some() && Arc::make_mut(&mut inner.snap).release(key).is_ok() {
+            freed = true;
+        }
+        if let Some(base) = inner.base.as_mut()
+            && base.allocation(key).is_some()
+        {
+            let _ = Arc::make_mut(base).release(key);
+        }
+        if freed {
+            inner.rebase();
+            inner.generation += 1;
+            let waiting = inner.waiting_for_capacity(now);
+            let stamp = self.wall_at(now).to_string();
+            for p in waiting {
+                inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
+            }
+        }
+        let queued = !inner.outbox.is_empty();
+        self.metrics.reservations.set(inner.assumed.len() as i64);
+        drop(inner);
+        if queued {
+            self.writes_ready();
+        }
     }
 
     // ---- read-only views ---------------------------------------------------------------
 
-    /// Packing per pool and for the whole cluster; also updates the gauges.
+    /// Packing per pool and for the whole cluster; also updates the gauges. Measured against
+    /// the shapes the cluster's allocations hold ([`allocation_workload`]), so two replicas (or
+    /// one before and after a restart) with the same allocations report the same numbers.
+    /// Reconfigurations are the MIG operations nodes applied for this replica's binds (demo
+    /// mode: the ones its in-memory cluster applied).
     pub fn packing(&self) -> (Packing, BTreeMap<String, Packing>) {
         let inner = self.lock();
-        let reconfigs = inner.snap.reconfigs().saturating_sub(inner.base_reconfigs);
+        let reconfigs = if self.settings.mode == "demo" {
+            inner.snap.reconfigs().saturating_sub(inner.base_reconfigs)
+        } else {
+            inner.reconfigs_done
+        };
+        let workload = allocation_workload(&inner.snap);
         let mut pools: BTreeMap<String, Packing> = BTreeMap::new();
         let names: std::collections::BTreeSet<String> =
             inner.snap.nodes().iter().map(|n| n.pool().to_owned()).collect();
         for pool in names {
-            let p = packing(&inner.snap, &inner.workload, |n| n.pool() == pool);
+            let p = packing(&inner.snap, &workload, |n| n.pool() == pool);
             self.metrics.set_packing(&pool, &p);
             pools.insert(pool, p);
         }
         self.metrics.mig_reconfigs.set(i64::try_from(reconfigs).unwrap_or(i64::MAX));
-        let mut all = packing(&inner.snap, &inner.workload, |_| true);
+        let mut all = packing(&inner.snap, &workload, |_| true);
         // Report reconfigurations tessera caused, not the layouts that existed when it started.
         all.reconfigs = reconfigs;
         for p in pools.values_mut() {
@@ -1551,6 +2050,30 @@ impl Serialize for FilterReply {
     }
 }
 
+/// The workload packing metrics are measured against: the shapes the allocations hold (MIG
+/// profile, whole-GPU count, share), as many times as they are held. A function of the
+/// allocations alone, never of what this process happened to filter.
+pub fn allocation_workload(snap: &Snapshot) -> Workload {
+    use tessera_core::GpuDemand;
+    let demands: Vec<Demand> = snap
+        .allocations()
+        .values()
+        .filter_map(|a| {
+            let node = snap.node(&a.node)?;
+            let gpu = match a.grants.as_slice() {
+                [] => GpuDemand::None,
+                [Grant::Mig { gpu, class, .. }] => GpuDemand::Mig {
+                    profile: node.gpu(*gpu)?.mig_product()?.geometry().profile(*class)?.name.to_owned(),
+                },
+                [Grant::Share { milli, .. }] => GpuDemand::Share { milli: *milli },
+                gs => GpuDemand::Whole { count: u32::try_from(gs.len()).unwrap_or(u32::MAX) },
+            };
+            Some(Demand::new(a.pod.clone(), gpu).with_cpu(a.cpu_milli, a.memory_mib))
+        })
+        .collect();
+    Workload::from_demands_top(demands.iter(), 0.95)
+}
+
 /// What a filter or prioritize still has to do after the locked part.
 enum Verdicts {
     Done(Vec<NodeVerdict>),
@@ -1566,6 +2089,8 @@ struct Prepared {
     gpus: Vec<GpuSpec>,
     wanted: Vec<WantedInstance>,
     assignment: Assignment,
+    /// MIG operations the placement needs (counted as reconfigurations once applied).
+    ops: usize,
 }
 
 fn mode_name(m: GpuMode) -> &'static str {

@@ -189,3 +189,20 @@ fn fixture_pod_asks_for_one_mig_slice_in_its_gang() {
     assert_eq!((d.cpu_milli, d.memory_mib), (4000, 16 * 1024));
     assert_eq!(d.gang.map(|g| g.name), Some("ml/train-job-7".to_owned()));
 }
+
+#[test]
+fn cpu_and_memory_come_from_requests_and_from_limits_only_where_no_request_is_set() {
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "namespace": "ml"},
+        "spec": {"containers": [
+            // Both set: kube-scheduler counts the request, not the limit.
+            {"name": "a", "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}},
+            // Only a limit: the request defaults to it.
+            {"name": "b", "resources": {"limits": {"cpu": "1", "memory": "512Mi"}}}
+        ]}
+    }))
+    .unwrap();
+    let d = demand(&p, None).unwrap();
+    assert_eq!((d.cpu_milli, d.memory_mib), (1500, 1536));
+    assert_eq!(requests(&p).unwrap(), (1500, 1536));
+}

@@ -11,6 +11,7 @@ fn alloc(pod: &str, node: &str, grants: Vec<Grant>) -> Allocation {
         priority: 0,
         gang: None,
         reserved_until_ms: None,
+        extended: Vec::new(),
     }
 }
 

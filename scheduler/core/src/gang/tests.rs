@@ -25,6 +25,7 @@ fn occupy(s: &mut Snapshot, pod: &str, node: &str, gpus: &[u32], priority: i32, 
         priority,
         gang: gang.map(str::to_owned),
         reserved_until_ms: None,
+        extended: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("{e}"));
 }

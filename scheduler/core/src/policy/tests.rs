@@ -18,6 +18,7 @@ fn occupy(s: &mut Snapshot, pod: &str, node: &str, grants: Vec<Grant>) {
         priority: 0,
         gang: None,
         reserved_until_ms: None,
+        extended: Vec::new(),
     })
     .unwrap_or_else(|e| panic!("{e}"));
 }

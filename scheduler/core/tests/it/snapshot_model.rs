@@ -111,6 +111,7 @@ proptest! {
                         priority: 0,
                         gang: None,
                         reserved_until_ms: None,
+                        extended: Vec::new(),
                     };
                     if s.allocate(a).is_err() {
                         // A refused allocation changes nothing.

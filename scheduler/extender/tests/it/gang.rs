@@ -127,6 +127,7 @@ async fn preempt_answers_with_the_cores_victims() {
             priority: prio,
             gang: None,
             reserved_until_ms: None,
+            extended: Vec::new(),
         };
         let mut snap = sched.with_snapshot(Clone::clone);
         snap.allocate(a).unwrap();

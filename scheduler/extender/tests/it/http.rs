@@ -307,6 +307,7 @@ fn one_gpu_cluster_with(victims: &[(&str, &str, i32, Option<&str>, &str)]) -> (A
                 priority: *prio,
                 gang: gang.map(str::to_owned),
                 reserved_until_ms: None,
+                extended: Vec::new(),
             })
             .unwrap();
         }

@@ -248,7 +248,8 @@ pub(crate) fn one_node_lists(node: Value, pods: Vec<Value>, mig: Value) -> Vec<(
 #[tokio::test]
 async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocates() {
     let (client, handle) = mock();
-    let node = json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "4"}}});
+    // NVIDIA's plugin advertises the whole GPUs and the two 3g.40gb instances of GPU 3.
+    let node = json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "3", "nvidia.com/mig-3g.40gb": "2"}}});
     let mig = json!([{"profile": "3g.40gb", "start": 0, "size": 4, "uuid": "MIG-a"}, {"profile": "3g.40gb", "start": 4, "size": 4, "uuid": "MIG-b"}]);
     let assignment = |d: Value| json!({"tessera.dev/assignment": json!({"node": "n1", "devices": d}).to_string()});
     let pods = vec![

@@ -3,6 +3,7 @@
 //! end-to-end suite.
 
 mod browser;
+mod contract;
 mod dashboard;
 mod e2e;
 mod fixtures;
