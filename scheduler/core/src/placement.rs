@@ -64,7 +64,7 @@ pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
     if !node.schedulable || demand.cpu_milli > node.free_cpu_milli() || demand.memory_mib > node.free_memory_mib() {
         return true;
     }
-    if !demand.rules.is_empty() && check_rules(node, demand).is_err() {
+    if !demand.rules.is_empty() && !rules_hold(node, demand) {
         return true;
     }
     match &demand.gpu {
@@ -112,6 +112,17 @@ pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
         ));
     }
     Ok(())
+}
+
+/// Whether [`check_rules`] passes, without building a reason.
+fn rules_hold(node: &Node, demand: &Demand) -> bool {
+    demand.rules.untolerated(&node.taints).is_none()
+        && demand.rules.affinity_matches(&node.name.0, &node.labels)
+        && demand
+            .rules
+            .extended
+            .iter()
+            .all(|(name, want)| node.extended_of(name).is_none_or(|(cap, used)| cap.saturating_sub(used) >= *want))
 }
 
 /// kube-scheduler's filters that tessera applies too ([`crate::rules`]): taints, required node

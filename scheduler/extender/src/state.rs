@@ -312,14 +312,16 @@ impl Inner {
     /// Lays the assume cache and the live gang plans over the last rebuild again (live mode).
     fn rebase(&mut self) {
         if let Some(base) = self.base.clone() {
-            self.lay_over((*base).clone(), None);
+            self.lay_over(base, None);
         }
     }
 
     /// Makes `snap` (a rebuild) the state: pods the rebuild shows leave the assume cache (and,
     /// with `expire` = (now, ttl), assumed pods older than ttl); the rest and every live gang
     /// plan are applied again. Plans that no longer fit are dropped.
-    fn lay_over(&mut self, mut snap: Snapshot, expire: Option<(u64, u64)>) {
+    fn lay_over(&mut self, mut snap: Arc<Snapshot>, expire: Option<(u64, u64)>) {
+        // Shared with `base` until something is laid over it: a rebuild with nothing assumed and
+        // no plan costs no copy.
         let mut keep = BTreeMap::new();
         for (key, a) in std::mem::take(&mut self.assumed) {
             if snap.allocation(&key).is_some() || expire.is_some_and(|(now, ttl)| now.saturating_sub(a.at_ms) > ttl) {
@@ -337,7 +339,8 @@ impl Inner {
                 extended: a.demand.rules.extended.clone(),
             };
             // The instances may exist by now (node agent done); if not, create them again.
-            let ok = snap.allocate(alloc).is_ok() || a.placement.apply(&mut snap, &a.demand, None).is_ok();
+            let s = Arc::make_mut(&mut snap);
+            let ok = s.allocate(alloc).is_ok() || a.placement.apply(s, &a.demand, None).is_ok();
             if ok {
                 keep.insert(key, a);
             } else {
@@ -345,7 +348,7 @@ impl Inner {
             }
         }
         self.assumed = keep;
-        self.snap = Arc::new(snap);
+        self.snap = snap;
         // Gang reservations exist only here: lay them over the rebuilt state again.
         let mut broken = Vec::new();
         let plans: Vec<(String, GangPlan)> =
@@ -1695,8 +1698,9 @@ impl Scheduler {
             }
         }
         inner.base_reconfigs = snap.reconfigs();
+        let snap = Arc::new(snap);
         if self.settings.mode == "live" {
-            inner.base = Some(Arc::new(snap.clone()));
+            inner.base = Some(snap.clone());
         }
         inner.lay_over(snap, Some((now, ttl)));
         inner.uids = uids;
@@ -1733,6 +1737,7 @@ impl Scheduler {
         let now = self.now_ms();
         let mut inner = self.lock();
         let mut freed = false;
+        let mut dropped_plan = false;
         if deleted {
             inner.outbox.forget(key);
             inner.deleted.push_back(Deleted { uid: uid.to_owned(), pod: key.clone(), at_ms: now });
@@ -1753,22 +1758,32 @@ impl Scheduler {
                 if planned {
                     tracing::info!(gang = %g, pod = %key, "A planned gang member was deleted; its plan is dropped");
                     let why = format!("member {key} was deleted");
-                    freed |= !inner.drop_plan(&g, &why).is_empty();
+                    let released = !inner.drop_plan(&g, &why).is_empty();
+                    freed |= released;
+                    dropped_plan |= released;
                 }
             }
         }
         inner.assumed.remove(key);
         inner.bound_here.remove(key);
+        // The state and the last rebuild often are one snapshot (nothing laid over it): then
+        // one copy serves both.
+        let shared = inner.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &inner.snap));
         if inner.snap.allocation(key).is_some() && Arc::make_mut(&mut inner.snap).release(key).is_ok() {
             freed = true;
         }
-        if let Some(base) = inner.base.as_mut()
+        if shared {
+            inner.base = Some(inner.snap.clone());
+        } else if let Some(base) = inner.base.as_mut()
             && base.allocation(key).is_some()
         {
             let _ = Arc::make_mut(base).release(key);
         }
-        if freed {
+        if dropped_plan {
+            // The plan's MIG instances no node created go with it.
             inner.rebase();
+        }
+        if freed {
             inner.generation += 1;
             let waiting = inner.waiting_for_capacity(now);
             let stamp = self.wall_at(now).to_string();

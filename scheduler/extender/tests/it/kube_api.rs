@@ -298,3 +298,161 @@ async fn restart_rebuilds_allocations_from_running_pods_and_never_double_allocat
     assert_eq!((a.devices[0].index, a.devices[0].start, a.devices[0].mig.as_deref()), (3, Some(0), Some("MIG-a")));
     drop(lists);
 }
+
+fn conflict_status() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+           "message": "Operation cannot be fulfilled on gpunodes.tessera.dev \"n1\": the object has been modified; please apply your changes to the latest version and try again",
+           "details": {"name": "n1", "group": "tessera.dev", "kind": "gpunodes"}})
+}
+
+#[tokio::test]
+async fn a_spec_patch_that_meets_a_concurrent_writer_reads_the_object_again_and_reapplies() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client);
+    let verifier = tokio::spawn(async move {
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.method(), Method::GET);
+        send.send_response(respond(StatusCode::OK, gpunode(json!({}), h100_status(json!([])))));
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.method(), Method::PATCH);
+        assert_eq!(body(r).await["metadata"]["resourceVersion"], "41");
+        send.send_response(respond(StatusCode::CONFLICT, conflict_status()));
+        // Another bind wrote GPU 1 meanwhile: it is read again and kept.
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.method(), Method::GET);
+        let mut now = gpunode(
+            json!({"gpus": [{"index": 1, "mode": "mig", "instances": [{"profile": "1g.10gb", "start": 0}]}]}),
+            h100_status(json!([])),
+        );
+        now["metadata"]["resourceVersion"] = json!("42");
+        send.send_response(respond(StatusCode::OK, now));
+        let (r, send) = next(&mut handle).await;
+        assert_eq!(r.method(), Method::PATCH);
+        let b = body(r).await;
+        assert_eq!(b["metadata"]["resourceVersion"], "42");
+        assert_eq!(
+            b["spec"]["gpus"],
+            json!([{"index": 0, "mode": "mig", "instances": [{"profile": "1g.10gb", "start": 0}]},
+                   {"index": 1, "mode": "mig", "instances": [{"profile": "1g.10gb", "start": 0}]}])
+        );
+        send.send_response(respond(StatusCode::OK, gpunode(b["spec"].clone(), h100_status(json!([])))));
+    });
+    let gpus = [GpuSpec {
+        index: 0,
+        mode: Mode::Mig,
+        instances: vec![MigInstanceSpec { profile: "1g.10gb".into(), start: 0 }],
+    }];
+    binder.write_spec("n1", &gpus).await.unwrap();
+    verifier.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_spec_patch_that_keeps_conflicting_fails_with_a_sentence_not_a_debug_dump() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client);
+    tokio::spawn(async move {
+        while let Some((r, send)) = handle.next_request().await {
+            if r.method() == Method::GET {
+                send.send_response(respond(StatusCode::OK, gpunode(json!({}), h100_status(json!([])))));
+            } else {
+                send.send_response(respond(StatusCode::CONFLICT, conflict_status()));
+            }
+        }
+    });
+    let gpus = [GpuSpec { index: 0, mode: Mode::Mig, instances: vec![] }];
+    let e = binder.write_spec("n1", &gpus).await.unwrap_err();
+    let text = e.chain();
+    assert_eq!(
+        text,
+        "updating GpuNode n1: Operation cannot be fulfilled on gpunodes.tessera.dev \"n1\": the object has been \
+         modified; please apply your changes to the latest version and try again (HTTP 409 Conflict)"
+    );
+    for dump in ["Status {", "Some(", "ApiError", "code:"] {
+        assert!(!text.contains(dump), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn annotating_a_pod_that_is_gone_counts_as_done() {
+    let (client, mut handle) = mock();
+    let binder = KubeBinder::new(client);
+    tokio::spawn(async move {
+        let (r, send) = next(&mut handle).await;
+        assert_eq!((r.method(), r.uri().path()), (&Method::PATCH, "/api/v1/namespaces/ml/pods/shard-1"));
+        send.send_response(respond(
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                   "message": "pods \"shard-1\" not found"}),
+        ));
+    });
+    binder.annotate(&PodKey::from("ml/shard-1"), "tessera.dev/reservation", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_the_watch_reports_deleted_frees_its_gpus_for_the_next_filter() {
+    let (client, mut handle) = mock();
+    let node = json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "4"}}});
+    let hog = running("hog", "uid-hog", json!({"nvidia.com/gpu": "4"}), json!({}));
+    let mut status = h100_status(json!([]));
+    status["gpus"][3]["mode"] = json!("full");
+    let lists = vec![
+        ("/api/v1/nodes", list("v1", "NodeList", vec![node])),
+        ("/api/v1/pods", list("v1", "PodList", vec![hog.clone()])),
+        (
+            "/apis/tessera.dev/v1alpha1/gpunodes",
+            list("tessera.dev/v1alpha1", "GpuNodeList", vec![gpunode(json!({}), status)]),
+        ),
+        ("/apis/scheduling.x-k8s.io/v1alpha1/podgroups", list("scheduling.x-k8s.io/v1alpha1", "PodGroupList", vec![])),
+    ];
+    let (pods_watch, watch_rx) = tokio::sync::oneshot::channel::<Send>();
+    tokio::spawn(async move {
+        let mut pods_watch = Some(pods_watch);
+        let mut parked = Vec::new();
+        while let Some((r, send)) = handle.next_request().await {
+            let query = r.uri().query().unwrap_or("").to_owned();
+            let path = r.uri().path().to_owned();
+            if query.contains("watch=true") {
+                match pods_watch.take() {
+                    Some(tx) if path == "/api/v1/pods" => {
+                        let _ = tx.send(send);
+                    }
+                    other => {
+                        pods_watch = other;
+                        parked.push(send);
+                    }
+                }
+                continue;
+            }
+            match lists.iter().find(|(p, _)| *p == path) {
+                Some((_, v)) => send.send_response(respond(StatusCode::OK, v.clone())),
+                None => send.send_response(respond(StatusCode::NOT_FOUND, json!({"kind": "Status", "code": 404}))),
+            }
+        }
+    });
+    let binder = Arc::new(tessera_scheduler::binder::MemoryBinder::default());
+    let sched = synced_scheduler(&client, binder, Settings { mode: "live", ..Settings::default() }).await;
+    let app = App::new(sched.clone(), Surface::ALL);
+    let want = pod("ml", "next", "u-next", json!({"nvidia.com/gpu": "4"}), json!({}));
+    let args = json!({"Pod": want, "NodeNames": ["n1"]}).to_string();
+    let (_, v) = call(&app, Method::POST, "/filter", args.clone()).await;
+    assert!(v["NodeNames"].as_array().unwrap().is_empty(), "the hog holds every GPU: {v}");
+    // The API server's watch reports the hog deleted (a force delete).
+    let watch = tokio::time::timeout(Duration::from_secs(5), watch_rx).await.expect("pods watch").unwrap();
+    let mut gone = hog.clone();
+    gone["metadata"]["resourceVersion"] = json!("101");
+    let event = format!("{}\n", json!({"type": "DELETED", "object": gone}));
+    watch.send_response(Response::builder().status(StatusCode::OK).body(Body::from(event.into_bytes())).unwrap());
+    let last = std::sync::Mutex::new(Value::Null);
+    let freed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (_, v) = call(&app, Method::POST, "/filter", args.clone()).await;
+            if v["NodeNames"] == json!(["n1"]) {
+                return;
+            }
+            *last.lock().unwrap() = v;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(freed.is_ok(), "the deletion never reached the scheduler's state: {}", last.lock().unwrap());
+}
