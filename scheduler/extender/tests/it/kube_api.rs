@@ -395,7 +395,7 @@ async fn a_pod_the_watch_reports_deleted_frees_its_gpus_for_the_next_filter() {
     let hog = running("hog", "uid-hog", json!({"nvidia.com/gpu": "4"}), json!({}));
     let mut status = h100_status(json!([]));
     status["gpus"][3]["mode"] = json!("full");
-    let lists = vec![
+    let lists = [
         ("/api/v1/nodes", list("v1", "NodeList", vec![node])),
         ("/api/v1/pods", list("v1", "PodList", vec![hog.clone()])),
         (
