@@ -82,8 +82,10 @@ fi
 
 # MiniLM as ONNX, written once from the same safetensors by inference-runtime/tools/bert_to_onnx.py
 # (numpy + onnx only, installed into the cache when the interpreter lacks them; no PyTorch).
-#   result: $cache/minilm-onnx/  (model.onnx, tokenizer.json, config.json, ...)
-if [[ -f "$cache/minilm-onnx/model.onnx" ]]; then
+# The graph runs its dense layers on the real tokens only (the exporter's default); a folder
+# written by an older exporter (no export.json naming that graph) is written again.
+#   result: $cache/minilm-onnx/  (model.onnx, export.json, tokenizer.json, config.json, ...)
+if grep -qs '"graph": "packed"' "$cache/minilm-onnx/export.json" && [[ -f "$cache/minilm-onnx/model.onnx" ]]; then
   echo "fetch-models: minilm-onnx present in $cache/minilm-onnx"
 else
   pytools="$cache/.pytools"

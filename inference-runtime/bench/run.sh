@@ -7,8 +7,9 @@
 # summarize.py.
 #
 # Needs: the model cache (scripts/fetch-models.sh) and PYTHON pointing at an interpreter with
-# sentence-transformers, fastapi and uvicorn (and onnxruntime for the int8 variant). Loopback only;
-# bounded request counts.
+# sentence-transformers, fastapi, uvicorn and onnx (and onnxruntime for the int8 variant).
+# Loopback only; bounded request counts. Knobs: RUNS (rounds), SERVERS (subset of candle ort-fp32
+# ort-fp32-padded ort-int8), LOADS (see below), MULTI=0 skips the multi-model memory step.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cache="${TESSERA_MODEL_CACHE:-$PWD/.cache/models}"
@@ -19,10 +20,15 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 export RAYON_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RUST_LOG=warn
 ort_lib="$cache/onnxruntime/libonnxruntime.so.1.31.1"
 
-# int8: ONNX Runtime's dynamic quantization of the fp32 graph (weights int8, activations
-# quantized per batch), written once beside it.
+# The set-up's ONNX graph runs dense ops on the real tokens only (packed); the previous graph,
+# every op on the padded grid, is written beside it for comparison (PYTHON needs onnx).
+if [[ ! -f "$cache/minilm-onnx-padded/export.json" ]]; then
+  "$PYTHON" inference-runtime/tools/bert_to_onnx.py "$cache/minilm" "$cache/minilm-onnx-padded" --padded >&2
+fi
+# int8: ONNX Runtime's dynamic quantization of the padded fp32 graph's MatMuls (weights int8,
+# activations quantized per batch), written once beside it.
 if [[ ! -f "$cache/minilm-onnx-int8/model.onnx" ]] && "$PYTHON" -c 'import onnxruntime.quantization' 2>/dev/null; then
-  "$PYTHON" inference-runtime/bench/quantize_int8.py "$cache/minilm-onnx" "$cache/minilm-onnx-int8" >&2
+  "$PYTHON" inference-runtime/bench/quantize_int8.py "$cache/minilm-onnx-padded" "$cache/minilm-onnx-int8" >&2
 fi
 
 pids=()
@@ -36,12 +42,18 @@ start_runtime() { # label port model-dir [flags...]
   pids+=($!)
   port[$label]=$p
 }
-start_runtime candle 8002 "$cache/minilm"
-start_runtime ort-fp32 8003 "$cache/minilm-onnx" --ort-library "$ort_lib" --ort-threads 1
-servers=(python candle ort-fp32)
-if [[ -f "$cache/minilm-onnx-int8/model.onnx" ]]; then
-  start_runtime ort-int8 8004 "$cache/minilm-onnx-int8" --ort-library "$ort_lib" --ort-threads 1
-  servers+=(ort-int8)
+# SERVERS picks a subset (the baseline, python, always runs).
+want="${SERVERS:-candle ort-fp32 ort-fp32-padded ort-int8}"
+wants() { [[ " $want " == *" $1 "* ]]; }
+servers=(python)
+ort=(--ort-library "$ort_lib" --ort-threads 1)
+if wants candle; then start_runtime candle 8002 "$cache/minilm" && servers+=(candle); fi
+if wants ort-fp32; then start_runtime ort-fp32 8003 "$cache/minilm-onnx" "${ort[@]}" && servers+=(ort-fp32); fi
+if wants ort-fp32-padded; then
+  start_runtime ort-fp32-padded 8006 "$cache/minilm-onnx-padded" "${ort[@]}" && servers+=(ort-fp32-padded)
+fi
+if wants ort-int8 && [[ -f "$cache/minilm-onnx-int8/model.onnx" ]]; then
+  start_runtime ort-int8 8004 "$cache/minilm-onnx-int8" "${ort[@]}" && servers+=(ort-int8)
 fi
 "$PYTHON" inference-runtime/bench/baseline.py "$cache/minilm" --port 8001 &
 pid[python]=$!
@@ -59,10 +71,12 @@ done
 
 uptime_json() { printf '{"uptime": "%s", "round": "%s"}\n' "$(uptime | sed 's/^ *//')" "$1"; }
 
+# LOADS: "concurrency texts/request requests" settings, ';'-separated.
+IFS=';' read -ra loads <<<"${LOADS:-32 1 1000;1 32 60}"
 for r in $(seq "$runs"); do
   uptime_json "$r"
   n=${#servers[@]}
-  for cfg in "32 1 1000" "1 32 60"; do
+  for cfg in "${loads[@]}"; do
     read -r c b req <<<"$cfg"
     for k in $(seq 0 $((n - 1))); do
       s=${servers[$(((k + r) % n))]}
@@ -84,6 +98,8 @@ done
 urls=()
 for s in "${servers[@]}"; do urls+=("$s=http://127.0.0.1:${port[$s]}"); done
 "$PYTHON" inference-runtime/bench/accuracy.py "$cache/minilm" "${urls[@]}"
+
+[[ "${MULTI:-1}" == 1 ]] || exit 0
 
 # Memory per model inside one process: the same embedders and the chat model served together,
 # RSS after one request to each, beside each model's reservation (its plan).

@@ -74,6 +74,12 @@ pub trait Engine: Send {
     /// The tokenizer, shared with request handlers so they can count tokens before queueing.
     fn tokenizer(&self) -> Arc<Tokenizer>;
 
+    /// Whether a batch's padding costs (almost) nothing outside attention, as in a packed ONNX
+    /// graph: the batcher then runs a batch as one pass instead of groups of similar length.
+    fn packs_tokens(&self) -> bool {
+        false
+    }
+
     /// One L2-normalised vector per encoding.
     fn embed(&mut self, _inputs: &[Encoding]) -> Result<Vec<Vec<f32>>> {
         Err(Error::Unsupported { model: self.info().architecture.clone(), op: "embeddings" })

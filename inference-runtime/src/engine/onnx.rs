@@ -8,7 +8,8 @@
 //! `input_ids` and `attention_mask` (and `token_type_ids` if it declares it) as int64
 //! `[batch, seq]` and give the last hidden state as float32 `[batch, seq, hidden]` (output
 //! `last_hidden_state`, else its first output) — what `tools/bert_to_onnx.py` and common
-//! exporters write.
+//! exporters write. A graph whose metadata has `tessera.graph` = `packed` (the exporter's
+//! default: dense ops on the real tokens only) runs each batch as one pass.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,9 @@ pub struct OrtEmbedder {
     info: ModelInfo,
     token_type_ids: bool,
     output: String,
+    /// The graph says (metadata `tessera.graph` = `packed`) that it runs dense ops on the real
+    /// tokens only, as `tools/bert_to_onnx.py` writes it by default.
+    packed: bool,
 }
 
 impl std::fmt::Debug for OrtEmbedder {
@@ -89,9 +93,10 @@ impl OrtEmbedder {
             Some(o) => o.to_string(),
             None => return Err(err("model.onnx has no outputs".into())),
         };
+        let packed = session.metadata().is_ok_and(|m| m.custom("tessera.graph").as_deref() == Some("packed"));
         let mut info = shape.info(working_bytes);
         info.architecture = "bert".into();
-        Ok(OrtEmbedder { session, tokenizer: Arc::new(tokenizer), info, token_type_ids, output })
+        Ok(OrtEmbedder { session, tokenizer: Arc::new(tokenizer), info, token_type_ids, output, packed })
     }
 
     fn forward(&mut self, inputs: &[Encoding]) -> Result<Vec<Vec<f32>>> {
@@ -135,6 +140,10 @@ impl Engine for OrtEmbedder {
 
     fn tokenizer(&self) -> Arc<Tokenizer> {
         self.tokenizer.clone()
+    }
+
+    fn packs_tokens(&self) -> bool {
+        self.packed
     }
 
     fn embed(&mut self, inputs: &[Encoding]) -> Result<Vec<Vec<f32>>> {

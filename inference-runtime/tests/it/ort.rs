@@ -46,6 +46,38 @@ fn onnx_minilm_matches_pytorch_and_candle() {
     assert!(cosine(&one[0], &got[2]) > 0.99999, "padding leaks into the vector");
 }
 
+/// The set-up's graph is the packed one (dense ops on the real tokens only): its token rows go
+/// back to the right sequences whatever the order and padding of the batch.
+#[test]
+fn packed_onnx_graph_keeps_rows_with_their_sequences() {
+    let Some(dir) = support::model_dir(MINILM_ONNX) else {
+        return;
+    };
+    let stamp = std::fs::read_to_string(dir.join("export.json")).unwrap_or_default();
+    assert!(
+        stamp.contains("\"graph\": \"packed\""),
+        "{} was written by an older exporter ({stamp:?}); run `bash scripts/fetch-models.sh`",
+        dir.display()
+    );
+    let Some((mut ort, _)) = support::load_ort(MINILM_ONNX) else {
+        return;
+    };
+    let (sentences, want) = reference();
+    let enc = ort.tokenizer().encode_batch(sentences.clone(), true).unwrap();
+    let forward = ort.embed(&enc).unwrap();
+    let mut reversed = enc.clone();
+    reversed.reverse();
+    let backward = ort.embed(&reversed).unwrap();
+    for i in 0..sentences.len() {
+        let b = &backward[sentences.len() - 1 - i];
+        assert!(cosine(&forward[i], b) > 0.99999, "sentence {i}: order changes its vector");
+        assert!(cosine(b, &want[i]) >= 0.999, "sentence {i} reversed: cosine to PyTorch");
+    }
+    // No padding at all: two rows of the same length.
+    let same = ort.embed(&[enc[0].clone(), enc[0].clone()]).unwrap();
+    assert!(cosine(&same[0], &same[1]) > 0.99999 && cosine(&same[0], &forward[0]) > 0.99999);
+}
+
 #[tokio::test]
 async fn ort_model_serves_openai_and_kserve_routes() {
     let Some(srv) = support::start(MINILM_ONNX, Serving::default()).await else {
