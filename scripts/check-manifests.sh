@@ -68,6 +68,10 @@ sed 's/resourceName: tessera-scheduler/resourceName: kube-scheduler/' "$good" |
   expect_failure "the default scheduler's Lease" "leaderElection needs its own resourceName"
 sed '0,/readOnlyRootFilesystem: true/s//readOnlyRootFilesystem: false/' "$good" |
   expect_failure "a writable root filesystem" "readOnlyRootFilesystem must be true"
+sed 's/--read-auth=kubernetes/--read-auth=none/' "$good" |
+  expect_failure "an unauthenticated read-only surface on 0.0.0.0" "it needs --read-auth=kubernetes"
+sed 's/name: system:auth-delegator$/name: system:auth-delegatr/' "$good" |
+  expect_failure "no TokenReview/SubjectAccessReview grant" "bound to ClusterRole system:auth-delegator"
 sed 's/^  maxUnavailable: 1$/  minAvailable: 1/' "$good" |
   expect_failure "a PodDisruptionBudget of minAvailable 1 over one replica" "blocks every voluntary disruption"
 sed 's/^  maxUnavailable: 1$/  maxUnavailable: 0/' "$good" |

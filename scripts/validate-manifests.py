@@ -231,6 +231,16 @@ def check_scheduler(name, objects):
     listen = ext_flags.get("listen", "127.0.0.1:8888")
     if url.hostname != "127.0.0.1" or f"{url.hostname}:{url.port}" != listen:
         fail(w, f"extender urlPrefix {e.get('urlPrefix')} must be the loopback --listen of tessera-scheduler ({listen})")
+    read_listen = ext_flags.get("read-listen", "0.0.0.0:8889")
+    if not read_listen.startswith("127.") and ext_flags.get("read-auth", "kubernetes") != "kubernetes":
+        fail(where, f"--read-listen {read_listen} is reachable from the pod network; it needs --read-auth=kubernetes")
+    elif not read_listen.startswith("127."):
+        sa = spec.get("serviceAccountName", "default")
+        delegated = [b for b in by_kind(objects, "ClusterRoleBinding") if b["roleRef"]["name"] == "system:auth-delegator"
+                     and any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") == ns
+                             for s in b.get("subjects", []))]
+        if not delegated:
+            fail(where, f"--read-auth=kubernetes needs ServiceAccount {ns}/{sa} bound to ClusterRole system:auth-delegator")
     mr = {m["name"]: m for m in e.get("managedResources", [])}
     if mr.get("tessera.dev/gpu", {}).get("ignoredByScheduler") is not True:
         fail(w, "managedResources needs tessera.dev/gpu with ignoredByScheduler: true")
