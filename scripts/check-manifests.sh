@@ -68,6 +68,18 @@ sed 's/resourceName: tessera-scheduler/resourceName: kube-scheduler/' "$good" |
   expect_failure "the default scheduler's Lease" "leaderElection needs its own resourceName"
 sed '0,/readOnlyRootFilesystem: true/s//readOnlyRootFilesystem: false/' "$good" |
   expect_failure "a writable root filesystem" "readOnlyRootFilesystem must be true"
+sed 's/--read-auth=kubernetes/--read-auth=none/' "$good" |
+  expect_failure "an unauthenticated read-only surface on 0.0.0.0" "it needs --read-auth=kubernetes"
+sed 's/name: system:auth-delegator$/name: system:auth-delegatr/' "$good" |
+  expect_failure "no TokenReview/SubjectAccessReview grant" "bound to ClusterRole system:auth-delegator"
+sed 's/^  maxUnavailable: 1$/  minAvailable: 1/' "$good" |
+  expect_failure "a PodDisruptionBudget of minAvailable 1 over one replica" "blocks every voluntary disruption"
+sed 's/^  maxUnavailable: 1$/  maxUnavailable: 0/' "$good" |
+  expect_failure "a PodDisruptionBudget of maxUnavailable 0" "maxUnavailable 0 blocks every voluntary disruption"
+sed 's/^  maxUnavailable: 1$/  minAvailable: 2/' "$out/examples.yaml" |
+  expect_failure "the runtime example's PodDisruptionBudget at minAvailable 2 of 2 replicas" "minAvailable 2 with 2 replica(s) blocks"
+sed '/^kind: PodDisruptionBudget$/,/^---$/s/name: tessera-scheduler$/name: tessera-schedulr/' "$good" |
+  expect_failure "a PodDisruptionBudget that selects nothing" "matches no pod template"
 { cat "$good"; printf '%s%s\n' "$gpunode" "half"; } | expect_failure "a GpuNode with mode 'half'" "'half' is not one of"
 { cat "$good"; printf '%s%s\n' "$gpunode" "mig"; } >"$out/gpunode-ok.yaml"
 python3 scripts/validate-manifests.py "$K8S_VERSION" "gpunode=$out/gpunode-ok.yaml" | grep -q '1 against tessera CRDs' ||

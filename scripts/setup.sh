@@ -30,3 +30,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium is missing and apt-get is not available; the dashboard browser test needs it" >&2
   fi
 fi
+
+# containerd (with ctr and runc) and skopeo (Debian's packages) for scripts/check-images.sh, which
+# imports and runs the images scripts/build-images.sh writes; installed only when missing.
+if ! command -v containerd >/dev/null 2>&1 || ! command -v skopeo >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+  if command -v apt-get >/dev/null 2>&1; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq containerd skopeo >/dev/null
+  else
+    echo "setup: containerd or skopeo is missing and apt-get is not available; scripts/check-images.sh needs them" >&2
+  fi
+fi

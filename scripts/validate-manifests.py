@@ -10,7 +10,8 @@ Usage: validate-manifests.py KUBERNETES_VERSION NAME=RENDERED.yaml...
 2. Consistency: the KubeSchedulerConfiguration in the scheduler ConfigMap (profile, extender,
    Lease) agrees with the containers' flags; ServiceAccounts, Roles, Services and ServiceMonitors
    refer to things that exist; tessera's containers run non-root with read-only root filesystems
-   (the node agent's exceptions are the documented ones).
+   (the node agent's exceptions are the documented ones); every PodDisruptionBudget selects a
+   workload and lets a drain evict at least one of its pods.
 """
 
 import copy
@@ -230,6 +231,16 @@ def check_scheduler(name, objects):
     listen = ext_flags.get("listen", "127.0.0.1:8888")
     if url.hostname != "127.0.0.1" or f"{url.hostname}:{url.port}" != listen:
         fail(w, f"extender urlPrefix {e.get('urlPrefix')} must be the loopback --listen of tessera-scheduler ({listen})")
+    read_listen = ext_flags.get("read-listen", "0.0.0.0:8889")
+    if not read_listen.startswith("127.") and ext_flags.get("read-auth", "kubernetes") != "kubernetes":
+        fail(where, f"--read-listen {read_listen} is reachable from the pod network; it needs --read-auth=kubernetes")
+    elif not read_listen.startswith("127."):
+        sa = spec.get("serviceAccountName", "default")
+        delegated = [b for b in by_kind(objects, "ClusterRoleBinding") if b["roleRef"]["name"] == "system:auth-delegator"
+                     and any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") == ns
+                             for s in b.get("subjects", []))]
+        if not delegated:
+            fail(where, f"--read-auth=kubernetes needs ServiceAccount {ns}/{sa} bound to ClusterRole system:auth-delegator")
     mr = {m["name"]: m for m in e.get("managedResources", [])}
     if mr.get("tessera.dev/gpu", {}).get("ignoredByScheduler") is not True:
         fail(w, "managedResources needs tessera.dev/gpu with ignoredByScheduler: true")
@@ -343,6 +354,51 @@ def check_references(name, objects):
                 fail(where, f"port {ep.get('port')} is not a container port name of the selected pods")
 
 
+def selects(selector, labels):
+    """Whether a LabelSelector (matchLabels and matchExpressions) selects these labels."""
+    if not selector:
+        return False
+    for k, v in selector.get("matchLabels", {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def check_disruption_budgets(name, objects):
+    """A PodDisruptionBudget must select pods and must let a drain evict one of them: a budget
+    that allows no disruption blocks every node drain and cluster upgrade."""
+    workloads = [o for o in objects if pod_spec(o) is not None]
+    for pdb in by_kind(objects, "PodDisruptionBudget"):
+        where = f"{name}: PodDisruptionBudget/{pdb['metadata']['name']}"
+        spec = pdb.get("spec", {})
+        ns = pdb["metadata"].get("namespace", "default")
+        matched = [w for w in workloads if w["metadata"].get("namespace", "default") == ns
+                   and selects(spec.get("selector"), pod_labels(w))]
+        if not matched:
+            fail(where, f"selector {spec.get('selector')} matches no pod template in the render")
+            continue
+        blocks = "blocks every voluntary disruption: node drains and upgrades cannot evict any pod"
+        max_u, min_a = spec.get("maxUnavailable"), spec.get("minAvailable")
+        if max_u is not None and str(max_u).strip() in ("0", "0%"):
+            fail(where, f"maxUnavailable {max_u} {blocks}")
+        if min_a is not None and str(min_a).strip() == "100%":
+            fail(where, f"minAvailable 100% {blocks}")
+        if isinstance(min_a, int):
+            counts = [w["spec"].get("replicas", 1) for w in matched if w["kind"] in ("Deployment", "StatefulSet", "ReplicaSet")]
+            if len(counts) == len(matched) and min_a >= sum(counts):
+                fail(where, f"minAvailable {min_a} with {sum(counts)} replica(s) {blocks}; use maxUnavailable: 1")
+
+
 def main():
     version, renders = sys.argv[1], sys.argv[2:]
     loaded = []
@@ -353,7 +409,7 @@ def main():
     for name, objects in loaded:
         crds = crd_schemas(objects)
         counts = validate_schema(name, objects, version, crds)
-        for check in (check_scheduler, check_security, check_references):
+        for check in (check_scheduler, check_security, check_references, check_disruption_budgets):
             try:
                 check(name, objects)
             except (KeyError, TypeError, AttributeError) as e:

@@ -13,7 +13,7 @@ use kubectl_tessera::{capture, explain, status};
 #[command(name = "kubectl-tessera", version)]
 struct Cli {
     /// Talk to the scheduler's read-only API directly at this http:// URL (a port-forward, or
-    /// `tessera-scheduler --demo`), instead of through kubectl and the API server's service proxy.
+    /// `tessera-scheduler --demo`), instead of through kubectl.
     #[arg(long, global = true, env = "TESSERA_SERVER")]
     server: Option<String>,
     /// Namespace of the tessera-scheduler Service.
@@ -25,6 +25,11 @@ struct Cli {
     /// Port (name or number) of that Service's read-only API.
     #[arg(long, global = true, default_value = "8889")]
     scheduler_port: String,
+    /// How kubectl reaches the Service when --server is not given: `port-forward` (works with the
+    /// scheduler's token check: the forward arrives on the pod's loopback) or `proxy` (the API
+    /// server's service proxy; only where the scheduler runs with --read-auth=none).
+    #[arg(long, global = true, value_enum, default_value = "port-forward")]
+    via: Via,
     /// The kubectl to run.
     #[arg(long, global = true, default_value = "kubectl", env = "KUBECTL")]
     kubectl: PathBuf,
@@ -33,6 +38,12 @@ struct Cli {
     context: Option<String>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Via {
+    PortForward,
+    Proxy,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,12 +88,18 @@ fn main() -> Result<()> {
     let source = || -> Result<Source> {
         match &cli.server {
             Some(url) => Source::direct(url),
-            None => Ok(Source::Proxy {
-                kubectl: kubectl.clone(),
-                namespace: cli.scheduler_namespace.clone(),
-                service: cli.scheduler_service.clone(),
-                port: cli.scheduler_port.clone(),
-            }),
+            None => {
+                let (kubectl, namespace, service, port) = (
+                    kubectl.clone(),
+                    cli.scheduler_namespace.clone(),
+                    cli.scheduler_service.clone(),
+                    cli.scheduler_port.clone(),
+                );
+                Ok(match cli.via {
+                    Via::PortForward => Source::PortForward { kubectl, namespace, service, port },
+                    Via::Proxy => Source::Proxy { kubectl, namespace, service, port },
+                })
+            }
         }
     };
     let text = match &cli.command {

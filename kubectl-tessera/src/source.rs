@@ -1,11 +1,13 @@
-//! Where the scheduler's read-only API is reached: through the Kubernetes API server's service
-//! proxy with `kubectl get --raw` (the user's kubeconfig and RBAC, nothing to expose), or directly
-//! over plain HTTP (a port-forward, or `tessera-scheduler --demo` on this machine).
+//! Where the scheduler's read-only API is reached: through `kubectl port-forward` to its Service
+//! (the user's kubeconfig and RBAC; the forwarded connection arrives on the pod's loopback, which
+//! the read-only surface trusts), through the API server's service proxy with `kubectl get --raw`
+//! (only where the surface runs with `--read-auth=none`), or directly over plain HTTP (a
+//! port-forward of your own, or `tessera-scheduler --demo` on this machine).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -37,10 +39,85 @@ impl Kubectl {
         Ok(out.stdout)
     }
 
+    /// `kubectl port-forward -n NAMESPACE TARGET :REMOTE_PORT` on 127.0.0.1, once it says which
+    /// local port it chose; the forward ends when the returned value is dropped.
+    pub fn port_forward(&self, namespace: &str, target: &str, remote_port: &str) -> Result<Forward> {
+        let args = ["port-forward", "-n", namespace, target, &format!(":{remote_port}"), "--address", "127.0.0.1"];
+        let mut child = Command::new(&self.program)
+            .args(&self.global_args)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.program.display()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("kubectl port-forward: no stdout"))?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut stderr = child.stderr.take().ok_or_else(|| anyhow!("kubectl port-forward: no stderr"))?;
+        let errors = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut forward = Forward { child, port: 0 };
+        let deadline = std::time::Instant::now() + PORT_FORWARD_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    // "Forwarding from 127.0.0.1:43125 -> 8889"
+                    if let Some(port) = line
+                        .strip_prefix("Forwarding from 127.0.0.1:")
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|p| p.parse::<u16>().ok())
+                    {
+                        forward.port = port;
+                        return Ok(forward);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "kubectl {} did not start forwarding within {} s",
+                        args.join(" "),
+                        PORT_FORWARD_TIMEOUT.as_secs()
+                    )
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = forward.child.wait();
+                    let stderr = errors.join().unwrap_or_default();
+                    bail!("kubectl {} failed: {}", args.join(" "), stderr.trim());
+                }
+            }
+        }
+    }
+
     /// `kubectl ARGS` parsed as JSON.
     pub fn json(&self, args: &[&str]) -> Result<Value> {
         let out = self.run(args)?;
         serde_json::from_slice(&out).with_context(|| format!("kubectl {} did not print JSON", args.join(" ")))
+    }
+}
+
+/// Longest wait for `kubectl port-forward` to say it is forwarding.
+const PORT_FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `kubectl port-forward`; stopped on drop.
+#[derive(Debug)]
+pub struct Forward {
+    child: Child,
+    /// The local port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -49,6 +126,8 @@ impl Kubectl {
 pub enum Source {
     /// `http://HOST:PORT[/PREFIX]`, spoken to directly.
     Direct { host: String, port: u16, prefix: String },
+    /// The Service `namespace/service`, port `port`, through `kubectl port-forward`.
+    PortForward { kubectl: Kubectl, namespace: String, service: String, port: String },
     /// The Service `namespace/service`, port `port`, through the API server's proxy.
     Proxy { kubectl: Kubectl, namespace: String, service: String, port: String },
 }
@@ -79,6 +158,11 @@ impl Source {
     /// an error with the server's `Error` message when it sent one.
     pub fn get_json(&self, path: &str) -> Result<Value> {
         match self {
+            Source::PortForward { kubectl, namespace, service, port } => {
+                let forward = kubectl.port_forward(namespace, &format!("svc/{service}"), port)?;
+                let direct = Source::Direct { host: "127.0.0.1".into(), port: forward.port, prefix: String::new() };
+                direct.get_json(path)
+            }
             Source::Direct { host, port, prefix } => {
                 let (status, body) = http_get(host, *port, &format!("{prefix}{path}"), Duration::from_secs(15))?;
                 let value: Option<Value> = serde_json::from_slice(&body).ok();

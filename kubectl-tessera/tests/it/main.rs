@@ -112,13 +112,56 @@ fn without_server_status_goes_through_the_api_servers_service_proxy() {
     let cluster = dir.path().join("cluster.json");
     std::fs::write(&cluster, fixture("cluster.json")).unwrap();
     let kubectl = fake_kubectl(dir.path(), &format!("cat '{}'\n", cluster.display()));
-    let out = run(&["status", "--context", "prod", "--kubectl", kubectl.to_str().unwrap()]).success();
+    let out = run(&["status", "--context", "prod", "--via", "proxy", "--kubectl", kubectl.to_str().unwrap()]).success();
     assert!(out.contains("2g.20gb@0"), "{out}");
     let args = std::fs::read_to_string(dir.path().join("args.log")).unwrap();
     assert_eq!(
         args.trim(),
         "--context prod get --raw /api/v1/namespaces/tessera-system/services/http:tessera-scheduler:8889/proxy/api/v1/cluster"
     );
+}
+
+#[test]
+fn without_server_status_port_forwards_to_the_service_and_stops_the_forward() {
+    let server = Server::start(vec![("/api/v1/cluster", Reply::ok(fixture("cluster.json")))]);
+    let port = server.url().rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let pid = dir.path().join("forward.pid");
+    // Says where it forwards (the recorded-answers server), then waits to be stopped.
+    let script = format!(
+        "echo $$ > '{}'\necho 'Forwarding from 127.0.0.1:{port} -> 8889'\necho 'Forwarding from [::1]:{port} -> 8889'\nexec sleep 60\n",
+        pid.display()
+    );
+    let kubectl = fake_kubectl(dir.path(), &script);
+    let out = run(&["status", "--context", "prod", "--kubectl", kubectl.to_str().unwrap()]).success();
+    assert!(out.contains("2g.20gb@0"), "{out}");
+    let args = std::fs::read_to_string(dir.path().join("args.log")).unwrap();
+    assert_eq!(
+        args.trim(),
+        "--context prod port-forward -n tessera-system svc/tessera-scheduler :8889 --address 127.0.0.1"
+    );
+    let pid = std::fs::read_to_string(&pid).unwrap();
+    let alive = std::path::Path::new("/proc").join(pid.trim()).join("status");
+    let state = std::fs::read_to_string(&alive).unwrap_or_default();
+    assert!(
+        !state.lines().any(|l| l.starts_with("State:") && !l.contains("zombie")),
+        "the forward still runs: {state}"
+    );
+}
+
+#[test]
+fn a_failing_port_forward_is_reported_with_kubectls_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubectl = fake_kubectl(
+        dir.path(),
+        "echo 'Error from server (NotFound): services \"tessera-scheduler\" not found' >&2; exit 1\n",
+    );
+    let err = run(&["status", "--kubectl", kubectl.to_str().unwrap()]).failure();
+    assert!(
+        err.contains("kubectl port-forward -n tessera-system svc/tessera-scheduler :8889 --address 127.0.0.1 failed"),
+        "{err}"
+    );
+    assert!(err.contains("services \"tessera-scheduler\" not found"), "{err}");
 }
 
 #[test]

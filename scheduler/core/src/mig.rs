@@ -146,6 +146,32 @@ impl fmt::Display for MigProduct {
     }
 }
 
+/// Prefix of the resources NVIDIA's device plugin advertises per MIG profile (mixed strategy).
+pub const NVIDIA_MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+/// The whole-GPU resource NVIDIA's device plugin advertises.
+pub const NVIDIA_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// The resource NVIDIA's device plugin advertises for a profile (mixed strategy): `mig-` and the
+/// profile name with every `+` replaced by `.`, e.g. `1g.10gb+me` -> `nvidia.com/mig-1g.10gb.me`.
+pub fn nvidia_resource_name(profile: &Profile) -> String {
+    format!("{NVIDIA_MIG_RESOURCE_PREFIX}{}", profile.name.replace('+', "."))
+}
+
+/// `nvidia.com/gpu` and every MIG resource name of every product in [`MigProduct::ALL`], each once,
+/// in table order (what kube-scheduler's `managedResources` must list).
+pub fn all_nvidia_resource_names() -> Vec<String> {
+    let mut names = vec![NVIDIA_GPU_RESOURCE.to_string()];
+    for product in MigProduct::ALL {
+        for profile in product.geometry().profiles {
+            let name = nvidia_resource_name(profile);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
 /// The placement table of one product.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -163,8 +189,17 @@ impl Geometry {
         self.profiles.iter().find(|p| p.class == class)
     }
 
+    /// The profile named `name` (`1g.10gb+me`), also in its resource form (`1g.10gb.me`, what
+    /// `nvidia.com/mig-1g.10gb.me` carries).
     pub fn profile_by_name(&self, name: &str) -> Option<&'static Profile> {
-        self.profiles.iter().find(|p| p.name.eq_ignore_ascii_case(name))
+        let same = |p: &Profile| {
+            p.name.len() == name.len()
+                && p.name.bytes().zip(name.bytes()).all(|(a, b)| {
+                    let a = if a == b'+' { b'.' } else { a };
+                    a.eq_ignore_ascii_case(&if b == b'+' { b'.' } else { b })
+                })
+        };
+        self.profiles.iter().find(|p| same(p))
     }
 
     /// The largest profile smaller than the whole GPU (4g on 8-slice parts, 2g on A30).

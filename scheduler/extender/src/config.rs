@@ -72,6 +72,8 @@ pub struct Args {
     /// CA certificates (PEM) that sign the client certificates --listen accepts over TLS.
     #[arg(long, env = "TESSERA_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub read_auth: crate::authn::AuthArgs,
 }
 
 /// Validated settings.
@@ -92,6 +94,8 @@ pub struct Config {
     pub log_json: bool,
     /// TLS with client-certificate authentication on `listen`.
     pub tls: Option<TlsFiles>,
+    /// The read-only surface's TokenReview/SubjectAccessReview settings; `None`: it answers everyone.
+    pub read_auth: Option<crate::authn::AuthArgs>,
 }
 
 impl Args {
@@ -132,6 +136,10 @@ impl Args {
             ));
         }
         let tls = TlsFiles::from_flags(self.tls_cert, self.tls_key, self.client_ca)?;
+        let read_auth = match self.read_auth.mode(self.demo)? {
+            crate::authn::ReadAuthMode::Kubernetes => self.read_auth.service().map(|_| Some(self.read_auth))?,
+            crate::authn::ReadAuthMode::None => None,
+        };
         Ok(Config {
             demo: self.demo,
             listen,
@@ -147,6 +155,7 @@ impl Args {
             preemption: !self.no_preemption,
             log_json: self.log_json,
             tls,
+            read_auth,
         })
     }
 }

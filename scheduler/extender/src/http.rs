@@ -60,6 +60,8 @@ pub struct App {
     pub scheduler: Arc<Scheduler>,
     pub surface: Surface,
     pub limits: Limits,
+    /// Checks each request's token before it is answered (the read-only listener in live mode).
+    pub auth: Option<Arc<crate::authn::ReadAuth>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -105,7 +107,7 @@ fn decode<T: serde::de::DeserializeOwned>(verb: &'static str, body: &Bytes) -> R
 
 impl App {
     pub fn new(scheduler: Arc<Scheduler>, surface: Surface) -> Self {
-        Self { scheduler, surface, limits: Limits::default() }
+        Self { scheduler, surface, limits: Limits::default(), auth: None }
     }
 
     /// Answers one request; the body is read here, bounded in size and time.
@@ -327,7 +329,15 @@ where
 {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.respond(req).await) }
+        async move {
+            if let Some(denied) = match &app.auth {
+                Some(auth) => auth.check(peer, &req).await,
+                None => None,
+            } {
+                return Ok::<_, Infallible>(denied);
+            }
+            Ok::<_, Infallible>(app.respond(req).await)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     if let Err(error) = watcher.watch(conn).await {

@@ -14,8 +14,10 @@
 //! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
 //! - [`tls`]: TLS with client-certificate authentication for the verbs.
+//! - [`authn`]: TokenReview + SubjectAccessReview for the read-only surface.
 //! - [`config`]: command line.
 
+pub mod authn;
 pub mod binder;
 pub mod cluster;
 pub mod config;

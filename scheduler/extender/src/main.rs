@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use tessera_scheduler::authn::ReadAuth;
 use tessera_scheduler::binder::KubeBinder;
 use tessera_scheduler::cluster::Watch;
 use tessera_scheduler::config::{Args, Config};
@@ -47,11 +48,15 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let policy = tessera_core::policy::by_name(&cfg.policy).context("unknown policy")?;
+    let mut read_auth = None;
     let scheduler: Arc<Scheduler> = if cfg.demo {
         let (s, _) = demo::scheduler(policy, cfg.seed);
         s
     } else {
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        if let Some(args) = &cfg.read_auth {
+            read_auth = Some(Arc::new(ReadAuth::new(client.clone(), args).map_err(anyhow::Error::msg)?));
+        }
         let watch = Watch::start(&client);
         let settings = Settings {
             mode: "live",
@@ -111,15 +116,15 @@ async fn main() -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = Vec::new();
-    let app = App { scheduler: scheduler.clone(), surface: verbs_surface, limits };
+    let app = App { scheduler: scheduler.clone(), surface: verbs_surface, limits, auth: None };
     tasks.push(match tls {
         Some(tls) => tokio::spawn(serve_tls(listener, app, tls, wait(rx.clone()))),
         None => tokio::spawn(serve(listener, app, wait(rx.clone()))),
     });
     if let Some(addr) = cfg.read_listen {
         let l = TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-        tracing::info!(listen = %addr, "Read-only surface serving");
-        let app = App { scheduler, surface: Surface::READ_ONLY, limits };
+        tracing::info!(listen = %addr, auth = read_auth.is_some(), "Read-only surface serving");
+        let app = App { scheduler, surface: Surface::READ_ONLY, limits, auth: read_auth };
         tasks.push(tokio::spawn(serve(l, app, wait(rx.clone()))));
     }
     shutdown_signal().await;

@@ -235,3 +235,77 @@ fn layouts_round_trip_through_serde_and_illegal_ones_are_refused() {
     let e = serde_json::from_str::<MigLayout>(bad).expect_err("overlap accepted");
     assert!(e.to_string().contains("overlaps"), "{e}");
 }
+
+#[test]
+fn nvidia_resource_names_replace_plus_with_a_dot() {
+    let h100 = MigProduct::H100_80GB.geometry();
+    assert_eq!(nvidia_resource_name(h100.profile(ProfileClass::G3).unwrap()), "nvidia.com/mig-3g.40gb");
+    assert_eq!(nvidia_resource_name(h100.profile(ProfileClass::G1Me).unwrap()), "nvidia.com/mig-1g.10gb.me");
+    let a30 = MigProduct::A30_24GB.geometry();
+    assert_eq!(nvidia_resource_name(a30.profile(ProfileClass::G2Me).unwrap()), "nvidia.com/mig-2g.12gb.me");
+    // The resource form names the same profile.
+    assert_eq!(h100.profile_by_name("1g.10gb.me").map(|p| p.class), Some(ProfileClass::G1Me));
+    assert_eq!(h100.profile_by_name("1G.10GB+ME").map(|p| p.class), Some(ProfileClass::G1Me));
+    assert_eq!(h100.profile_by_name("1g.10gb"), h100.profile(ProfileClass::G1));
+    assert!(h100.profile_by_name("1g.10gbxme").is_none());
+}
+
+#[test]
+fn all_nvidia_resource_names_cover_every_product_once() {
+    let names = all_nvidia_resource_names();
+    assert_eq!(names[0], "nvidia.com/gpu");
+    let unique: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "duplicates in {names:?}");
+    for product in MigProduct::ALL {
+        for p in product.geometry().profiles {
+            assert!(names.contains(&nvidia_resource_name(p)), "{product} {} missing", p.name);
+        }
+    }
+    for name in ["nvidia.com/mig-1g.6gb", "nvidia.com/mig-2g.12gb.me", "nvidia.com/mig-4g.24gb"] {
+        assert!(names.iter().any(|n| n == name), "A30 {name} missing");
+    }
+    for name in ["nvidia.com/mig-7g.180gb", "nvidia.com/mig-3g.48gb", "nvidia.com/mig-7g.96gb"] {
+        assert!(names.iter().any(|n| n == name), "{name} missing");
+    }
+}
+
+const SCHEDULER_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/base/scheduler-config.yaml");
+const BEGIN: &str = "# BEGIN generated: every NVIDIA resource name of tessera-core's MIG table";
+const END: &str = "# END generated";
+
+/// `text` with the lines between the BEGIN and END markers replaced by the generated list.
+fn with_generated_managed_resources(text: &str) -> Result<String, String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let begin = lines.iter().position(|l| l.trim_start().starts_with(BEGIN)).ok_or("no BEGIN marker")?;
+    let end = begin + lines[begin..].iter().position(|l| l.trim() == END).ok_or("no END marker after BEGIN")?;
+    let indent = &lines[begin][..lines[begin].len() - lines[begin].trim_start().len()];
+    let mut out: Vec<String> = lines[..=begin].iter().map(|l| l.to_string()).collect();
+    out.extend(all_nvidia_resource_names().iter().map(|n| format!("{indent}- name: {n}")));
+    out.extend(lines[end..].iter().map(|l| l.to_string()));
+    Ok(out.join("\n") + "\n")
+}
+
+#[test]
+fn managed_resources_in_the_scheduler_config_are_the_generated_list() {
+    let have = std::fs::read_to_string(SCHEDULER_CONFIG).expect("manifests/base/scheduler-config.yaml");
+    let want = with_generated_managed_resources(&have).expect("markers in manifests/base/scheduler-config.yaml");
+    if std::env::var_os("TESSERA_BLESS").is_some() && have != want {
+        std::fs::write(SCHEDULER_CONFIG, &want).unwrap();
+        return;
+    }
+    assert!(
+        have == want,
+        "managedResources in manifests/base/scheduler-config.yaml differ from tessera-core's MIG table; \
+         run TESSERA_BLESS=1 cargo test -p tessera-core managed_resources"
+    );
+}
+
+#[test]
+fn the_generated_block_replaces_only_what_is_between_the_markers() {
+    let text = format!("a: 1\n  {BEGIN} (x)\n  - name: stale\n  {END}\nb: 2\n");
+    let out = with_generated_managed_resources(&text).unwrap();
+    assert!(out.starts_with(&format!("a: 1\n  {BEGIN} (x)\n  - name: nvidia.com/gpu\n")));
+    assert!(out.ends_with(&format!("  - name: nvidia.com/mig-4g.24gb\n  {END}\nb: 2\n")));
+    assert!(!out.contains("stale"));
+    assert_eq!(with_generated_managed_resources("a: 1\n"), Err("no BEGIN marker".to_string()));
+}

@@ -2,6 +2,7 @@
 //! mock API server, loopback HTTP and TLS, the dashboard in headless Chromium, and the opt-in
 //! end-to-end suite.
 
+mod authn;
 mod browser;
 mod contract;
 mod dashboard;
