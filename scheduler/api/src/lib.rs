@@ -7,6 +7,7 @@
 //! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding.
 //! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
+//! - [`signing`]: HMAC signatures over assignments, checked by the node agent and the rebuild.
 //! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
 
 pub mod annotations;
@@ -14,6 +15,7 @@ pub mod assignment;
 pub mod gpunode;
 pub mod pod;
 pub mod podgroup;
+pub mod signing;
 pub mod snapshot;
 
 pub use assignment::{AssignedDevice, Assignment};
