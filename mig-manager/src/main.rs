@@ -130,8 +130,21 @@ async fn main() -> anyhow::Result<()> {
     let trust = match (&cli.assignment_keys, cli.insecure_accept_unsigned || cli.standalone) {
         (Some(path), _) => {
             let keys = Keys::file(path);
-            // A missing or unusable key file is an install mistake: say so now, not at the first pod.
-            let ring = keys.current().context("the assignment key file (--assignment-keys)")?;
+            // On first install the scheduler generates the key into the Secret and kubelet
+            // updates the mounted file a minute or so later: wait for it before serving devices.
+            let mut waited = 0u32;
+            let ring = loop {
+                match keys.current() {
+                    Ok(ring) => break ring,
+                    Err(error) => {
+                        if waited.is_multiple_of(30) {
+                            warn!(%error, "Waiting for a usable assignment key file before serving devices");
+                        }
+                        waited = waited.saturating_add(1);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
             info!(keys = ?ring.ids(), file = %path.display(), "Assignment signatures are checked");
             Trust::Signed(Arc::new(keys))
         }

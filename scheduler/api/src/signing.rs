@@ -251,6 +251,9 @@ impl Keyring {
 pub struct Keys {
     path: Option<PathBuf>,
     cached: Mutex<Option<(Stamp, Arc<Keyring>)>>,
+    /// Used while the key file is unusable (a key just generated into the Secret, before
+    /// kubelet has updated the mounted file).
+    fallback: Option<Arc<Keyring>>,
 }
 
 /// When and how large the key file was when last read.
@@ -265,12 +268,18 @@ impl fmt::Debug for Keys {
 impl Keys {
     /// Keys read from `path`, now and whenever the file changes.
     pub fn file(path: impl Into<PathBuf>) -> Self {
-        Self { path: Some(path.into()), cached: Mutex::new(None) }
+        Self { path: Some(path.into()), cached: Mutex::new(None), fallback: None }
+    }
+
+    /// Uses `ring` while the key file cannot be used.
+    pub fn with_fallback(mut self, ring: Keyring) -> Self {
+        self.fallback = Some(Arc::new(ring));
+        self
     }
 
     /// A keyring that never changes.
     pub fn fixed(ring: Keyring) -> Self {
-        Self { path: None, cached: Mutex::new(Some((None, Arc::new(ring)))) }
+        Self { path: None, cached: Mutex::new(Some((None, Arc::new(ring)))), fallback: None }
     }
 
     /// The key file, when keys come from one.
@@ -292,7 +301,11 @@ impl Keys {
         {
             return Ok(ring.clone());
         }
-        let ring = Arc::new(Keyring::load(path)?);
+        let ring = match (Keyring::load(path), &self.fallback) {
+            (Ok(r), _) => Arc::new(r),
+            (Err(_), Some(fallback)) => return Ok(fallback.clone()),
+            (Err(e), None) => return Err(e),
+        };
         *cached = Some((stamp, ring.clone()));
         Ok(ring)
     }
@@ -378,6 +391,8 @@ mod tests {
         assert_eq!(keys.current().unwrap().ids(), ["k2", "k1"]);
         std::fs::write(&path, "").unwrap();
         assert_eq!(keys.current().unwrap_err(), KeyError::Empty);
+        let with = Keys::file(&path).with_fallback(Keyring::parse(KEYS).unwrap());
+        assert_eq!(with.current().unwrap().ids(), ["k2", "k1"], "the fallback while the file is empty");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(keys.current().unwrap_err(), KeyError::Read { .. }));
     }

@@ -62,6 +62,15 @@ pub struct Args {
     /// CA certificates (PEM) that sign the client certificates --listen accepts over TLS.
     #[arg(long, env = "TESSERA_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    /// Key file that signs assignments (the mounted `tessera-assignment-keys` Secret): one
+    /// `<id> <base64 secret>` per line, the first signs, all verify; re-read when it changes.
+    /// Without it assignments are unsigned, and node agents that check signatures refuse them.
+    #[arg(long, env = "TESSERA_ASSIGNMENT_KEYS")]
+    pub assignment_keys: Option<PathBuf>,
+    /// `NAMESPACE/NAME` of the Secret behind --assignment-keys: when the mounted file holds no
+    /// key yet (first install), a key is generated into that Secret.
+    #[arg(long, env = "TESSERA_ASSIGNMENT_KEYS_SECRET", requires = "assignment_keys")]
+    pub assignment_keys_secret: Option<String>,
 }
 
 /// Validated settings.
@@ -80,6 +89,10 @@ pub struct Config {
     pub log_json: bool,
     /// TLS with client-certificate authentication on `listen`.
     pub tls: Option<TlsFiles>,
+    /// Key file that signs assignments.
+    pub assignment_keys: Option<PathBuf>,
+    /// The Secret behind it, as (namespace, name).
+    pub assignment_keys_secret: Option<(String, String)>,
 }
 
 impl Args {
@@ -114,6 +127,13 @@ impl Args {
             return Err("--max-body-bytes must be positive".into());
         }
         let tls = TlsFiles::from_flags(self.tls_cert, self.tls_key, self.client_ca)?;
+        let assignment_keys_secret = match &self.assignment_keys_secret {
+            Some(v) => match v.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Some((ns.to_owned(), name.to_owned())),
+                _ => return Err(format!("--assignment-keys-secret {v:?}: expected NAMESPACE/NAME")),
+            },
+            None => None,
+        };
         Ok(Config {
             demo: self.demo,
             listen,
@@ -126,6 +146,8 @@ impl Args {
             request_timeout: Duration::from_secs(self.request_timeout_secs.max(1)),
             log_json: self.log_json,
             tls,
+            assignment_keys: self.assignment_keys,
+            assignment_keys_secret,
         })
     }
 }

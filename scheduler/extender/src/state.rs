@@ -83,6 +83,8 @@ pub struct Settings {
     /// Write planned gang members' reservations on the pods (live mode with
     /// [`crate::reservations::writer`] running); off, nothing is queued.
     pub persist_reservations: bool,
+    /// Keys that sign assignments (and check them at rebuild); `None`: unsigned.
+    pub assignment_keys: Option<Arc<tessera_api::signing::Keys>>,
 }
 
 impl Default for Settings {
@@ -94,6 +96,7 @@ impl Default for Settings {
             assume_ttl: Duration::from_secs(300),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             persist_reservations: false,
+            assignment_keys: None,
         }
     }
 }
@@ -274,6 +277,13 @@ pub struct Scheduler {
 impl fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scheduler").field("policy", &self.policy.name()).field("settings", &self.settings).finish()
+    }
+}
+
+impl Scheduler {
+    /// The keys that sign assignments, when configured.
+    pub fn assignment_keys(&self) -> Option<&Arc<tessera_api::signing::Keys>> {
+        self.settings.assignment_keys.as_ref()
     }
 }
 
@@ -1067,12 +1077,24 @@ impl Scheduler {
                 }
             }
         }
+        let text = assignment.to_annotation();
+        let mut ann = BTreeMap::from([(annotations::ASSIGNMENT.to_owned(), text.clone())]);
+        if let Some(keys) = &self.settings.assignment_keys {
+            if args.pod_uid.is_empty() {
+                return Err(Error::BadRequest(format!(
+                    "pod {key}: the binding has no pod UID to sign the assignment for"
+                )));
+            }
+            let ring =
+                keys.current().map_err(|e| Error::BadRequest(format!("signing the assignment of {key}: {e}")))?;
+            ann.insert(annotations::ASSIGNMENT_SIGNATURE.to_owned(), ring.sign(&args.pod_uid, &args.node, &text));
+        }
         let req = BindRequest {
             namespace: args.pod_namespace.clone(),
             name: args.pod_name.clone(),
             uid: args.pod_uid.clone(),
             node: args.node.clone(),
-            annotations: [(annotations::ASSIGNMENT.to_owned(), assignment.to_annotation())].into(),
+            annotations: ann,
         };
         tracing::debug!(pod = %key, node = %args.node, "Binding");
         self.binder.bind(&req).await?;

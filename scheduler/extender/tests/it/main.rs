@@ -11,5 +11,6 @@ mod http;
 mod kube_api;
 mod loopback;
 mod reservations;
+mod signing;
 mod tls;
 mod wire;
