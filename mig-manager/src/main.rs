@@ -227,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
         inventory,
         registered: registered_rx,
         metrics,
+        kubelet: kubelet_resources,
     });
     let trigger = Arc::new(Notify::new());
     if let Some(client) = kube_client {

@@ -145,6 +145,9 @@ struct Node {
     ring: Keyring,
     /// The API's pod list (what `api` serves).
     current: Vec<PodInfo>,
+    /// The fake kubelet's PodResources socket.
+    pr_socket: PathBuf,
+    allocations: Arc<Allocations>,
 }
 
 async fn node(fake: FakeGpus) -> Node {
@@ -168,7 +171,8 @@ async fn node(fake: FakeGpus) -> Node {
     let events = Arc::new(MemoryEvents::default());
     let (registry, m) = metrics::registry();
     let metrics = Arc::new(m);
-    let plugin = Plugin::new(NODE, rx, api.clone(), Arc::new(Allocations::default()), Some(metrics.clone()))
+    let allocations = Arc::new(Allocations::default());
+    let plugin = Plugin::new(NODE, rx, api.clone(), allocations.clone(), Some(metrics.clone()))
         .with_kubelet(Arc::new(KubeletSocket::new(&pr_socket)))
         .with_trust(Trust::Signed(Arc::new(Keys::fixed(Keyring::parse(KEYS).unwrap()))))
         .with_refusals(events.clone())
@@ -205,6 +209,8 @@ async fn node(fake: FakeGpus) -> Node {
         used: BTreeSet::new(),
         ring: Keyring::parse(KEYS).unwrap(),
         current: Vec::new(),
+        pr_socket,
+        allocations,
     }
 }
 
@@ -530,4 +536,44 @@ async fn unsigned_forged_replayed_foreign_and_double_booked_assignments_are_refu
         let line = format!("tessera_node_assignment_refusals_total{{reason=\"{reason}\"}} {count}");
         assert!(text.contains(&line), "{line} missing in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn the_agent_publishes_what_kubelets_pod_resources_reports_every_container_holds() {
+    use tessera_mig_manager::agent::{Agent, Parts};
+    use tessera_mig_manager::gpu::Observed;
+    use tessera_mig_manager::status::LocalNodeApi;
+
+    let mut n = node(FakeGpus::new(MigProduct::H100_80GB, 4, false)).await;
+    let tessera_pod = signed(&n.ring, "served", &assignment(vec![whole(&n.fake, 1)]));
+    assert_eq!(n.round(&[(tessera_pod, whole(&n.fake, 1).gpu)], &[0], 0).await, 0);
+    let gpu3 = whole(&n.fake, 3).gpu;
+    n.kubelet.state.lock().unwrap().other.push((
+        "ml".into(),
+        "cuda-job".into(),
+        "nvidia.com/gpu".into(),
+        vec![format!("{gpu3}::2")],
+    ));
+    let (_, m) = metrics::registry();
+    let (tx, _) = tokio::sync::watch::channel(Observed::default());
+    let mut agent = Agent::new(Parts {
+        node: NODE.into(),
+        backend: n.fake.clone(),
+        node_api: Arc::new(LocalNodeApi::new(None)),
+        pods: n.api.clone(),
+        allocations: n.allocations.clone(),
+        inventory: tx,
+        registered: None,
+        metrics: Arc::new(m),
+        kubelet: Some(Arc::new(KubeletSocket::new(&n.pr_socket))),
+    });
+    let status = agent.pass().await;
+    let held: Vec<(&str, &str, &str)> =
+        status.held.iter().map(|h| (h.pod.as_str(), h.resource.as_str(), h.uuid.as_str())).collect();
+    let gpu1 = whole(&n.fake, 1).gpu;
+    assert_eq!(
+        held,
+        [("ml/served", RESOURCE, gpu1.as_str()), ("ml/cuda-job", "nvidia.com/gpu", gpu3.as_str())],
+        "tessera's pod with the device it was served, NVIDIA's time-sliced replica as its GPU"
+    );
 }

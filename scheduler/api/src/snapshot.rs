@@ -1,9 +1,10 @@
 //! Kubernetes objects → core [`Snapshot`]: Nodes, their `GpuNode`s and the pods bound to them.
 //!
 //! Allocations are rebuilt from scratch: pods bound by tessera carry the exact devices in their
-//! `tessera.dev/assignment` annotation; pods of the NVIDIA device plugin (`nvidia.com/gpu`,
-//! `nvidia.com/mig-*`) are counted on the lowest free matching devices, since only the node
-//! knows which ones it picked. So a restarted scheduler never hands out a device a running pod
+//! signed `tessera.dev/assignment` annotation; pods of the NVIDIA device plugin
+//! (`nvidia.com/gpu`, `nvidia.com/mig-*`) are counted on the devices their node's agent reports
+//! from kubelet's PodResources (`GpuNode.status.held`), or on the lowest free matching devices
+//! when it reports none. So a restarted scheduler never hands out a device a running pod
 //! holds. The scheduler rebuilds its state with this after every change; the simulator reads
 //! cluster captures with it.
 
@@ -187,8 +188,22 @@ where
             }
         }
     }
-    // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess) never take the
-    // devices an annotated pod really holds; untrusted running pods after every trusted one.
+    // What kubelet told each agent other plugins' pods hold (GpuNode.status.held).
+    let mut reported: HashMap<(String, String), Vec<Grant>> = HashMap::new();
+    for (node, gn) in &by_name {
+        let Some(status) = gn.status.as_ref() else { continue };
+        for h in status.held.iter().filter(|h| h.resource != annotations::RESOURCE_GPU) {
+            if let Some(g) = grant_of_uuid(&b.snap, node, status, &h.uuid) {
+                let grants = reported.entry(((*node).to_owned(), h.pod.clone())).or_default();
+                if !grants.contains(&g) {
+                    grants.push(g);
+                }
+            }
+        }
+    }
+    // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess unless their node
+    // reports them) never take the devices an annotated pod really holds; untrusted running
+    // pods after every trusted one.
     let mut bound: Vec<(Trust, &Pod)> = pods
         .iter()
         .map(Borrow::borrow)
@@ -211,8 +226,10 @@ where
             continue;
         }
         let (cpu_milli, memory_mib) = podparse::requests(pod).unwrap_or((0, 0));
-        let grants = match trust {
-            Trust::Refused => Vec::new(),
+        let known = reported.get(&(node.0.clone(), key.to_string()));
+        let grants = match (trust, known) {
+            (Trust::Refused, _) => Vec::new(),
+            (Trust::Guessed, Some(g)) => g.clone(),
             _ => match grants_of(&b.snap, &node, pod) {
                 Ok(g) => g,
                 Err(why) => {
@@ -250,6 +267,21 @@ where
         }
     }
     b
+}
+
+/// The grant a physical device UUID stands for on a node: a whole GPU or a MIG instance.
+fn grant_of_uuid(snap: &Snapshot, node: &str, status: &crate::gpunode::GpuNodeStatus, uuid: &str) -> Option<Grant> {
+    let n = snap.node(&NodeName(node.to_owned()))?;
+    for g in &status.gpus {
+        if g.uuid == uuid {
+            return Some(Grant::Whole { gpu: g.index });
+        }
+        if let Some(i) = g.instances.iter().find(|i| i.uuid == uuid) {
+            let class = n.gpu(g.index)?.mig_product()?.geometry().profile_by_name(&i.profile)?.class;
+            return Some(Grant::Mig { gpu: g.index, class, start: i.start });
+        }
+    }
+    None
 }
 
 /// Whether a bound pod's assignment is trusted; records the refusal when not.
@@ -474,6 +506,36 @@ mod tests {
         assert!(b.refused[3].refusal.to_string().contains("ml/legit"), "{}", b.refused[3].refusal);
         // Unchecked (captures, the simulator): everything is trusted as before.
         assert!(build(&[node("a", json!({}), "3")], &[gpunode()], &pods).refused.is_empty());
+    }
+
+    #[test]
+    fn nvidia_plugin_pods_hold_what_their_node_reports_not_the_lowest_free_devices() {
+        let mut gn = gpunode();
+        gn.status.as_mut().unwrap().held = vec![
+            crate::gpunode::HeldDevice {
+                pod: "ml/plugin".into(),
+                container: "c".into(),
+                resource: "nvidia.com/gpu".into(),
+                uuid: "GPU-2".into(),
+            },
+            crate::gpunode::HeldDevice {
+                pod: "ml/mig-plugin".into(),
+                container: "c".into(),
+                resource: "nvidia.com/mig-3g.40gb".into(),
+                uuid: "MIG-0-4".into(),
+            },
+        ];
+        let pods = [
+            pod("plugin", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+            pod("mig-plugin", "a", json!({}), json!({"nvidia.com/mig-3g.40gb": "1"})),
+            pod("guessed", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+        ];
+        let b = build(&[node("a", json!({}), "3")], &[gn], &pods);
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("plugin"), Some(vec![Grant::Whole { gpu: 2 }]), "GPU 2, as kubelet reports");
+        assert_eq!(grants("mig-plugin"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]));
+        // Not reported (an older agent): the lowest free GPU, as before.
+        assert_eq!(grants("guessed"), Some(vec![Grant::Whole { gpu: 1 }]));
     }
 
     #[test]
