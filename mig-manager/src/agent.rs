@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_api::GpuNodeStatus;
-use tessera_api::gpunode::Condition;
+use tessera_api::annotations::RESOURCE_GPU;
+use tessera_api::gpunode::{Condition, HeldDevice};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info_span, warn};
 
@@ -16,6 +17,7 @@ use crate::device_plugin::Allocations;
 use crate::gpu::{GpuBackend, GpuError, Observed, Sample, observe};
 use crate::metrics::Metrics;
 use crate::mig::reconcile::{Outcome, Reconciler};
+use crate::podresources::{KubeletResources, PodView, physical};
 use crate::pods::{PodInfo, PodSource, held_devices};
 use crate::status::{self, Desired, NodeApi, PassReport};
 
@@ -32,6 +34,8 @@ pub struct Agent {
     /// Registration state of the device plugin, when it runs.
     pub registered: Option<watch::Receiver<bool>>,
     pub metrics: Arc<Metrics>,
+    /// kubelet's PodResources API, when used.
+    pub kubelet: Option<Arc<dyn KubeletResources>>,
     previous: Vec<Condition>,
 }
 
@@ -46,6 +50,7 @@ pub struct Parts {
     pub inventory: watch::Sender<Observed>,
     pub registered: Option<watch::Receiver<bool>>,
     pub metrics: Arc<Metrics>,
+    pub kubelet: Option<Arc<dyn KubeletResources>>,
 }
 
 struct Discovered {
@@ -57,8 +62,19 @@ struct Discovered {
 
 impl Agent {
     pub fn new(parts: Parts) -> Self {
-        let Parts { node, backend, node_api, pods, allocations, inventory, registered, metrics } = parts;
-        Self { node, backend, node_api, pods, allocations, inventory, registered, metrics, previous: Vec::new() }
+        let Parts { node, backend, node_api, pods, allocations, inventory, registered, metrics, kubelet } = parts;
+        Self {
+            node,
+            backend,
+            node_api,
+            pods,
+            allocations,
+            inventory,
+            registered,
+            metrics,
+            kubelet,
+            previous: Vec::new(),
+        }
     }
 
     /// One pass; returns the status it published (or tried to).
@@ -83,10 +99,22 @@ impl Agent {
                 None
             }
         };
+        // What kubelet says every container holds, whichever plugin gave it.
+        let held: Option<Vec<HeldDevice>> = match &self.kubelet {
+            None => Some(Vec::new()),
+            Some(k) => match k.list().await {
+                Ok(views) => Some(held_from(&views, pods.as_deref().unwrap_or_default(), &self.allocations)),
+                Err(error) => {
+                    warn!(%error, "Reading kubelet's PodResources failed; not changing MIG this pass");
+                    self.metrics.pass_failed(error.kind());
+                    None
+                }
+            },
+        };
         let has_spec = desired.as_ref().is_some_and(|d| !d.gpus.is_empty());
         // Reconcile only when we know both what is wanted and who holds what.
-        let to_apply = match (&desired, &pods) {
-            (Some(d), Some(p)) if has_spec => Some((d.gpus.clone(), p.clone())),
+        let to_apply = match (&desired, &pods, &held) {
+            (Some(d), Some(p), Some(h)) if has_spec => Some((d.gpus.clone(), p.clone(), h.clone())),
             _ => None,
         };
         let backend = self.backend.clone();
@@ -95,8 +123,10 @@ impl Agent {
         let found = tokio::task::spawn_blocking(move || {
             let observed = observe(backend.as_ref());
             let outcome = match (&observed, to_apply) {
-                (Ok(obs), Some((gpus, pods))) => {
-                    let held = held_devices(&pods, &node, obs);
+                (Ok(obs), Some((gpus, pods, kubelet_held))) => {
+                    let mut held = held_devices(&pods, &node, obs);
+                    // Never repartition what kubelet says a container holds.
+                    held.extend(kubelet_held.into_iter().map(|h| h.uuid));
                     let in_use = || -> BTreeSet<String> {
                         let mut s = held.clone();
                         s.extend(allocations.held());
@@ -168,6 +198,7 @@ impl Agent {
             links: status::links(&found.links),
             observed_generation: desired.as_ref().and_then(|d| d.generation),
             conditions,
+            held: held.unwrap_or_default(),
         };
         if let Err(error) = self.node_api.publish(published.clone()).await {
             warn!(%error, "Publishing GpuNode status failed; will retry");
@@ -192,6 +223,32 @@ impl Agent {
     }
 }
 
+/// The devices kubelet reports held, per container: other plugins' device IDs as the physical
+/// UUIDs they stand for; tessera's own with the devices the plugin served the pod (kubelet's
+/// IDs for `tessera.dev/gpu` are admission slots).
+pub fn held_from(views: &[PodView], pods: &[PodInfo], allocations: &Allocations) -> Vec<HeldDevice> {
+    let mut out = Vec::new();
+    for v in views {
+        let uid = pods.iter().find(|p| p.namespace == v.namespace && p.name == v.name).map(|p| p.uid.as_str());
+        for c in &v.containers {
+            for (resource, ids) in &c.devices {
+                let uuids: Vec<String> = if resource == RESOURCE_GPU {
+                    uid.and_then(|u| allocations.of(u)).unwrap_or_default()
+                } else {
+                    ids.iter().map(|id| physical(id).to_owned()).collect()
+                };
+                for uuid in uuids {
+                    let h = HeldDevice { pod: v.key(), container: c.name.clone(), resource: resource.clone(), uuid };
+                    if !out.contains(&h) {
+                        out.push(h);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode, condition};
@@ -202,6 +259,7 @@ mod tests {
     use crate::gpu::fake::FakeGpus;
     use crate::gpu::null::NullBackend;
     use crate::metrics;
+    use crate::podresources::StaticResources;
     use crate::pods::StaticPods;
     use crate::status::LocalNodeApi;
 
@@ -209,6 +267,15 @@ mod tests {
         backend: Arc<dyn GpuBackend>,
         spec_file: Option<std::path::PathBuf>,
         pods: Arc<StaticPods>,
+    ) -> (Agent, Arc<LocalNodeApi>) {
+        agent_with(backend, spec_file, pods, Arc::default())
+    }
+
+    fn agent_with(
+        backend: Arc<dyn GpuBackend>,
+        spec_file: Option<std::path::PathBuf>,
+        pods: Arc<StaticPods>,
+        kubelet: Arc<StaticResources>,
     ) -> (Agent, Arc<LocalNodeApi>) {
         let api = Arc::new(LocalNodeApi::new(spec_file));
         let (_, m) = metrics::registry();
@@ -222,6 +289,7 @@ mod tests {
             inventory: tx,
             registered: None,
             metrics: Arc::new(m),
+            kubelet: Some(kubelet),
         });
         (a, api)
     }
@@ -316,5 +384,77 @@ mod tests {
         let c = cond(&status, condition::NVML_READY);
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NoNvml"));
         assert!(rx.borrow().gpus.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod podresources_tests {
+    use std::collections::BTreeMap;
+
+    use tessera_api::GpuNodeSpec;
+    use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode};
+    use tessera_core::mig::MigProduct;
+
+    use super::*;
+    use crate::gpu::fake::FakeGpus;
+    use crate::metrics;
+    use crate::podresources::{ContainerView, StaticResources};
+    use crate::pods::StaticPods;
+    use crate::status::LocalNodeApi;
+
+    #[tokio::test]
+    async fn devices_nvidias_plugin_gave_are_published_and_never_repartitioned() {
+        let fake =
+            Arc::new(FakeGpus::new(MigProduct::H100_80GB, 2, true).with_mig(0, &["3g.40gb", "3g.40gb"]).unwrap());
+        let nvidia_mig = fake.mig_devices(0).unwrap()[1].uuid.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let spec_path = dir.path().join("spec.json");
+        let spec = GpuNodeSpec {
+            gpus: vec![GpuSpec {
+                index: 0,
+                mode: Mode::Mig,
+                instances: vec![MigInstanceSpec { profile: "7g.80gb".into(), start: 0 }],
+            }],
+        };
+        std::fs::write(&spec_path, serde_json::to_string(&spec).unwrap()).unwrap();
+        let kubelet = Arc::new(StaticResources::default());
+        kubelet.set(vec![PodView {
+            namespace: "ml".into(),
+            name: "cuda-job".into(),
+            containers: vec![ContainerView {
+                name: "main".into(),
+                devices: BTreeMap::from([("nvidia.com/mig-3g.40gb".to_owned(), vec![nvidia_mig.clone()])]),
+            }],
+        }]);
+        let api = Arc::new(LocalNodeApi::new(Some(spec_path)));
+        let (_, m) = metrics::registry();
+        let (tx, _) = watch::channel(Observed::default());
+        let mut agent = Agent::new(Parts {
+            node: "n1".into(),
+            backend: fake.clone(),
+            node_api: api.clone(),
+            pods: Arc::new(StaticPods::default()),
+            allocations: Arc::default(),
+            inventory: tx,
+            registered: None,
+            metrics: Arc::new(m),
+            kubelet: Some(kubelet.clone()),
+        });
+        let status = agent.pass().await;
+        assert_eq!(
+            status.held,
+            [HeldDevice {
+                pod: "ml/cuda-job".into(),
+                container: "main".into(),
+                resource: "nvidia.com/mig-3g.40gb".into(),
+                uuid: nvidia_mig.clone()
+            }]
+        );
+        assert!(status.gpus[0].instances.iter().any(|i| i.uuid == nvidia_mig), "the held instance stays");
+        // The NVIDIA pod ends: the GPU is repartitioned.
+        kubelet.set(vec![]);
+        let status = agent.pass().await;
+        assert!(status.held.is_empty());
+        assert_eq!(status.gpus[0].instances[0].profile, "7g.80gb");
     }
 }

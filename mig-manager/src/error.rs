@@ -48,6 +48,12 @@ pub enum Error {
         #[source]
         source: Box<tonic::Status>,
     },
+    #[error("kubelet's PodResources API at {path}: {}", source.message())]
+    PodResources {
+        path: String,
+        #[source]
+        source: Box<tonic::Status>,
+    },
     #[error("serving the device plugin")]
     Serve(#[source] tonic::transport::Error),
     #[error("reading spec file {path}: {why}")]
@@ -68,6 +74,7 @@ impl Error {
             Error::PluginSocket { .. } => "plugin_socket",
             Error::KubeletConnect { .. } => "kubelet_connect",
             Error::Register { .. } => "register",
+            Error::PodResources { .. } => "pod_resources",
             Error::Serve(_) => "serve",
             Error::SpecFile { .. } => "spec_file",
             Error::Task(_) => "task",

@@ -10,10 +10,12 @@
 pub mod agent;
 pub mod device_plugin;
 pub mod error;
+pub mod events;
 pub mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod mig;
+pub mod podresources;
 pub mod pods;
 pub mod status;
 

@@ -7,13 +7,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use tessera_api::signing::Keys;
 use tessera_mig_manager::agent::{Agent, Parts};
 use tessera_mig_manager::device_plugin::server::{PluginConfig, run as run_plugin};
-use tessera_mig_manager::device_plugin::{Allocations, DEFAULT_DIR, Plugin, SOCKET_NAME};
+use tessera_mig_manager::device_plugin::{Allocations, DEFAULT_DIR, DEFAULT_SHARE_SLOTS, Plugin, SOCKET_NAME, Trust};
+use tessera_mig_manager::events::{KubeEvents, MemoryEvents, RefusalSink};
 use tessera_mig_manager::gpu::fake::FakeGpus;
 use tessera_mig_manager::gpu::null::NullBackend;
 use tessera_mig_manager::gpu::nvml::NvmlBackend;
 use tessera_mig_manager::gpu::{GpuBackend, Observed};
+use tessera_mig_manager::podresources::{DEFAULT_SOCKET as DEFAULT_POD_RESOURCES, KubeletResources, KubeletSocket};
 use tessera_mig_manager::pods::{KubePods, PodSource, StaticPods};
 use tessera_mig_manager::status::{KubeNodeApi, LocalNodeApi, NodeApi, watch_spec};
 use tessera_mig_manager::{http, metrics};
@@ -60,6 +63,26 @@ struct Cli {
     /// Do not serve the device plugin.
     #[arg(long)]
     no_device_plugin: bool,
+    /// kubelet's PodResources socket: tells the device plugin which pod kubelet is admitting and
+    /// which devices every container holds.
+    #[arg(long, default_value = DEFAULT_POD_RESOURCES, env = "TESSERA_POD_RESOURCES_SOCKET")]
+    pod_resources_socket: PathBuf,
+    /// Do not use kubelet's PodResources API (then only one tessera pod at a time can be admitted
+    /// on the node; more are refused, never swapped).
+    #[arg(long)]
+    no_pod_resources: bool,
+    /// Key file of the assignment signatures (the mounted `tessera-assignment-keys` Secret), one
+    /// `<id> <base64 secret>` per line; re-read when it changes.
+    #[arg(long, env = "TESSERA_ASSIGNMENT_KEYS")]
+    assignment_keys: Option<PathBuf>,
+    /// Serve assignments without checking their signature (anyone who can create a pod on the
+    /// node can then take any of its GPUs). For local trials only.
+    #[arg(long, conflicts_with = "assignment_keys")]
+    insecure_accept_unsigned: bool,
+    /// Admission slots advertised per whole-mode GPU: how many `tessera.dev/gpu-share` pods
+    /// kubelet admits on one GPU.
+    #[arg(long, default_value_t = DEFAULT_SHARE_SLOTS)]
+    share_slots: u32,
     /// Address of /metrics and /healthz.
     #[arg(long, default_value = "0.0.0.0:9400")]
     metrics_addr: SocketAddr,
@@ -104,6 +127,42 @@ async fn main() -> anyhow::Result<()> {
     let backend = backend(&cli)?;
     info!(node = %cli.node_name, backend = backend.name(), standalone = cli.standalone, "Starting tessera-mig-manager");
 
+    let trust = match (&cli.assignment_keys, cli.insecure_accept_unsigned || cli.standalone) {
+        (Some(path), _) => {
+            let keys = Keys::file(path);
+            // On first install the scheduler generates the key into the Secret and kubelet
+            // updates the mounted file a minute or so later: wait for it before serving devices.
+            let mut waited = 0u32;
+            let ring = loop {
+                match keys.current() {
+                    Ok(ring) => break ring,
+                    Err(error) => {
+                        if waited.is_multiple_of(30) {
+                            warn!(%error, "Waiting for a usable assignment key file before serving devices");
+                        }
+                        waited = waited.saturating_add(1);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            info!(keys = ?ring.ids(), file = %path.display(), "Assignment signatures are checked");
+            Trust::Signed(Arc::new(keys))
+        }
+        (None, true) => {
+            warn!("Assignment signatures are NOT checked: any pod on this node can take any GPU");
+            Trust::Unchecked
+        }
+        (None, false) => anyhow::bail!(
+            "--assignment-keys is required (the mounted tessera-assignment-keys Secret); \
+             --insecure-accept-unsigned turns the check off for local trials"
+        ),
+    };
+    let kubelet_resources: Option<Arc<dyn KubeletResources>> = (!cli.no_pod_resources && !cli.standalone)
+        .then(|| Arc::new(KubeletSocket::new(&cli.pod_resources_socket)) as Arc<dyn KubeletResources>);
+    if kubelet_resources.is_none() {
+        warn!("kubelet's PodResources API is not used: one tessera pod at a time can be admitted on this node");
+    }
+
     let (registry, metrics) = metrics::registry();
     let metrics = Arc::new(metrics);
     let allocations = Arc::new(Allocations::default());
@@ -129,8 +188,18 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", cli.device_plugin_dir.display()))?;
         let (reg_tx, reg_rx) = watch::channel(false);
         registered_rx = Some(reg_rx);
-        let plugin =
-            Plugin::new(&cli.node_name, inventory_rx, pods.clone(), allocations.clone(), Some(metrics.clone()));
+        let refusals: Arc<dyn RefusalSink> = match &kube_client {
+            Some(c) => Arc::new(KubeEvents::new(c.clone(), &cli.node_name)),
+            None => Arc::new(MemoryEvents::default()),
+        };
+        let mut plugin =
+            Plugin::new(&cli.node_name, inventory_rx, pods.clone(), allocations.clone(), Some(metrics.clone()))
+                .with_trust(trust.clone())
+                .with_refusals(refusals)
+                .with_share_slots(cli.share_slots);
+        if let Some(k) = &kubelet_resources {
+            plugin = plugin.with_kubelet(k.clone());
+        }
         let cfg = PluginConfig {
             dir: cli.device_plugin_dir.clone(),
             socket_name: SOCKET_NAME.to_owned(),
@@ -158,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
         inventory,
         registered: registered_rx,
         metrics,
+        kubelet: kubelet_resources,
     });
     let trigger = Arc::new(Notify::new());
     if let Some(client) = kube_client {

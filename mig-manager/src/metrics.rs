@@ -42,6 +42,11 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the agent exports.
@@ -61,6 +66,8 @@ pub struct Metrics {
     pub reconcile_converged: Gauge,
     pub reconcile_duration_seconds: Histogram,
     pub allocations_total: Family<ResultLabels, Counter>,
+    pub assignment_refusals_total: Family<ReasonLabels, Counter>,
+    pub allocate_duration_seconds: Histogram,
     pub nvml_up: Gauge,
     pub device_plugin_registered: Gauge,
 }
@@ -83,6 +90,8 @@ impl Metrics {
             reconcile_converged: Gauge::default(),
             reconcile_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             allocations_total: Family::default(),
+            assignment_refusals_total: Family::default(),
+            allocate_duration_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             nvml_up: Gauge::default(),
             device_plugin_registered: Gauge::default(),
         };
@@ -117,6 +126,17 @@ impl Metrics {
             m.reconcile_duration_seconds.clone(),
         );
         r.register("allocations", "Device plugin Allocate calls, by result", m.allocations_total.clone());
+        r.register(
+            "assignment_refusals",
+            "Assignments the device plugin refused to serve, by reason (Unsigned, Forged, Replayed, ForeignNode, \
+             UnknownKey, DeviceHeld, ...)",
+            m.assignment_refusals_total.clone(),
+        );
+        r.register(
+            "allocate_duration_seconds",
+            "Time to answer kubelet's Allocate, finding the admitted pod included",
+            m.allocate_duration_seconds.clone(),
+        );
         r.register("nvml_up", "1 when NVML answers", m.nvml_up.clone());
         r.register(
             "device_plugin_registered",
@@ -128,6 +148,10 @@ impl Metrics {
 
     pub fn allocation(&self, result: &str) {
         self.allocations_total.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.assignment_refusals_total.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     }
 
     /// Records the outcome of a reconcile pass.

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use tessera_api::annotations::ASSIGNMENT;
+use tessera_api::annotations::{ASSIGNMENT, ASSIGNMENT_SIGNATURE, RESOURCE_GPU};
 use tessera_api::{AssignedDevice, Assignment};
 
 use crate::error::{Error, Result};
@@ -33,12 +33,34 @@ pub struct PodInfo {
     pub created_s: i64,
     /// The parsed `tessera.dev/assignment`, or why it could not be parsed.
     pub assignment: Option<Result<Assignment, String>>,
+    /// The annotation text itself (what the signature covers).
+    pub assignment_text: Option<String>,
+    /// `tessera.dev/assignment-signature`.
+    pub signature: Option<String>,
+    /// Containers that ask for `tessera.dev/gpu`, init containers first (kubelet's order).
+    pub gpu_containers: Vec<String>,
 }
 
 impl PodInfo {
     /// Reads the fields the agent needs from a pod.
     pub fn from_pod(pod: &Pod) -> Self {
         let meta = &pod.metadata;
+        let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+        let asks = |c: &k8s_openapi::api::core::v1::Container| {
+            c.resources.as_ref().is_some_and(|r| {
+                [r.limits.as_ref(), r.requests.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m.get(RESOURCE_GPU).is_some_and(|q| q.0.trim() != "0"))
+            })
+        };
+        let gpu_containers = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()))
+            .filter(|c| asks(c))
+            .map(|c| c.name.clone())
+            .collect();
         Self {
             uid: meta.uid.clone().unwrap_or_default(),
             namespace: meta.namespace.clone().unwrap_or_default(),
@@ -50,7 +72,15 @@ impl PodInfo {
                 .as_ref()
                 .and_then(|a| a.get(ASSIGNMENT))
                 .map(|v| Assignment::from_annotation(v).map_err(|e| e.to_string())),
+            assignment_text: annotation(ASSIGNMENT),
+            signature: annotation(ASSIGNMENT_SIGNATURE),
+            gpu_containers,
         }
+    }
+
+    /// Whether a container of the pod asks for `tessera.dev/gpu`.
+    pub fn asks_for_gpu(&self) -> bool {
+        !self.gpu_containers.is_empty()
     }
 
     /// A pod still holds its devices until it has finished.
@@ -177,7 +207,10 @@ pub(crate) mod tests {
             name: name.into(),
             phase: "Pending".into(),
             created_s,
+            assignment_text: Some(a.to_annotation()),
             assignment: Some(Ok(a)),
+            signature: None,
+            gpu_containers: vec!["main".into()],
         }
     }
 
@@ -216,6 +249,9 @@ pub(crate) mod tests {
             "metadata": {"name": "embed-0", "namespace": "ml", "uid": "u1",
                 "creationTimestamp": "2026-01-02T03:04:05Z",
                 "annotations": {"tessera.dev/assignment": "{\"node\":\"n1\",\"devices\":[{\"gpu\":\"GPU-1\",\"index\":0}]}"}},
+            "spec": {"initContainers": [{"name": "fetch"}],
+                     "containers": [{"name": "sidecar"},
+                                    {"name": "model", "resources": {"limits": {"tessera.dev/gpu": "1"}}}]},
             "status": {"phase": "Pending"}
         }))
         .unwrap();
@@ -224,5 +260,7 @@ pub(crate) mod tests {
         assert!(info.created_s > 0);
         assert_eq!(info.assignment_for("n1").unwrap().devices[0].gpu, "GPU-1");
         assert!(info.assignment_for("n2").is_none());
+        assert_eq!(info.gpu_containers, ["model"]);
+        assert!(info.signature.is_none());
     }
 }

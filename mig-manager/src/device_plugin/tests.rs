@@ -161,7 +161,7 @@ async fn fake_kubelet_registers_lists_and_allocates_the_assigned_device() {
 }
 
 #[tokio::test]
-async fn allocate_without_any_assignment_is_a_clear_error() {
+async fn allocate_for_another_nodes_assignment_is_refused() {
     let r = rig();
     let (_kubelet, mut seen) = start_kubelet(r.dir.path());
     let req = recv(&mut seen).await;
@@ -179,8 +179,8 @@ async fn allocate_without_any_assignment_is_a_clear_error() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("node n1") && err.message().contains("schedulerName: tessera"), "{}", err.message());
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("signed for node n2") && err.message().contains("ForeignNode"), "{}", err.message());
     r.plugin_task.abort();
 }
 

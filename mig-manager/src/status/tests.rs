@@ -40,6 +40,7 @@ async fn missing_gpunode_is_created_and_status_is_patched_to_the_status_subresou
         gpus: gpu_statuses(&obs),
         links: links(&fake.links().unwrap()),
         observed_generation: Some(1),
+        held: vec![],
         conditions: vec![],
     };
     let verifier = tokio::spawn(async move {

@@ -2,6 +2,9 @@
 
 /// The scheduler's device choice for a pod, as [`crate::Assignment`] JSON.
 pub const ASSIGNMENT: &str = "tessera.dev/assignment";
+/// The scheduler's HMAC over the assignment, the pod UID and the node
+/// (see [`crate::signing`]).
+pub const ASSIGNMENT_SIGNATURE: &str = "tessera.dev/assignment-signature";
 /// A planned gang member's reserved devices until it binds, as
 /// `tessera_scheduler::reservations::Reservation` JSON: lets a restarted or newly leading
 /// scheduler take the plan over.

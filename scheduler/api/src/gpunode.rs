@@ -85,6 +85,24 @@ pub struct GpuNodeStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The devices containers on the node hold, as kubelet's PodResources API reports them
+    /// (whichever device plugin handed them out; tessera's own pods with the devices the agent
+    /// served them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldDevice>,
+}
+
+/// One device a container holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldDevice {
+    /// `namespace/name` of the pod.
+    pub pod: String,
+    pub container: String,
+    /// The extended resource, e.g. `nvidia.com/gpu` or `tessera.dev/gpu`.
+    pub resource: String,
+    /// The physical device: `GPU-…` or `MIG-…`.
+    pub uuid: String,
 }
 
 /// Whether a device can be used.

@@ -8,6 +8,7 @@
 //! - [`kube_error`]: Kubernetes API errors rendered as one sentence (no debug dumps).
 //! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
+//! - [`signing`]: HMAC signatures over assignments, checked by the node agent and the rebuild.
 //! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
 
 pub mod annotations;
@@ -16,6 +17,7 @@ pub mod gpunode;
 pub mod kube_error;
 pub mod pod;
 pub mod podgroup;
+pub mod signing;
 pub mod snapshot;
 
 pub use assignment::{AssignedDevice, Assignment};

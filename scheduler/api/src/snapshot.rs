@@ -1,9 +1,10 @@
 //! Kubernetes objects → core [`Snapshot`]: Nodes, their `GpuNode`s and the pods bound to them.
 //!
 //! Allocations are rebuilt from scratch: pods bound by tessera carry the exact devices in their
-//! `tessera.dev/assignment` annotation; pods of the NVIDIA device plugin (`nvidia.com/gpu`,
-//! `nvidia.com/mig-*`) are counted on the lowest free matching devices, since only the node
-//! knows which ones it picked. So a restarted scheduler never hands out a device a running pod
+//! signed `tessera.dev/assignment` annotation; pods of the NVIDIA device plugin
+//! (`nvidia.com/gpu`, `nvidia.com/mig-*`) are counted on the devices their node's agent reports
+//! from kubelet's PodResources (`GpuNode.status.held`), or on the lowest free matching devices
+//! when it reports none. So a restarted scheduler never hands out a device a running pod
 //! holds. The scheduler rebuilds its state with this after every change; the simulator reads
 //! cluster captures with it.
 
@@ -21,6 +22,7 @@ use crate::Assignment;
 use crate::annotations;
 use crate::gpunode::{GpuNode, Health, LinkKind, Mode};
 use crate::pod::{self as podparse, NVIDIA_GPU, NVIDIA_MIG_PREFIX, parse_quantity};
+use crate::signing::{Keyring, Refusal};
 
 /// Node label that puts a node's non-MIG GPUs in time-sliced (shared) mode.
 pub const SHARING_LABEL: &str = "tessera.dev/gpu-sharing";
@@ -36,6 +38,21 @@ pub struct Built {
     pub uids: HashMap<String, PodKey>,
     pub mig_uuids: HashMap<(NodeName, u32, u8), String>,
     pub warnings: Vec<String>,
+    /// Assignments not trusted ([`build_checked`] only).
+    pub refused: Vec<Refused>,
+}
+
+/// A pod whose assignment the rebuild does not trust.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub pod: PodKey,
+    pub uid: String,
+    pub node: String,
+    pub refusal: Refusal,
+    /// True when its devices are still counted as held: the pod runs (kubelet admitted it, e.g.
+    /// before signatures were checked), so it really holds them; it never displaces a trusted
+    /// pod. False: the pod holds nothing in the snapshot.
+    pub counted: bool,
 }
 
 fn quantity_of(
@@ -132,9 +149,34 @@ fn node_of(node: &KubeNode, gn: Option<&GpuNode>, warnings: &mut Vec<String>) ->
 }
 
 /// Builds the snapshot: nodes (with the MIG layouts their agents report), then every bound,
-/// non-terminal pod's allocation.
+/// non-terminal pod's allocation, trusting every assignment (cluster captures, the simulator).
 /// Takes the objects owned or shared (`Arc`, as reflector stores hold them).
 pub fn build<N, G, P>(nodes: &[N], gpunodes: &[G], pods: &[P]) -> Built
+where
+    N: Borrow<KubeNode>,
+    G: Borrow<GpuNode>,
+    P: Borrow<Pod>,
+{
+    build_checked(nodes, gpunodes, pods, None)
+}
+
+/// How far a bound pod's assignment is trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Trust {
+    /// Signed for this pod and node (or no keys to check with).
+    Signed,
+    /// Not trusted, but the pod runs: counted after every trusted pod.
+    Running,
+    /// A pod of another device plugin, whose devices are guessed.
+    Guessed,
+    /// Not trusted and not running: holds nothing.
+    Refused,
+}
+
+/// [`build`], checking each assignment's signature with `keys` (when given): an assignment
+/// that is unsigned, forged, signed for another pod or node, or names a device a trusted pod
+/// holds is listed in [`Built::refused`] and never displaces a trusted one.
+pub fn build_checked<N, G, P>(nodes: &[N], gpunodes: &[G], pods: &[P], keys: Option<&Keyring>) -> Built
 where
     N: Borrow<KubeNode>,
     G: Borrow<GpuNode>,
@@ -170,9 +212,23 @@ where
             }
         }
     }
-    // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess) never take the
-    // devices an annotated pod really holds.
-    let mut bound: Vec<(bool, &Pod)> = pods
+    // What kubelet told each agent other plugins' pods hold (GpuNode.status.held).
+    let mut reported: HashMap<(String, String), Vec<Grant>> = HashMap::new();
+    for (node, gn) in &by_name {
+        let Some(status) = gn.status.as_ref() else { continue };
+        for h in status.held.iter().filter(|h| h.resource != annotations::RESOURCE_GPU) {
+            if let Some(g) = grant_of_uuid(&b.snap, node, status, &h.uuid) {
+                let grants = reported.entry(((*node).to_owned(), h.pod.clone())).or_default();
+                if !grants.contains(&g) {
+                    grants.push(g);
+                }
+            }
+        }
+    }
+    // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess unless their node
+    // reports them) never take the devices an annotated pod really holds; untrusted running
+    // pods after every trusted one.
+    let mut bound: Vec<(Trust, &Pod)> = pods
         .iter()
         .map(Borrow::borrow)
         .filter(|p: &&Pod| {
@@ -180,10 +236,10 @@ where
             p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
                 && !matches!(phase, Some("Succeeded" | "Failed"))
         })
-        .map(|p| (assignment_of(p).is_none(), p))
+        .map(|p| (trust_of(p, keys, &mut b.refused), p))
         .collect();
-    bound.sort_by_key(|(guessed, _)| *guessed);
-    for (_, pod) in bound {
+    bound.sort_by_key(|(trust, _)| *trust);
+    for (trust, pod) in bound {
         let Ok(key) = podparse::pod_key(pod) else { continue };
         if let Some(uid) = &pod.metadata.uid {
             b.uids.insert(uid.clone(), key.clone());
@@ -194,12 +250,17 @@ where
             continue;
         }
         let (cpu_milli, memory_mib) = podparse::requests(pod).unwrap_or((0, 0));
-        let grants = match grants_of(&b.snap, &node, pod) {
-            Ok(g) => g,
-            Err(why) => {
-                b.warnings.push(format!("pod {key} on {node}: {why}"));
-                Vec::new()
-            }
+        let known = reported.get(&(node.0.clone(), key.to_string()));
+        let grants = match (trust, known) {
+            (Trust::Refused, _) => Vec::new(),
+            (Trust::Guessed, Some(g)) => g.clone(),
+            _ => match grants_of(&b.snap, &node, pod) {
+                Ok(g) => g,
+                Err(why) => {
+                    b.warnings.push(format!("pod {key} on {node}: {why}"));
+                    Vec::new()
+                }
+            },
         };
         let alloc = Allocation {
             pod: key.clone(),
@@ -216,13 +277,73 @@ where
             // Devices first: a node whose cpu/memory looks over-committed (static pods, stale
             // allocatable) must still not lose track of which GPUs are taken.
             b.warnings.push(format!("pod {key}: {e}"));
-            let gpu_only = Allocation { cpu_milli: 0, memory_mib: 0, ..alloc };
+            let gpu_only = Allocation { cpu_milli: 0, memory_mib: 0, ..alloc.clone() };
             if let Err(e) = b.snap.allocate(gpu_only) {
                 b.warnings.push(format!("pod {key}: {e}"));
+                if keys.is_some() && matches!(trust, Trust::Signed | Trust::Running) {
+                    let refusal = held_by(&b.snap, &alloc);
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    b.refused.retain(|r| r.uid != uid || uid.is_empty());
+                    b.refused.push(Refused { pod: key.clone(), uid, node: node.0.clone(), refusal, counted: false });
+                    // It still uses cpu and memory; only its devices are not counted.
+                    let _ = b.snap.allocate(Allocation { grants: Vec::new(), ..alloc });
+                }
             }
         }
     }
     b
+}
+
+/// The grant a physical device UUID stands for on a node: a whole GPU or a MIG instance.
+fn grant_of_uuid(snap: &Snapshot, node: &str, status: &crate::gpunode::GpuNodeStatus, uuid: &str) -> Option<Grant> {
+    let n = snap.node(&NodeName(node.to_owned()))?;
+    for g in &status.gpus {
+        if g.uuid == uuid {
+            return Some(Grant::Whole { gpu: g.index });
+        }
+        if let Some(i) = g.instances.iter().find(|i| i.uuid == uuid) {
+            let class = n.gpu(g.index)?.mig_product()?.geometry().profile_by_name(&i.profile)?.class;
+            return Some(Grant::Mig { gpu: g.index, class, start: i.start });
+        }
+    }
+    None
+}
+
+/// Whether a bound pod's assignment is trusted; records the refusal when not.
+fn trust_of(pod: &Pod, keys: Option<&Keyring>, refused: &mut Vec<Refused>) -> Trust {
+    let ann = pod.metadata.annotations.as_ref();
+    let Some(text) = ann.and_then(|a| a.get(annotations::ASSIGNMENT)) else {
+        return Trust::Guessed;
+    };
+    let Some(keys) = keys else {
+        return if Assignment::from_annotation(text).is_ok() { Trust::Signed } else { Trust::Guessed };
+    };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let signature = ann.and_then(|a| a.get(annotations::ASSIGNMENT_SIGNATURE)).map(String::as_str);
+    match keys.verify(&uid, &node, text, signature) {
+        Ok(_) => Trust::Signed,
+        Err(refusal) => {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let key = podparse::pod_key(pod).unwrap_or_else(|_| PodKey::new("", ""));
+            let bad_json = matches!(refusal, Refusal::BadAssignment(_));
+            refused.push(Refused { pod: key, uid, node, refusal, counted: running && !bad_json });
+            if running && !bad_json { Trust::Running } else { Trust::Refused }
+        }
+    }
+}
+
+/// The refusal for an allocation whose devices another pod holds.
+fn held_by(snap: &Snapshot, alloc: &Allocation) -> Refusal {
+    let gpus: Vec<u32> = alloc.grants.iter().map(Grant::gpu).collect();
+    let holder = snap
+        .allocations()
+        .values()
+        .filter(|a| a.node == alloc.node && a.pod != alloc.pod)
+        .find(|a| a.grants.iter().any(|g| gpus.contains(&g.gpu())))
+        .map_or_else(|| "another pod".to_owned(), |a| a.pod.to_string());
+    let device = gpus.first().map_or_else(|| "?".to_owned(), |g| format!("GPU {g} on {}", alloc.node));
+    Refusal::DeviceHeld { device, holder }
 }
 
 fn assignment_of(pod: &Pod) -> Option<Assignment> {
@@ -362,6 +483,84 @@ mod tests {
         assert_eq!(grants("elsewhere"), None);
         assert_eq!(b.warnings, ["pod ml/elsewhere: bound to node gone, which is not listed"]);
         assert_eq!(b.mig_uuids.get(&(NodeName("a".into()), 0, 4)).map(String::as_str), Some("MIG-0-4"));
+    }
+
+    #[test]
+    fn the_checked_rebuild_trusts_only_signed_assignments_and_counts_running_unsigned_pods_last() {
+        let ring = Keyring::parse("k1 dGVzc2VyYS1zbmFwc2hvdC10ZXN0LWtleS0zMmJ5dGVz").unwrap();
+        let on = |gpu: u32| format!(r#"{{"node":"a","devices":[{{"gpu":"GPU-{gpu}","index":{gpu}}}]}}"#);
+        let with = |name: &str, uid: &str, a: &str, sig: Option<String>, phase: &str| {
+            let mut ann = json!({annotations::ASSIGNMENT: a});
+            if let Some(sig) = sig {
+                ann[annotations::ASSIGNMENT_SIGNATURE] = json!(sig);
+            }
+            let mut p = pod(name, "a", ann, json!({"tessera.dev/gpu": "1"}));
+            p.metadata.uid = Some(uid.into());
+            p.status.as_mut().unwrap().phase = Some(phase.into());
+            p
+        };
+        let pods = [
+            // A pod created with a hand-written annotation; kubelet never started it.
+            with("forged", "u-forged", &on(1), None, "Pending"),
+            // The signature of a deleted pod, copied.
+            with("copy", "u-copy", &on(2), Some(ring.sign("u-gone", "a", &on(2))), "Pending"),
+            with("legit", "u-legit", &on(1), Some(ring.sign("u-legit", "a", &on(1))), "Pending"),
+            // Bound before signatures: it runs, so it holds GPU 2, after every trusted pod.
+            with("old", "u-old", &on(2), None, "Running"),
+            // A valid signature naming the GPU "legit" holds.
+            with("twice", "u-twice", &on(1), Some(ring.sign("u-twice", "a", &on(1))), "Pending"),
+        ];
+        let b = build_checked(&[node("a", json!({}), "3")], &[gpunode()], &pods, Some(&ring));
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("legit"), Some(vec![Grant::Whole { gpu: 1 }]));
+        assert_eq!(grants("old"), Some(vec![Grant::Whole { gpu: 2 }]));
+        assert_eq!(grants("forged"), Some(vec![]));
+        assert_eq!(grants("copy"), Some(vec![]));
+        assert_eq!(grants("twice"), Some(vec![]));
+        let why: Vec<(String, &str, bool)> =
+            b.refused.iter().map(|r| (r.pod.to_string(), r.refusal.reason(), r.counted)).collect();
+        assert_eq!(
+            why,
+            [
+                ("ml/forged".to_owned(), "Unsigned", false),
+                ("ml/copy".to_owned(), "Replayed", false),
+                ("ml/old".to_owned(), "Unsigned", true),
+                ("ml/twice".to_owned(), "DeviceHeld", false),
+            ]
+        );
+        assert!(b.refused[3].refusal.to_string().contains("ml/legit"), "{}", b.refused[3].refusal);
+        // Unchecked (captures, the simulator): everything is trusted as before.
+        assert!(build(&[node("a", json!({}), "3")], &[gpunode()], &pods).refused.is_empty());
+    }
+
+    #[test]
+    fn nvidia_plugin_pods_hold_what_their_node_reports_not_the_lowest_free_devices() {
+        let mut gn = gpunode();
+        gn.status.as_mut().unwrap().held = vec![
+            crate::gpunode::HeldDevice {
+                pod: "ml/plugin".into(),
+                container: "c".into(),
+                resource: "nvidia.com/gpu".into(),
+                uuid: "GPU-2".into(),
+            },
+            crate::gpunode::HeldDevice {
+                pod: "ml/mig-plugin".into(),
+                container: "c".into(),
+                resource: "nvidia.com/mig-3g.40gb".into(),
+                uuid: "MIG-0-4".into(),
+            },
+        ];
+        let pods = [
+            pod("plugin", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+            pod("mig-plugin", "a", json!({}), json!({"nvidia.com/mig-3g.40gb": "1"})),
+            pod("guessed", "a", json!({}), json!({"nvidia.com/gpu": "1"})),
+        ];
+        let b = build(&[node("a", json!({}), "3")], &[gn], &pods);
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("plugin"), Some(vec![Grant::Whole { gpu: 2 }]), "GPU 2, as kubelet reports");
+        assert_eq!(grants("mig-plugin"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]));
+        // Not reported (an older agent): the lowest free GPU, as before.
+        assert_eq!(grants("guessed"), Some(vec![Grant::Whole { gpu: 1 }]));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tessera_api::gpunode::GpuNode;
 use tessera_api::podgroup::{PodGroup, PodGroupSpec};
-pub use tessera_api::snapshot::{Built, GFD_MEMORY, GFD_PRODUCT, SHARING_LABEL, build};
+pub use tessera_api::snapshot::{Built, GFD_MEMORY, GFD_PRODUCT, Refused, SHARING_LABEL, build, build_checked};
 
 use crate::state::{Lookup, Scheduler};
 
@@ -44,6 +44,56 @@ pub struct Watch {
     pub groups: Store<PodGroup>,
     pub changed: Arc<tokio::sync::Notify>,
     pod_events: PodEvents,
+    /// Publishes the Events of refused assignments.
+    pub events: Option<Events>,
+}
+
+/// Warning Events on pods whose assignment the rebuild does not trust.
+#[derive(Clone)]
+pub struct Events(kube::runtime::events::Recorder);
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events")
+    }
+}
+
+impl Events {
+    pub fn new(client: Client) -> Self {
+        let reporter = kube::runtime::events::Reporter { controller: "tessera-scheduler".into(), instance: None };
+        Self(kube::runtime::events::Recorder::new(client, reporter))
+    }
+
+    async fn refused(&self, r: &Refused) {
+        let (namespace, name) = r.pod.0.split_once('/').unwrap_or(("default", r.pod.0.as_str()));
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            uid: Some(r.uid.clone()),
+            ..Default::default()
+        };
+        let counted = if r.counted {
+            "its devices stay counted as held because the pod runs"
+        } else {
+            "its devices are not counted as held"
+        };
+        let ev = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Warning,
+            reason: "AssignmentRefused".into(),
+            note: Some(format!(
+                "tessera scheduler does not trust the assignment ({}): {}; {counted}",
+                r.refusal.reason(),
+                r.refusal
+            )),
+            action: "Rebuild".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.0.publish(&ev, &reference).await {
+            tracing::warn!(pod = %r.pod, %error, "Publishing the refusal Event failed");
+        }
+    }
 }
 
 /// A reflector whose every change (added, modified, deleted, relisted) wakes `changed`, and
@@ -100,6 +150,7 @@ impl Watch {
             groups: spawn_reflector(Api::all(client.clone()), changed.clone(), |_| {}),
             changed,
             pod_events,
+            events: Some(Events::new(client.clone())),
         }
     }
 
@@ -121,8 +172,36 @@ impl Watch {
                 return;
             }
         }
+        // Each pod's refusal is reported once (log, metric, Event), not at every rebuild.
+        let mut reported: std::collections::HashSet<(String, &'static str)> = Default::default();
         loop {
-            let built = build(&self.nodes.state(), &self.gpunodes.state(), &self.pods.state());
+            let keys = match scheduler.assignment_keys().map(|k| k.current()) {
+                Some(Ok(ring)) => Some(ring),
+                Some(Err(error)) => {
+                    // Binds fail with the same error; node agents still check every assignment.
+                    tracing::error!(%error, "Assignment keys unusable; this rebuild does not check signatures");
+                    None
+                }
+                None => None,
+            };
+            let built = build_checked(&self.nodes.state(), &self.gpunodes.state(), &self.pods.state(), keys.as_deref());
+            let live: std::collections::HashSet<&str> = built.refused.iter().map(|r| r.uid.as_str()).collect();
+            reported.retain(|(uid, _)| live.contains(uid.as_str()));
+            for r in &built.refused {
+                if !reported.insert((r.uid.clone(), r.refusal.reason())) {
+                    continue;
+                }
+                tracing::warn!(pod = %r.pod, uid = %r.uid, node = %r.node, reason = r.refusal.reason(), why = %r.refusal,
+                               counted = r.counted, "Assignment not trusted");
+                scheduler
+                    .metrics
+                    .assignment_refusals_total
+                    .get_or_create(&crate::metrics::ReasonLabels { reason: r.refusal.reason().to_owned() })
+                    .inc();
+                if let Some(events) = &self.events {
+                    events.refused(r).await;
+                }
+            }
             for w in built.warnings.iter().take(20) {
                 tracing::debug!(warning = %w, "Cluster state");
             }

@@ -74,6 +74,15 @@ pub struct Args {
     pub client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub read_auth: crate::authn::AuthArgs,
+    /// Key file that signs assignments (the mounted `tessera-assignment-keys` Secret): one
+    /// `<id> <base64 secret>` per line, the first signs, all verify; re-read when it changes.
+    /// Without it assignments are unsigned, and node agents that check signatures refuse them.
+    #[arg(long, env = "TESSERA_ASSIGNMENT_KEYS")]
+    pub assignment_keys: Option<PathBuf>,
+    /// `NAMESPACE/NAME` of the Secret behind --assignment-keys: when the mounted file holds no
+    /// key yet (first install), a key is generated into that Secret.
+    #[arg(long, env = "TESSERA_ASSIGNMENT_KEYS_SECRET", requires = "assignment_keys")]
+    pub assignment_keys_secret: Option<String>,
 }
 
 /// Validated settings.
@@ -96,6 +105,10 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// The read-only surface's TokenReview/SubjectAccessReview settings; `None`: it answers everyone.
     pub read_auth: Option<crate::authn::AuthArgs>,
+    /// Key file that signs assignments.
+    pub assignment_keys: Option<PathBuf>,
+    /// The Secret behind it, as (namespace, name).
+    pub assignment_keys_secret: Option<(String, String)>,
 }
 
 impl Args {
@@ -140,6 +153,13 @@ impl Args {
             crate::authn::ReadAuthMode::Kubernetes => self.read_auth.service().map(|_| Some(self.read_auth))?,
             crate::authn::ReadAuthMode::None => None,
         };
+        let assignment_keys_secret = match &self.assignment_keys_secret {
+            Some(v) => match v.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Some((ns.to_owned(), name.to_owned())),
+                _ => return Err(format!("--assignment-keys-secret {v:?}: expected NAMESPACE/NAME")),
+            },
+            None => None,
+        };
         Ok(Config {
             demo: self.demo,
             listen,
@@ -156,6 +176,8 @@ impl Args {
             log_json: self.log_json,
             tls,
             read_auth,
+            assignment_keys: self.assignment_keys,
+            assignment_keys_secret,
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod podgroups;

@@ -58,6 +58,20 @@ async fn main() -> anyhow::Result<()> {
             read_auth = Some(Arc::new(ReadAuth::new(client.clone(), args).map_err(anyhow::Error::msg)?));
         }
         let watch = Watch::start(&client);
+        let assignment_keys = match &cfg.assignment_keys {
+            Some(path) => {
+                // An unusable key file stops the process now rather than failing every bind.
+                let secret = cfg.assignment_keys_secret.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str()));
+                let keys = tessera_scheduler::keys::load(path, secret, Some(&client)).await?;
+                let ring = keys.current().context("the assignment key file (--assignment-keys)")?;
+                tracing::info!(keys = ?ring.ids(), file = %path.display(), "Signing assignments");
+                Some(Arc::new(keys))
+            }
+            None => {
+                tracing::warn!("No --assignment-keys: assignments are unsigned and node agents will refuse them");
+                None
+            }
+        };
         let settings = Settings {
             mode: "live",
             mig_timeout: cfg.mig_timeout,
@@ -65,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             persist_reservations: true,
             http_timeout: cfg.http_timeout,
             preemption: cfg.preemption,
+            assignment_keys,
             ..Default::default()
         };
         let s = Arc::new(Scheduler::new(

@@ -26,6 +26,11 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the scheduler exports.
@@ -43,6 +48,7 @@ pub struct Metrics {
     pub packing_stranded_slices: Family<PoolLabels, Gauge>,
     pub packing_gpus: Family<PoolLabels, Gauge>,
     pub mig_reconfigs: Gauge,
+    pub assignment_refusals_total: Family<ReasonLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -71,6 +77,7 @@ impl Metrics {
             packing_stranded_slices: Family::default(),
             packing_gpus: Family::default(),
             mig_reconfigs: Gauge::default(),
+            assignment_refusals_total: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -107,6 +114,11 @@ impl Metrics {
             m.packing_stranded_slices.clone(),
         );
         registry.register("packing_gpus", "GPUs per pool", m.packing_gpus.clone());
+        registry.register(
+            "assignment_refusals",
+            "Bound pods whose assignment the rebuild does not trust, by reason (counted once per pod)",
+            m.assignment_refusals_total.clone(),
+        );
         registry.register(
             "mig_reconfigs",
             "MIG instances created or destroyed in the scheduler's state since start",

@@ -91,6 +91,8 @@ pub struct Settings {
     /// Evict lower-priority pods (whole gangs or single pods) through the Eviction API when a
     /// pod kube-scheduler cannot preempt for (tessera.dev/gpu, gangs) fits no node.
     pub preemption: bool,
+    /// Keys that sign assignments (and check them at rebuild); `None`: unsigned.
+    pub assignment_keys: Option<Arc<tessera_api::signing::Keys>>,
 }
 
 impl Settings {
@@ -113,6 +115,7 @@ impl Default for Settings {
             persist_reservations: false,
             http_timeout: Duration::from_secs(45),
             preemption: true,
+            assignment_keys: None,
         }
     }
 }
@@ -490,6 +493,13 @@ pub struct Scheduler {
 impl fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scheduler").field("policy", &self.policy.name()).field("settings", &self.settings).finish()
+    }
+}
+
+impl Scheduler {
+    /// The keys that sign assignments, when configured.
+    pub fn assignment_keys(&self) -> Option<&Arc<tessera_api::signing::Keys>> {
+        self.settings.assignment_keys.as_ref()
     }
 }
 
@@ -1531,12 +1541,24 @@ impl Scheduler {
                 }
             }
         }
+        let text = assignment.to_annotation();
+        let mut ann = BTreeMap::from([(annotations::ASSIGNMENT.to_owned(), text.clone())]);
+        if let Some(keys) = &self.settings.assignment_keys {
+            if args.pod_uid.is_empty() {
+                return Err(Error::BadRequest(format!(
+                    "pod {key}: the binding has no pod UID to sign the assignment for"
+                )));
+            }
+            let ring =
+                keys.current().map_err(|e| Error::BadRequest(format!("signing the assignment of {key}: {e}")))?;
+            ann.insert(annotations::ASSIGNMENT_SIGNATURE.to_owned(), ring.sign(&args.pod_uid, &args.node, &text));
+        }
         let req = BindRequest {
             namespace: args.pod_namespace.clone(),
             name: args.pod_name.clone(),
             uid: args.pod_uid.clone(),
             node: args.node.clone(),
-            annotations: [(annotations::ASSIGNMENT.to_owned(), assignment.to_annotation())].into(),
+            annotations: ann,
         };
         tracing::debug!(pod = %key, node = %args.node, "Binding");
         self.binder.bind(&req).await?;

@@ -13,5 +13,6 @@ mod http;
 mod kube_api;
 mod loopback;
 mod reservations;
+mod signing;
 mod tls;
 mod wire;
