@@ -48,6 +48,10 @@ struct Cli {
     /// Fake GPUs for `--backend fake`: groups of `<product>x<count>[:mig]`, e.g. `h100x8:mig`.
     #[arg(long, default_value = "h100x8:mig")]
     fake_gpus: String,
+    /// With `--backend fake`: MIG mode changes wait for a GPU reset, which the agent does once
+    /// nothing uses the GPU.
+    #[arg(long)]
+    fake_reset_required: bool,
     /// Path of libnvidia-ml.so.1 when not on the loader path.
     #[arg(long, env = "TESSERA_NVML_LIB")]
     nvml_lib: Option<PathBuf>,
@@ -106,7 +110,10 @@ fn init_telemetry(json: bool) {
 
 fn backend(cli: &Cli) -> anyhow::Result<Arc<dyn GpuBackend>> {
     Ok(match cli.backend {
-        BackendKind::Fake => Arc::new(FakeGpus::parse(&cli.fake_gpus)?),
+        BackendKind::Fake => {
+            let fake = FakeGpus::parse(&cli.fake_gpus)?;
+            Arc::new(if cli.fake_reset_required { fake.with_reset_required() } else { fake })
+        }
         BackendKind::Null => Arc::new(NullBackend::new("the null backend was selected")),
         BackendKind::Auto | BackendKind::Nvml => {
             match NvmlBackend::init(cli.nvml_lib.as_deref().map(|p| p.as_os_str())) {

@@ -41,6 +41,10 @@ struct State {
     crash_after: Option<usize>,
     slow: Duration,
     seed: u32,
+    /// A MIG mode change stays pending until the GPU is reset, as on GPUs whose driver needs it.
+    reset_required: bool,
+    /// GPUs reset, in order.
+    resets: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +192,18 @@ impl FakeGpus {
         self
     }
 
+    /// MIG mode changes wait for a GPU reset ([`GpuBackend::reset`]), as NVML reports them
+    /// pending on GPUs that need one.
+    pub fn with_reset_required(self) -> Self {
+        self.lock().reset_required = true;
+        self
+    }
+
+    /// The GPUs reset so far, in order.
+    pub fn resets(&self) -> Vec<u32> {
+        self.lock().resets.clone()
+    }
+
     /// Creates instances by profile name on `gpu`, each at its lowest free start.
     pub fn with_mig(self, gpu: u32, profiles: &[&str]) -> Result<Self, GpuError> {
         for name in profiles {
@@ -297,12 +313,22 @@ fn apply_locked(s: &mut State, op: &MigOp) -> Result<(), GpuError> {
     let busy = s.busy.clone();
     let next = s.next_mig;
     let seed = s.seed;
+    let reset_required = s.reset_required;
     let g = s.gpus.iter_mut().find(|g| g.info.index == gpu && g.present).ok_or(GpuError::NoSuchGpu(gpu))?;
     match *op {
         MigOp::SetMode { mode, .. } => {
             let product = g.info.product.ok_or_else(|| GpuError::Unsupported { gpu, what: "MIG mode".into() })?;
             if busy.contains(&g.info.uuid) {
                 return Err(GpuError::InUse { gpu, what: "the GPU".into() });
+            }
+            let target = if mode == GpuMode::Mig { GpuMode::Mig } else { GpuMode::Full };
+            if reset_required && target != g.info.mode {
+                if target == GpuMode::Full && g.layout.as_ref().is_some_and(|l| !l.is_empty()) {
+                    return Err(GpuError::InUse { gpu, what: "MIG instances still exist".into() });
+                }
+                // Takes effect at the next reset.
+                g.info.pending_mode = Some(target);
+                return Ok(());
             }
             match mode {
                 GpuMode::Mig if g.layout.is_none() => g.layout = Some(MigLayout::empty(product)),
@@ -403,6 +429,25 @@ impl GpuBackend for FakeGpus {
         let result = apply_locked(&mut s, op);
         s.log.push((*op, result.is_ok()));
         result
+    }
+
+    fn reset(&self, gpu: u32) -> Result<(), GpuError> {
+        let mut s = self.lock();
+        let busy = s.busy.clone();
+        let g = s.gpus.iter_mut().find(|g| g.info.index == gpu && g.present).ok_or(GpuError::NoSuchGpu(gpu))?;
+        if busy.contains(&g.info.uuid) || g.uuids.iter().any(|(_, u)| busy.contains(u)) {
+            return Err(GpuError::InUse { gpu, what: "a process runs on the GPU".into() });
+        }
+        if let Some(mode) = g.info.pending_mode.take() {
+            g.info.mode = mode;
+            g.layout = match (mode, g.info.product) {
+                (GpuMode::Mig, Some(p)) => Some(MigLayout::empty(p)),
+                _ => None,
+            };
+            g.uuids.clear();
+        }
+        s.resets.push(gpu);
+        Ok(())
     }
 }
 

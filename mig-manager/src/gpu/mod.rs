@@ -122,6 +122,12 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     /// Applies one MIG operation. Creating an instance also creates its full-size compute
     /// instance; destroying one destroys its compute instances first.
     fn apply(&self, op: &MigOp) -> Result<(), GpuError>;
+    /// Resets a GPU so that a pending MIG mode change takes effect. Only called when nothing
+    /// on the GPU is in use. Backends that cannot reset say `Unsupported`; the change is then
+    /// reported as waiting for a reset.
+    fn reset(&self, gpu: u32) -> Result<(), GpuError> {
+        Err(GpuError::Unsupported { gpu, what: "GPU reset".into() })
+    }
 }
 
 /// One GPU with its MIG devices.

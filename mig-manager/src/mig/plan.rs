@@ -74,7 +74,12 @@ impl fmt::Display for Blocked {
             BlockReason::InvalidSpec(why) => write!(f, "GPU {}: invalid spec: {why}", self.gpu),
             BlockReason::NotMigCapable => write!(f, "GPU {}: spec asks for MIG but the GPU has no MIG", self.gpu),
             BlockReason::GpuMissing => write!(f, "GPU {}: not present on the node", self.gpu),
-            BlockReason::ModePending => write!(f, "GPU {}: MIG mode change waits for a GPU reset", self.gpu),
+            BlockReason::ModePending => write!(
+                f,
+                "GPU {}: MIG mode change waits for a GPU reset (done by the agent once nothing uses the GPU where \
+                 the backend can reset; otherwise `nvidia-smi -r -i {}` or a reboot)",
+                self.gpu, self.gpu
+            ),
         }
     }
 }
@@ -110,7 +115,8 @@ pub fn plan(desired: &[GpuSpec], observed: &Observed, in_use: &BTreeSet<String>)
     out
 }
 
-fn in_use_on(gpu: &ObservedGpu, in_use: &BTreeSet<String>) -> Vec<String> {
+/// The UUIDs of a GPU and its MIG devices that are in use.
+pub fn in_use_on(gpu: &ObservedGpu, in_use: &BTreeSet<String>) -> Vec<String> {
     std::iter::once(gpu.info.uuid.as_str())
         .chain(gpu.mig.iter().map(|m| m.uuid.as_str()))
         .filter(|u| in_use.contains(*u))

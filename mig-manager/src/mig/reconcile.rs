@@ -12,7 +12,7 @@ use tessera_api::gpunode::GpuSpec;
 use tessera_core::MigOp;
 use tracing::{debug, info, warn};
 
-use super::plan::{Blocked, plan};
+use super::plan::{Blocked, in_use_on, plan};
 use crate::gpu::{GpuBackend, GpuError, Observed, ObservedGpu, observe, op_gpu};
 
 /// What one pass did.
@@ -29,6 +29,8 @@ pub struct Outcome {
     pub observed: Observed,
     /// The node matches its spec.
     pub converged: bool,
+    /// GPUs reset this pass to apply a pending MIG mode change.
+    pub resets: Vec<u32>,
 }
 
 /// Applies `GpuNode.spec` to a backend.
@@ -55,10 +57,28 @@ impl Reconciler {
     /// One pass. `in_use` returns the UUIDs containers hold (assignments of live pods and the
     /// device plugin's recent allocations); NVML's running processes are added here. Blocking.
     pub fn reconcile(&self, desired: &[GpuSpec], in_use: &dyn Fn() -> BTreeSet<String>) -> Result<Outcome, GpuError> {
-        let before = observe(self.backend.as_ref())?;
+        let mut before = observe(self.backend.as_ref())?;
         let live = self.live_in_use(in_use)?;
-        let planned = plan(desired, &before, &live);
         let mut out = Outcome::default();
+        // A mode change waiting for a reset: reset the GPU once nothing on it is in use.
+        for g in &before.gpus {
+            let pending = g.info.pending_mode.is_some_and(|p| p != g.info.mode);
+            if !pending || !desired.iter().any(|d| d.index == g.info.index) || !in_use_on(g, &live).is_empty() {
+                continue;
+            }
+            match self.backend.reset(g.info.index) {
+                Ok(()) => {
+                    info!(gpu = g.info.index, "GPU reset: the pending MIG mode change took effect");
+                    out.resets.push(g.info.index);
+                }
+                Err(GpuError::Unsupported { .. }) => {}
+                Err(error) => warn!(%error, gpu = g.info.index, "GPU reset failed; will retry"),
+            }
+        }
+        if !out.resets.is_empty() {
+            before = observe(self.backend.as_ref())?;
+        }
+        let planned = plan(desired, &before, &live);
         let mut stopped: BTreeSet<u32> = BTreeSet::new();
         for op in planned.ops {
             let gpu = op_gpu(&op);

@@ -73,7 +73,12 @@ fn link(kind: LinkKind, lanes: Option<u32>) -> Link {
 
 /// A core node from a Node and (when the agent runs there) its `GpuNode`, plus the MIG
 /// instances to create on it once added.
-fn node_of(node: &KubeNode, gn: Option<&GpuNode>, warnings: &mut Vec<String>) -> Option<(Node, Vec<MigOp>)> {
+fn node_of(
+    node: &KubeNode,
+    gn: Option<&GpuNode>,
+    assigned: &std::collections::HashSet<(String, u32)>,
+    warnings: &mut Vec<String>,
+) -> Option<(Node, Vec<MigOp>)> {
     let name = node.metadata.name.as_deref()?;
     let alloc = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
     let labels = node.metadata.labels.clone().unwrap_or_default();
@@ -89,6 +94,15 @@ fn node_of(node: &KubeNode, gn: Option<&GpuNode>, warnings: &mut Vec<String>) ->
                 g.uuid = s.uuid.clone();
                 g.numa = s.numa_node;
                 g.healthy = s.health == Health::Healthy;
+                // A MIG mode change waits for a GPU reset, which the agent does once nothing uses
+                // the GPU: plan nothing new on it meanwhile (pods already on it keep it).
+                let reset_pending = s.pending_mode.is_some_and(|m| m != s.mode);
+                let used = assigned.contains(&(name.to_owned(), s.index))
+                    || status.held.iter().any(|h| h.uuid == s.uuid || s.instances.iter().any(|i| i.uuid == h.uuid));
+                if reset_pending && !used {
+                    g.healthy = false;
+                    warnings.push(format!("node {name} GPU {}: waits for a reset to change MIG mode", s.index));
+                }
                 if s.mode == Mode::Mig {
                     let product = MigProduct::from_name(&s.product);
                     for i in &s.instances {
@@ -188,10 +202,18 @@ where
         .map(Borrow::borrow)
         .filter_map(|g: &GpuNode| g.metadata.name.as_deref().map(|n| (n, g)))
         .collect();
+    // GPUs that live pods' assignments name, by (node, index).
+    let assigned: std::collections::HashSet<(String, u32)> = pods
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|p: &&Pod| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .filter_map(assignment_of)
+        .flat_map(|a| a.devices.iter().map(|d| (a.node.clone(), d.index)).collect::<Vec<_>>())
+        .collect();
     for kn in nodes.iter().map(Borrow::borrow) {
         let Some(name) = kn.metadata.name.as_deref() else { continue };
         let gn = by_name.get(name).copied();
-        let Some((node, ops)) = node_of(kn, gn, &mut b.warnings) else { continue };
+        let Some((node, ops)) = node_of(kn, gn, &assigned, &mut b.warnings) else { continue };
         let nn = node.name.clone();
         if let Err(e) = b.snap.add_node(node) {
             b.warnings.push(e.to_string());
@@ -561,6 +583,21 @@ mod tests {
         assert_eq!(grants("mig-plugin"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 4 }]));
         // Not reported (an older agent): the lowest free GPU, as before.
         assert_eq!(grants("guessed"), Some(vec![Grant::Whole { gpu: 1 }]));
+    }
+
+    #[test]
+    fn a_gpu_waiting_for_a_reset_takes_no_new_pods_unless_someone_already_holds_it() {
+        let mut gn = gpunode();
+        for i in [1, 2] {
+            gn.status.as_mut().unwrap().gpus[i].pending_mode = Some(Mode::Mig);
+        }
+        let held = r#"{"node":"a","devices":[{"gpu":"GPU-2","index":2}]}"#;
+        let pods = [pod("on-2", "a", json!({annotations::ASSIGNMENT: held}), json!({"tessera.dev/gpu": "1"}))];
+        let b = build(&[node("a", json!({}), "3")], &[gn], &pods);
+        let n = b.snap.node(&NodeName("a".into())).unwrap();
+        assert!(!n.gpus[1].healthy, "idle and waiting for a reset: nothing new is planned on it");
+        assert!(n.gpus[2].healthy, "held: the pod keeps its GPU");
+        assert!(b.warnings.iter().any(|w| w.contains("GPU 1: waits for a reset")), "{:?}", b.warnings);
     }
 
     #[test]

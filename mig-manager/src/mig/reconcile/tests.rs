@@ -212,3 +212,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_mode_change_that_needs_a_reset_waits_while_the_gpu_is_used_and_resets_once_idle() {
+    let fake = Arc::new(FakeGpus::new(MigProduct::H100_80GB, 1, false).with_reset_required());
+    let gpu = fake.devices().unwrap()[0].uuid.clone();
+    let r = Reconciler::new(fake.clone());
+    let want = [spec(0, &[("7g.80gb", 0)])];
+    // The mode is set but stays pending: the instance cannot be created yet.
+    let out = r.reconcile(&want, &BTreeSet::new).unwrap();
+    assert!(!out.converged);
+    assert_eq!(fake.devices().unwrap()[0].pending_mode, Some(tessera_core::GpuMode::Mig));
+    // A container holds the GPU: no reset, reported as waiting for one.
+    let held = BTreeSet::from([gpu.clone()]);
+    let out = r.reconcile(&want, &|| held.clone()).unwrap();
+    assert!(out.resets.is_empty() && fake.resets().is_empty());
+    assert!(matches!(out.blocked[0].reason, BlockReason::ModePending), "{:?}", out.blocked);
+    assert!(out.blocked[0].to_string().contains("GPU reset"));
+    // The container is gone: one reset, then the layout.
+    let out = r.reconcile(&want, &BTreeSet::new).unwrap();
+    assert_eq!(out.resets, [0]);
+    assert!(out.converged, "{:?}", out.blocked);
+    assert_eq!(fake.devices().unwrap()[0].mode, tessera_core::GpuMode::Mig);
+    assert_eq!(fake.mig_devices(0).unwrap().len(), 1);
+    let out = r.reconcile(&want, &BTreeSet::new).unwrap();
+    assert!(out.resets.is_empty() && out.converged, "a converged GPU is not reset again");
+}
