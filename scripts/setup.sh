@@ -43,3 +43,6 @@ if ! command -v containerd >/dev/null 2>&1 || ! command -v skopeo >/dev/null 2>&
     echo "setup: containerd or skopeo is missing and apt-get is not available; scripts/check-images.sh needs them" >&2
   fi
 fi
+
+# Kubernetes server binaries, etcd and the kubelet node's packages for the real-cluster test.
+bash scripts/setup-k8s.sh

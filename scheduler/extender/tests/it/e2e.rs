@@ -1,7 +1,8 @@
 //! Opt-in end-to-end test: real `etcd`, `kube-apiserver` and `kube-scheduler` from
 //! `$KUBEBUILDER_ASSETS` (the envtest layout), tessera-scheduler in live mode, fake GPU nodes
 //! with `GpuNode` status, pods with `schedulerName: tessera`; checks each pod is bound where
-//! tessera's assignment annotation says. Skips with one line when the variable is unset.
+//! tessera's assignment annotation says. Skips with one line when the variable is unset, and
+//! fails under `CI=true` (the set-up provides the binaries there).
 //!
 //! Run: `KUBEBUILDER_ASSETS=/path/to/bin cargo test -p tessera-scheduler --test it e2e -- --nocapture`
 //! (also needs `openssl` on PATH for the service-account key).
@@ -86,6 +87,11 @@ fn gpu_status(node: &str, mig: bool) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_pods_are_bound_where_tessera_said() {
     let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from) else {
+        // In CI the set-up provides the binaries: a missing folder is a failure, never a pass.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "KUBEBUILDER_ASSETS is not set under CI=true: run scripts/setup.sh (it unpacks the Kubernetes binaries)"
+        );
         println!("skipping e2e: KUBEBUILDER_ASSETS is not set (a folder holding etcd, kube-apiserver, kube-scheduler)");
         return;
     };
@@ -123,7 +129,7 @@ async fn e2e_pods_are_bound_where_tessera_said() {
             format!("--service-account-key-file={}", key.display()),
             format!("--service-account-signing-key-file={}", key.display()),
             "--service-account-issuer=https://tessera.e2e".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-cluster-ip-range=127.96.0.0/16".into(),
             "--disable-admission-plugins=ServiceAccount".into(),
         ],
         &d.join("apiserver.log"),
@@ -179,6 +185,9 @@ async fn e2e_pods_are_bound_where_tessera_said() {
             "conditions": [{"type": "Ready", "status": "True", "reason": "e2e", "message": "fake node"}]
         }});
         nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        // Admission gives a new node the `node.kubernetes.io/not-ready` taint; with no kubelet to
+        // lift it, the test does, or kube-scheduler's TaintToleration refuses every pod.
+        nodes.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": null}}))).await.unwrap();
         let gn: GpuNode = serde_json::from_value(json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": name}, "spec": {"gpus": []}})).unwrap();
         gns.create(&PostParams::default(), &gn).await.unwrap();
         gns.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": gpu_status(name, mig)})))
