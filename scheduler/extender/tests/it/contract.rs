@@ -34,7 +34,12 @@ pub(crate) async fn start(snap: Snapshot, settings: Settings) -> Cluster {
     start_with(snap, settings, MemoryBinder::default()).await
 }
 
-pub(crate) async fn start_with(snap: Snapshot, settings: Settings, binder: MemoryBinder) -> Cluster {
+/// A `tessera`-policy scheduler on `snap` over in-memory binder and lookup, not served.
+pub(crate) fn scheduler(
+    snap: Snapshot,
+    settings: Settings,
+    binder: MemoryBinder,
+) -> (Arc<Scheduler>, Arc<MemoryBinder>, Arc<MemoryLookup>) {
     let binder = Arc::new(binder);
     let lookup = Arc::new(MemoryLookup::default());
     let sched = Arc::new(Scheduler::new(
@@ -44,6 +49,11 @@ pub(crate) async fn start_with(snap: Snapshot, settings: Settings, binder: Memor
         lookup.clone(),
         settings,
     ));
+    (sched, binder, lookup)
+}
+
+pub(crate) async fn start_with(snap: Snapshot, settings: Settings, binder: MemoryBinder) -> Cluster {
+    let (sched, binder, lookup) = scheduler(snap, settings, binder);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, App::new(sched.clone(), Surface::ALL), std::future::pending()));

@@ -20,15 +20,7 @@ fn cluster(nodes: &[(&str, u32)]) -> (Arc<Scheduler>, Arc<MemoryBinder>, Arc<Mem
     for (n, gpus) in nodes {
         snap.add_node(Node::test(n).with_gpus(*gpus, "H100-80GB")).unwrap();
     }
-    let binder = Arc::new(MemoryBinder::default());
-    let lookup = Arc::new(MemoryLookup::default());
-    let sched = Arc::new(Scheduler::new(
-        snap,
-        tessera_core::policy::by_name("tessera").unwrap(),
-        binder.clone(),
-        lookup.clone(),
-        Settings::default(),
-    ));
+    let (sched, binder, lookup) = crate::contract::scheduler(snap, Settings::default(), MemoryBinder::default());
     let app = App::new(sched.clone(), Surface::ALL);
     (sched, binder, lookup, app)
 }
