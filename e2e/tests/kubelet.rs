@@ -143,6 +143,7 @@ async fn setup(pre: &Prerequisites) -> anyhow::Result<Suite> {
     std::fs::write(&key_file, format!("{line}\n"))?;
     let cfg = NodeConfig {
         kubeconfig: cp.kubeconfig.clone(),
+        agent_kubeconfig: None,
         agent,
         assignment_keys: key_file,
         fake_gpus: FAKE_GPUS.into(),

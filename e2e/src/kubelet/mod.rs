@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 
 pub mod control_plane;
@@ -172,8 +173,11 @@ pub fn cargo_binary(package: &str, binary: &str) -> anyhow::Result<PathBuf> {
 /// What the node runs against.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// Kubeconfig of kubelet and of the agent (the node authenticates with it).
+    /// Kubeconfig of kubelet.
     pub kubeconfig: PathBuf,
+    /// Kubeconfig of the agent (e.g. a token of the manifests' `tessera-mig-manager`
+    /// ServiceAccount, so their RBAC is what it gets); kubelet's when `None`.
+    pub agent_kubeconfig: Option<PathBuf>,
     /// The `tessera-mig-manager` binary.
     pub agent: PathBuf,
     /// The assignment key file the agent verifies signatures with.
@@ -488,7 +492,7 @@ serializeImagePulls: false
 
         let metrics = free_port()?;
         let mut c = inside(&cfg.agent);
-        c.env("KUBECONFIG", &cfg.kubeconfig)
+        c.env("KUBECONFIG", cfg.agent_kubeconfig.as_ref().unwrap_or(&cfg.kubeconfig))
             .env("RUST_LOG", "info")
             .args(["--node-name", NODE_NAME, "--backend", "fake", "--fake-gpus", &cfg.fake_gpus, "--resync-secs", "2"])
             .arg("--assignment-keys")
@@ -527,6 +531,14 @@ serializeImagePulls: false
                     .and_then(|q| q.0.parse::<u64>().ok())
                     .unwrap_or(0);
                 if ready && gpus > 0 {
+                    // Admission gave the new node the not-ready taint, which only the
+                    // node-lifecycle controller lifts; kube-scheduler would refuse every pod.
+                    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+                    let kept: Vec<_> = taints.iter().filter(|t| t.key != "node.kubernetes.io/not-ready").collect();
+                    if kept.len() != taints.len() {
+                        let patch = serde_json::json!({"spec": {"taints": kept}});
+                        nodes.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    }
                     return Ok(());
                 }
                 why = format!("Ready={ready}, allocatable {}={gpus}", tessera_api::annotations::RESOURCE_GPU);
