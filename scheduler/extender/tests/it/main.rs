@@ -9,6 +9,7 @@ mod dashboard;
 mod e2e;
 mod fixtures;
 mod gang;
+mod hostile;
 mod http;
 mod kube_api;
 mod loopback;
