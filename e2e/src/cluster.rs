@@ -103,6 +103,7 @@ pub struct Cluster {
     /// Warnings the API server gave while the CRDs were applied.
     pub crd_warnings: Vec<String>,
     opts: Options,
+    reaper: Option<tokio::task::JoinHandle<()>>,
     procs: Mutex<BTreeMap<String, Proc>>,
     /// Start order, for stopping in reverse.
     order: Mutex<Vec<String>>,
@@ -201,6 +202,7 @@ impl Cluster {
             replicas: Vec::new(),
             crd_warnings: Vec::new(),
             opts: opts.clone(),
+            reaper: None,
             procs: Mutex::new(procs),
             order: Mutex::new(order),
         };
@@ -277,6 +279,7 @@ impl Cluster {
         for i in 0..cluster.replicas.len() {
             cluster.wait_tessera_ready(i).await?;
         }
+        cluster.reaper = Some(tokio::spawn(reap(client.clone())));
         Ok(cluster)
     }
 
@@ -524,6 +527,36 @@ impl Cluster {
         self.kill9(&Self::tessera_name(i));
     }
 
+    /// Deletes a pod at once (`--grace-period=0 --force`: no kubelet confirms a graceful delete).
+    pub async fn force_delete(&self, ns: &str, name: &str) -> Result<()> {
+        self.pods(ns).delete(name, &kube::api::DeleteParams::default().grace_period(0)).await?;
+        Ok(())
+    }
+
+    /// Whether `ns/name` is bound.
+    pub async fn is_bound(&self, ns: &str, name: &str) -> Result<bool> {
+        Ok(self.pods(ns).get_opt(name).await?.and_then(|p| p.spec).and_then(|s| s.node_name).is_some())
+    }
+
+    /// Waits until some Event about `ns/name` satisfies `pred` (on reason, message); returns it.
+    pub async fn wait_event(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&str, &str) -> bool,
+    ) -> Result<(String, String)> {
+        let pred = &pred;
+        until(&format!("an event about {ns}/{name}"), timeout, || async move {
+            let evs = self.events(ns, name).await?;
+            match evs.iter().find(|(r, m)| pred(r, m)) {
+                Some(e) => Ok(Some(e.clone())),
+                None => bail!("events so far: {evs:?}"),
+            }
+        })
+        .await
+    }
+
     pub fn pods(&self, ns: &str) -> Api<Pod> {
         Api::namespaced(self.client.clone(), ns)
     }
@@ -655,8 +688,29 @@ impl Cluster {
     }
 }
 
+/// kubelet's part of a deletion: a bound pod marked for deletion (an eviction, a graceful delete)
+/// is removed once no kubelet would still run it. Every 500 ms.
+async fn reap(client: Client) {
+    let pods: Api<Pod> = Api::all(client);
+    loop {
+        if let Ok(list) = pods.list(&ListParams::default()).await {
+            for p in list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+                let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else {
+                    continue;
+                };
+                let api: Api<Pod> = Api::namespaced(pods.clone().into_client(), ns);
+                let _ = api.delete(name, &kube::api::DeleteParams::default().grace_period(0)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.abort();
+        }
         let mut procs = std::mem::take(&mut *self.procs.lock().unwrap_or_else(|e| e.into_inner()));
         let order = std::mem::take(&mut *self.order.lock().unwrap_or_else(|e| e.into_inner()));
         // Clients first, the API server and etcd last.
