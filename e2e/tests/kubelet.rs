@@ -1,210 +1,190 @@
-//! The real-kubelet suite: one real kubelet node (kubelet v1.36 + containerd + runc +
-//! `tessera-mig-manager` with the fake backend as its device plugin, see `tessera_e2e::kubelet`)
-//! and pods whose containers print the `NVIDIA_VISIBLE_DEVICES` kubelet gave them.
+//! The real-kubelet suite: the real-cluster harness (`tessera_e2e::Cluster`: etcd,
+//! kube-apiserver, kube-scheduler with the manifests' configuration, tessera-scheduler) with one
+//! real kubelet node (`tessera_e2e::kubelet`: kubelet v1.36 + containerd + runc +
+//! `tessera-mig-manager` with the fake backend as its device plugin) and pods whose containers
+//! print the `NVIDIA_VISIBLE_DEVICES` kubelet gave them. docs/testing.md says what each test
+//! shows.
 //!
-//! One node is started once and shared by every scenario, which run in order:
-//!
-//! - `signed_assignment_reaches_the_container`: a whole GPU and a MIG instance, each bound with
-//!   a signed `tessera.dev/assignment`, print exactly the assigned UUID;
-//! - `concurrent_binds_never_swap_devices`: rounds of pods created and bound at once on the one
-//!   node, every device of the node assigned in each round (shuffled); 0 containers may print a
-//!   device other than their own assignment;
-//! - `forged_assignments_do_not_start`: pods with `spec.nodeName` and a hand-written unsigned, or
-//!   a forged signed, assignment never run a container, and an Event names the refusal.
-//!
-//! Run: `cargo test -p tessera-e2e --test kubelet` (root; `KUBEBUILDER_ASSETS` or
-//! `scripts/setup-k8s.sh`; Debian containerd, runc, busybox-static). Filter by a substring of a
-//! scenario's name; `TESSERA_E2E_ROUNDS` sets the number of rounds (default 50),
-//! `TESSERA_E2E_KEEP=1` keeps the node's folder and logs. Without the prerequisites the suite
-//! prints what is missing and passes, except under `CI=true`, where it fails.
+//! The cluster and node start once, on the first test, and are shared: the tests run one at a
+//! time. Run: `cargo test -p tessera-e2e --test kubelet` (root; `KUBEBUILDER_ASSETS`; Debian
+//! containerd, runc, containernetworking-plugins, busybox-static). `TESSERA_E2E_ROUNDS` sets the
+//! rounds of the concurrency test (default 50); `TESSERA_E2E_KEEP=1` keeps the logs. Without the
+//! prerequisites every test is ignored with one line; under `CI=true` each fails instead.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::future::try_join_all;
 use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
-use serde_json::json;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::{Value, json};
 use tessera_api::annotations::{ASSIGNMENT, ASSIGNMENT_SIGNATURE, RESOURCE_GPU};
+use tessera_api::gpunode::Mode;
 use tessera_api::signing::Keyring;
 use tessera_api::{AssignedDevice, Assignment, GpuNode};
-use tessera_e2e::kubelet::control_plane::ControlPlane;
-use tessera_e2e::kubelet::{BUSYBOX_IMAGE, KubeletNode, NODE_NAME, NodeConfig, Prerequisites, cargo_binary};
+use tessera_e2e::kubelet::{BUSYBOX_IMAGE, KubeletNode, NODE_NAME, NodeConfig, Prerequisites, tail};
+use tessera_e2e::{Bins, Cluster, Options};
 
 const NS: &str = "default";
-/// Four whole GPUs and one MIG GPU (split into two 3g.40gb instances by the suite).
+/// Four whole GPUs and one in MIG mode (its instances are created through GpuNode spec).
 const FAKE_GPUS: &str = "a100x4,a100x1:mig";
-const MIG_GPU: u32 = 4;
+const LABEL: &str = "tessera.dev/e2e";
 
 struct Suite {
-    client: Client,
+    cluster: Cluster,
+    node: Mutex<KubeletNode>,
     keys: Keyring,
-    /// Every device of the node as an assignment entry: 4 whole GPUs, 2 MIG instances.
-    devices: Vec<AssignedDevice>,
-    node: std::sync::Mutex<KubeletNode>,
-    _cp: ControlPlane,
+    _dir: tempfile::TempDir,
 }
 
-type Scenario = fn(&Suite) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<String>> + '_>>;
-
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let listing = std::env::args().any(|a| a == "--list");
-    let scenarios: [(&str, Scenario); 3] = [
-        ("signed_assignment_reaches_the_container", |s| Box::pin(signed_assignment_reaches_the_container(s))),
-        ("concurrent_binds_never_swap_devices", |s| Box::pin(concurrent_binds_never_swap_devices(s))),
-        ("forged_assignments_do_not_start", |s| Box::pin(forged_assignments_do_not_start(s))),
-    ];
-    let chosen: Vec<_> =
-        scenarios.iter().filter(|(n, _)| args.is_empty() || args.iter().any(|a| n.contains(a.as_str()))).collect();
-    if listing {
-        for (n, _) in &chosen {
-            println!("{n}: test");
-        }
-        return;
-    }
-    if chosen.is_empty() {
-        println!("running 0 tests");
-        return;
-    }
-    let pre = match Prerequisites::find() {
-        Ok(p) => p,
-        Err(why) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                eprintln!("kubelet suite: FAILED under CI=true: {why}");
-                std::process::exit(1);
-            }
-            println!("kubelet suite: skipped: {why} (under CI=true this fails)");
-            return;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap_or_else(|e| {
             eprintln!("kubelet suite: no tokio runtime: {e}");
-            std::process::exit(1);
+            std::process::exit(1)
+        })
+    })
+}
+
+/// The shared cluster and node, started by the first test that needs them.
+static SUITE: Mutex<Option<Result<Arc<Suite>, String>>> = Mutex::new(None);
+
+fn suite(bins: &Bins, pre: &Prerequisites) -> Result<Arc<Suite>, Failed> {
+    let mut slot = SUITE.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        let t = Instant::now();
+        let r = runtime().block_on(setup(bins, pre)).map(Arc::new).map_err(|e| format!("{e:#}"));
+        if r.is_ok() {
+            println!("kubelet suite: cluster and node {NODE_NAME} ready in {:.1} s", t.elapsed().as_secs_f64());
         }
-    };
-    let t0 = Instant::now();
-    let failed = rt.block_on(async {
-        let suite = match setup(&pre).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("kubelet suite: set-up failed: {e:#}");
-                return chosen.len();
-            }
-        };
-        println!("kubelet suite: node {NODE_NAME} ready in {:.1} s", t0.elapsed().as_secs_f64());
-        let mut failed = 0;
-        for (name, f) in &chosen {
-            let t = Instant::now();
-            let r = tokio::time::timeout(Duration::from_secs(240), f(&suite)).await;
-            let r = r.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 240 s")));
-            match r {
-                Ok(note) => println!("test {name} ... ok ({:.1} s) {note}", t.elapsed().as_secs_f64()),
-                Err(e) => {
-                    failed += 1;
-                    println!("test {name} ... FAILED ({:.1} s)\n{e:#}", t.elapsed().as_secs_f64());
-                    if let Ok(node) = suite.node.lock() {
-                        println!("--- agent log (tail)\n{}", tessera_e2e::kubelet::tail(&node.log("agent"), 30));
-                    }
-                }
-            }
-        }
-        let problems = match suite.node.lock() {
-            Ok(mut node) => node.stop(),
-            Err(_) => vec!["the node's lock is poisoned".to_owned()],
-        };
-        for p in problems {
-            failed += 1;
-            println!("clean-up FAILED: {p}");
-        }
-        failed
-    });
-    println!(
-        "\ntest result: {}. {} passed; {failed} failed; {:.1} s",
-        if failed == 0 { "ok" } else { "FAILED" },
-        chosen.len().saturating_sub(failed),
-        t0.elapsed().as_secs_f64()
-    );
-    if failed > 0 {
-        std::process::exit(1);
+        *slot = Some(r);
+    }
+    match slot.as_ref() {
+        Some(Ok(s)) => Ok(s.clone()),
+        Some(Err(e)) => Err(Failed::from(format!("the cluster or the kubelet node did not start: {e}"))),
+        None => Err(Failed::from("no suite")),
     }
 }
 
-async fn setup(pre: &Prerequisites) -> anyhow::Result<Suite> {
-    let agent = cargo_binary("tessera-mig-manager", "tessera-mig-manager")?;
-    let (cp, client) = ControlPlane::start().await?;
-    let line = Keyring::generate_line("e2e-1")?;
-    let keys = Keyring::parse(&line)?;
-    let key_file = cp.dir().join("assignment-keys");
-    std::fs::write(&key_file, format!("{line}\n"))?;
+async fn setup(bins: &Bins, pre: &Prerequisites) -> Result<Suite> {
+    let dir = tempfile::Builder::new().prefix("tessera-e2e-kubelet-").tempdir()?;
+    // No fake nodes: the only node is the real kubelet's.
+    let cluster = Cluster::start(bins, dir.path(), Options::default()).await?;
     let cfg = NodeConfig {
-        kubeconfig: cp.kubeconfig.clone(),
-        agent_kubeconfig: None,
-        agent,
-        assignment_keys: key_file,
+        kubeconfig: cluster.admin_kubeconfig.clone(),
+        agent_kubeconfig: Some(cluster.agent_kubeconfig.clone()),
+        agent: bins.mig_manager.clone(),
+        assignment_keys: cluster.keys_file.clone(),
         fake_gpus: FAKE_GPUS.into(),
         agent_args: Vec::new(),
     };
-    let node = KubeletNode::start(pre, &cfg, &client).await?;
+    let node = KubeletNode::start(pre, &cfg, &cluster.client).await?;
+    let keys = cluster.keyring()?;
+    Ok(Suite { cluster, node: Mutex::new(node), keys, _dir: dir })
+}
 
-    // Two MIG instances on the MIG GPU, as the scheduler would ask through GpuNode spec.
-    let gns: Api<GpuNode> = Api::all(client.clone());
-    let spec = json!({"spec": {"gpus": [{"index": MIG_GPU, "mode": "mig", "instances": [
-        {"profile": "3g.40gb", "start": 0}, {"profile": "3g.40gb", "start": 4}]}]}});
-    gns.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&spec)).await.context("GpuNode spec")?;
-    let until = Instant::now() + Duration::from_secs(60);
-    let devices = loop {
-        let gn = gns.get(NODE_NAME).await?;
-        let status = gn.status.unwrap_or_default();
-        let mut devices = Vec::new();
-        for g in &status.gpus {
-            if g.index == MIG_GPU {
-                for i in g.instances.iter().filter(|i| !i.uuid.is_empty()) {
-                    devices.push(AssignedDevice {
-                        gpu: g.uuid.clone(),
-                        index: g.index,
-                        profile: Some(i.profile.clone()),
-                        start: Some(i.start),
-                        mig: Some(i.uuid.clone()),
-                        share: None,
-                    });
-                }
-            } else {
-                devices.push(AssignedDevice {
-                    gpu: g.uuid.clone(),
-                    index: g.index,
-                    profile: None,
-                    start: None,
-                    mig: None,
-                    share: None,
-                });
-            }
-        }
-        if devices.len() == 6 {
-            break devices;
-        }
-        ensure!(Instant::now() < until, "the agent did not create the MIG instances: GpuNode status {status:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
+type Scenario = for<'a> fn(&'a Suite) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + 'a>>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One node for every test.
+    args.test_threads = Some(1);
+    let tests: [(&str, Scenario); 3] = [
+        ("tessera_scheduled_pods_see_their_assignment", |s| Box::pin(tessera_scheduled_pods_see_their_assignment(s))),
+        ("concurrent_binds_never_swap_devices", |s| Box::pin(concurrent_binds_never_swap_devices(s))),
+        ("forged_assignments_do_not_start", |s| Box::pin(forged_assignments_do_not_start(s))),
+    ];
+    let located = if args.list {
+        Err(String::new())
+    } else {
+        Prerequisites::find().and_then(|pre| Bins::locate().map(|bins| (bins, pre)))
     };
-    Ok(Suite { client, keys, devices, node: std::sync::Mutex::new(node), _cp: cp })
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let trials: Vec<Trial> = match located {
+        Ok((bins, pre)) => tests
+            .into_iter()
+            .map(|(name, f)| {
+                let (bins, pre) = (bins.clone(), pre.clone());
+                Trial::test(name, move || {
+                    let s = suite(&bins, &pre)?;
+                    let t = Instant::now();
+                    let r = runtime().block_on(async { tokio::time::timeout(Duration::from_secs(240), f(&s)).await });
+                    match r {
+                        Ok(Ok(note)) => {
+                            println!("{name}: {note} ({:.1} s)", t.elapsed().as_secs_f64());
+                            Ok(())
+                        }
+                        Ok(Err(e)) => Err(Failed::from(format!("{e:#}\n{}", logs(&s)))),
+                        Err(_) => Err(Failed::from(format!("ran longer than 240 s\n{}", logs(&s)))),
+                    }
+                })
+            })
+            .collect(),
+        Err(_) if args.list => tests.into_iter().map(|(name, _)| Trial::test(name, || Ok(()))).collect(),
+        Err(why) if ci => tests
+            .into_iter()
+            .map(|(name, _)| {
+                let why = why.clone();
+                Trial::test(name, move || Err(Failed::from(format!("under CI=true the kubelet suite needs: {why}"))))
+            })
+            .collect(),
+        Err(why) => {
+            println!("kubelet suite: every test ignored: {why}");
+            tests
+                .into_iter()
+                .map(|(name, _)| {
+                    let why = why.clone();
+                    Trial::test(name, move || Err(Failed::from(why.clone()))).with_ignored_flag(true)
+                })
+                .collect()
+        }
+    };
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Stop the node (and check it left the host as it was), then the cluster.
+    let mut clean = true;
+    if let Some(Ok(s)) = SUITE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let problems = s.node.lock().map(|mut n| n.stop()).unwrap_or_default();
+        for p in &problems {
+            eprintln!("kubelet suite: clean-up: {p}");
+        }
+        clean = problems.is_empty();
+        runtime().block_on(async move { drop(s) });
+    }
+    if !clean {
+        std::process::exit(101);
+    }
+    conclusion.exit();
 }
 
-/// The UUID a container must see for `d`.
-fn visible(d: &AssignedDevice) -> String {
-    d.mig.clone().unwrap_or_else(|| d.gpu.clone())
+fn logs(s: &Suite) -> String {
+    let node = s.node.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = String::new();
+    for n in ["agent", "kubelet"] {
+        out.push_str(&format!("--- {n}.log (tail)\n{}", tail(&node.log(n), 25)));
+    }
+    out
 }
 
-fn gpu_pod(name: &str, extra: serde_json::Value) -> anyhow::Result<Pod> {
+/// The UUIDs a container must see for `a`, as the agent hands them out.
+fn visible(a: &Assignment) -> String {
+    a.devices.iter().map(|d| d.mig.clone().unwrap_or_else(|| d.gpu.clone())).collect::<Vec<_>>().join(",")
+}
+
+fn gpu_pod(name: &str, extra: Value) -> Value {
     let mut pod = json!({
-        "metadata": {"name": name, "labels": {"tessera.dev/e2e": "kubelet"}},
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {LABEL: "kubelet"}},
         "spec": {
             "schedulerName": "tessera",
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 0,
+            // No token volume: nothing publishes kube-root-ca.crt without kube-controller-manager.
+            "automountServiceAccountToken": false,
             "containers": [{
                 "name": "c",
                 "image": BUSYBOX_IMAGE,
@@ -215,28 +195,30 @@ fn gpu_pod(name: &str, extra: serde_json::Value) -> anyhow::Result<Pod> {
         }
     });
     merge(&mut pod, extra);
-    Ok(serde_json::from_value(pod)?)
+    pod
 }
 
-fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+fn merge(a: &mut Value, b: Value) {
     match (a, b) {
-        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+        (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {
-                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                merge(a.entry(k).or_insert(Value::Null), v);
             }
         }
         (a, b) => *a = b,
     }
 }
 
+fn pods(s: &Suite) -> Api<Pod> {
+    Api::namespaced(s.cluster.client.clone(), NS)
+}
+
 /// Creates a pod and binds it to the node with a signed assignment of `device`, as tessera's
-/// binder does (the Binding's annotations land on the pod).
-async fn create_and_bind(s: &Suite, name: &str, device: &AssignedDevice) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), NS);
-    let pod = pods
-        .create(&PostParams::default(), &gpu_pod(name, json!({}))?)
-        .await
-        .with_context(|| format!("creating {name}"))?;
+/// binder does (a Binding's annotations land on the pod).
+async fn create_and_bind(s: &Suite, name: &str, device: &AssignedDevice) -> Result<String> {
+    // A scheduler name nobody serves: only this Binding binds it.
+    let pod: Pod = serde_json::from_value(gpu_pod(name, json!({"spec": {"schedulerName": "e2e-direct-bind"}})))?;
+    let pod = pods(s).create(&PostParams::default(), &pod).await.with_context(|| format!("creating {name}"))?;
     let uid = pod.metadata.uid.context("pod without UID")?;
     let ann = Assignment { node: NODE_NAME.into(), devices: vec![device.clone()] }.to_annotation();
     let binding = json!({
@@ -244,21 +226,18 @@ async fn create_and_bind(s: &Suite, name: &str, device: &AssignedDevice) -> anyh
         "metadata": {"name": name, "annotations": {ASSIGNMENT: ann, ASSIGNMENT_SIGNATURE: s.keys.sign(&uid, NODE_NAME, &ann)}},
         "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME}
     });
-    let req = http_post(&format!("/api/v1/namespaces/{NS}/pods/{name}/binding"), &binding)?;
-    s.client.request_text(req).await.with_context(|| format!("binding {name}"))?;
+    let req = http::Request::post(format!("/api/v1/namespaces/{NS}/pods/{name}/binding"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&binding)?)?;
+    s.cluster.client.request_text(req).await.with_context(|| format!("binding {name}"))?;
     Ok(uid)
 }
 
-fn http_post(path: &str, body: &serde_json::Value) -> anyhow::Result<http::Request<Vec<u8>>> {
-    Ok(http::Request::post(path).header("content-type", "application/json").body(serde_json::to_vec(body)?)?)
-}
-
 /// Waits until the pod's container has run to completion and returns its log.
-async fn finished_log(pods: &Api<Pod>, name: &str, timeout: Duration) -> anyhow::Result<String> {
+async fn finished_log(api: &Api<Pod>, name: &str, timeout: Duration) -> Result<String> {
     let until = Instant::now() + timeout;
     loop {
-        let p = pods.get(name).await?;
-        let st = p.status.unwrap_or_default();
+        let st = api.get(name).await?.status.unwrap_or_default();
         match st.phase.as_deref() {
             Some("Succeeded") => break,
             Some("Failed") => {
@@ -269,43 +248,94 @@ async fn finished_log(pods: &Api<Pod>, name: &str, timeout: Duration) -> anyhow:
         ensure!(Instant::now() < until, "pod {name} not finished after {timeout:?} (phase {:?})", st.phase);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = pods.logs(name, &Default::default()).await.with_context(|| format!("logs of {name}"))?;
-    Ok(log)
+    api.logs(name, &Default::default()).await.with_context(|| format!("logs of {name}"))
 }
 
 fn printed(log: &str) -> Option<&str> {
     log.lines().find_map(|l| l.strip_prefix("NVIDIA_VISIBLE_DEVICES=")).map(str::trim)
 }
 
-async fn delete_all(pods: &Api<Pod>) -> anyhow::Result<()> {
-    let lp = ListParams::default().labels("tessera.dev/e2e=kubelet");
-    pods.delete_collection(&DeleteParams { grace_period_seconds: Some(0), ..Default::default() }, &lp).await?;
+/// The assignment annotation a pod carries.
+fn assignment_of(pod: &Pod) -> Result<Assignment> {
+    let ann = pod.metadata.annotations.as_ref().and_then(|a| a.get(ASSIGNMENT)).context("no assignment annotation")?;
+    Assignment::from_annotation(ann).map_err(|e| anyhow!("assignment annotation {ann:?}: {e}"))
+}
+
+async fn delete_all(s: &Suite) -> Result<()> {
+    let api = pods(s);
+    let lp = ListParams::default().labels(&format!("{LABEL}=kubelet"));
+    api.delete_collection(&DeleteParams { grace_period_seconds: Some(0), ..Default::default() }, &lp).await?;
     let until = Instant::now() + Duration::from_secs(60);
-    while !pods.list(&lp).await?.items.is_empty() {
+    while !api.list(&lp).await?.items.is_empty() {
         ensure!(Instant::now() < until, "pods not gone after 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }
 
-async fn signed_assignment_reaches_the_container(s: &Suite) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), NS);
-    let whole = &s.devices[0];
-    let mig = s.devices.iter().find(|d| d.mig.is_some()).context("no MIG device")?;
-    let mut notes = Vec::new();
-    for (name, d) in [("whole-gpu", whole), ("mig-instance", mig)] {
-        let t = Instant::now();
-        create_and_bind(s, name, d).await?;
-        let log = finished_log(&pods, name, Duration::from_secs(60)).await?;
-        let want = visible(d);
-        ensure!(printed(&log) == Some(want.as_str()), "{name} printed {log:?}, its assignment is {want}");
-        notes.push(format!("{name}: {want} in {:.1} s", t.elapsed().as_secs_f64()));
+/// Pods created normally (`schedulerName: tessera`): kube-scheduler with the tessera extender
+/// picks the node and the devices; each container prints exactly its signed assignment.
+async fn tessera_scheduled_pods_see_their_assignment(s: &Suite) -> Result<String> {
+    // What an earlier failed test left would hold devices.
+    delete_all(s).await?;
+    let specs = [
+        ("whole-gpu", json!({})),
+        ("two-gpus", json!({"metadata": {"annotations": {"tessera.dev/gpus": "2"}}})),
+        ("mig-slice", json!({"metadata": {"annotations": {"tessera.dev/gpu-memory": "4Gi"}}})),
+    ];
+    for (name, extra) in &specs {
+        s.cluster.create_pod(gpu_pod(name, extra.clone())).await?;
     }
-    delete_all(&pods).await?;
-    Ok(notes.join(", "))
+    let api = pods(s);
+    let mut notes = Vec::new();
+    for (name, _) in &specs {
+        let (node, a) = s.cluster.wait_bound(NS, name, Duration::from_secs(90)).await?;
+        ensure!(node == NODE_NAME, "{name} was bound to {node}");
+        let log = finished_log(&api, name, Duration::from_secs(60)).await?;
+        let want = visible(&a);
+        ensure!(printed(&log) == Some(want.as_str()), "{name} printed {log:?}; its assignment is {want}");
+        notes.push(format!("{name}: {want}"));
+    }
+    let (_, mig) = s.cluster.wait_bound(NS, "mig-slice", Duration::from_secs(1)).await?;
+    ensure!(mig.devices.iter().all(|d| d.mig.is_some()), "mig-slice got no MIG instance: {mig:?}");
+    let (_, two) = s.cluster.wait_bound(NS, "two-gpus", Duration::from_secs(1)).await?;
+    ensure!(two.devices.len() == 2, "two-gpus got {:?}", two.devices);
+    delete_all(s).await?;
+    Ok(notes.join("; "))
 }
 
-/// A small deterministic shuffle (no RNG dependency): round `r`'s permutation of `n` items.
+/// Every device the node has now, as assignment entries: whole GPUs in full mode and the MIG
+/// instances of GPUs in MIG mode (what GpuNode status reports).
+async fn node_devices(s: &Suite) -> Result<Vec<AssignedDevice>> {
+    let gn = Api::<GpuNode>::all(s.cluster.client.clone()).get(NODE_NAME).await?;
+    let mut out = Vec::new();
+    for g in gn.status.unwrap_or_default().gpus {
+        if g.mode == Mode::Mig {
+            for i in g.instances.iter().filter(|i| !i.uuid.is_empty()) {
+                out.push(AssignedDevice {
+                    gpu: g.uuid.clone(),
+                    index: g.index,
+                    profile: Some(i.profile.clone()),
+                    start: Some(i.start),
+                    mig: Some(i.uuid.clone()),
+                    share: None,
+                });
+            }
+        } else {
+            out.push(AssignedDevice {
+                gpu: g.uuid,
+                index: g.index,
+                profile: None,
+                start: None,
+                mig: None,
+                share: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A small deterministic shuffle: round `r`'s permutation of `n` items.
 fn permutation(n: usize, r: u64) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
     let mut x = r.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -318,53 +348,58 @@ fn permutation(n: usize, r: u64) -> Vec<usize> {
     v
 }
 
-async fn concurrent_binds_never_swap_devices(s: &Suite) -> anyhow::Result<String> {
+/// Rounds of pods created and bound at once (parallel POSTs to `pods/NAME/binding`, as a
+/// scheduler does), every device of the node handed out in each round in a shuffled order; each
+/// container's output is compared with the assignment annotation its pod carries.
+async fn concurrent_binds_never_swap_devices(s: &Suite) -> Result<String> {
+    // What an earlier failed test left would hold devices.
+    delete_all(s).await?;
     let rounds: u64 = std::env::var("TESSERA_E2E_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), NS);
+    let api = pods(s);
     let t0 = Instant::now();
-    let mut wrong = Vec::new();
-    let mut checked = 0usize;
+    let (mut wrong, mut checked, mut mig) = (Vec::new(), 0usize, 0usize);
     for r in 0..rounds {
-        let order = permutation(s.devices.len(), r);
-        // Create and bind every pod of the round at once: kubelet admits them together.
+        let devices = node_devices(s).await?;
+        ensure!(devices.len() >= 4, "round {r}: the node reports only {devices:?}");
+        let order = permutation(devices.len(), r);
         let names: Vec<String> = (0..order.len()).map(|i| format!("r{r}-p{i}")).collect();
-        try_join_all(names.iter().zip(&order).map(|(n, &d)| create_and_bind(s, n, &s.devices[d]))).await?;
-        let logs = try_join_all(names.iter().map(|n| finished_log(&pods, n, Duration::from_secs(60)))).await?;
+        try_join_all(names.iter().zip(&order).map(|(n, &d)| create_and_bind(s, n, &devices[d]))).await?;
+        let logs = try_join_all(names.iter().map(|n| finished_log(&api, n, Duration::from_secs(60)))).await?;
         for ((name, &d), log) in names.iter().zip(&order).zip(&logs) {
-            // What the container saw against the annotation the pod carries.
-            let pod = pods.get(name).await?;
-            let ann = pod.metadata.annotations.unwrap_or_default();
-            let a = Assignment::from_annotation(ann.get(ASSIGNMENT).map(String::as_str).unwrap_or_default())
-                .with_context(|| format!("{name}: assignment annotation"))?;
-            let want: Vec<String> = a.devices.iter().map(visible).collect();
-            ensure!(want == [visible(&s.devices[d])], "{name} carries {want:?}, bound with {:?}", s.devices[d]);
+            let a = assignment_of(&api.get(name).await?)?;
+            ensure!(a.devices == [devices[d].clone()], "{name} carries {a:?}, bound with {:?}", devices[d]);
             checked += 1;
-            if printed(log) != Some(want[0].as_str()) {
-                wrong.push(format!("{name}: saw {:?}, assigned {}", printed(log), want[0]));
+            mig += usize::from(devices[d].mig.is_some());
+            let want = visible(&a);
+            if printed(log) != Some(want.as_str()) {
+                wrong.push(format!("{name}: saw {:?}, assigned {want}", printed(log)));
             }
         }
-        delete_all(&pods).await?;
-        s.node.lock().map_err(|_| anyhow::anyhow!("node lock"))?.alive().map_err(anyhow::Error::msg)?;
+        delete_all(s).await?;
+        s.node.lock().map_err(|_| anyhow!("node lock"))?.alive().map_err(anyhow::Error::msg)?;
     }
     let wall = t0.elapsed().as_secs_f64();
     ensure!(wrong.is_empty(), "{} of {checked} containers saw another device:\n{}", wrong.len(), wrong.join("\n"));
     Ok(format!(
-        "{rounds} rounds x {} pods = {checked} containers, 0 saw another device; {wall:.1} s ({:.2} s/round)",
-        s.devices.len(),
+        "{rounds} rounds, {checked} containers ({mig} on MIG instances), 0 saw another device; {wall:.1} s ({:.2} s/round)",
         wall / rounds.max(1) as f64
     ))
 }
 
-async fn forged_assignments_do_not_start(s: &Suite) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), NS);
-    let victim = &s.devices[1];
+/// Pods put straight onto the node (`spec.nodeName`) with a hand-written assignment: unsigned,
+/// signed with the node's key ID but another secret, or copied from a genuine pod. None runs a
+/// container, and each has an `AssignmentRefused` Event naming why.
+async fn forged_assignments_do_not_start(s: &Suite) -> Result<String> {
+    // What an earlier failed test left would hold devices.
+    delete_all(s).await?;
+    let api = pods(s);
+    let victim = node_devices(s).await?.into_iter().next().context("the node reports no device")?;
     let ann = Assignment { node: NODE_NAME.into(), devices: vec![victim.clone()] }.to_annotation();
-    // The node's key ID with another secret: what someone without the Secret can write.
-    let forger = Keyring::parse(&Keyring::generate_line("e2e-1")?)?;
-    // A genuine signed assignment, to be copied onto another pod.
-    let genuine_uid = create_and_bind(s, "genuine", victim).await?;
-    finished_log(&pods, "genuine", Duration::from_secs(60)).await?;
-    let copied = pods.get("genuine").await?.metadata.annotations.unwrap_or_default();
+    let key_id = s.keys.ids().first().map(|k| k.to_string()).unwrap_or_default();
+    let forger = Keyring::parse(&Keyring::generate_line(&key_id)?)?;
+    let genuine_uid = create_and_bind(s, "genuine", &victim).await?;
+    finished_log(&api, "genuine", Duration::from_secs(60)).await?;
+    let copied = api.get("genuine").await?.metadata.annotations.unwrap_or_default();
     let cases: Vec<(&str, BTreeMap<String, String>, &str)> = vec![
         ("forged-unsigned", BTreeMap::from([(ASSIGNMENT.to_owned(), ann.clone())]), "Unsigned"),
         (
@@ -379,16 +414,14 @@ async fn forged_assignments_do_not_start(s: &Suite) -> anyhow::Result<String> {
     ];
     let mut notes = Vec::new();
     for (name, annotations, reason) in cases {
-        // Straight onto the node, annotations written by hand at creation: no scheduler involved.
-        let pod = gpu_pod(
+        let pod: Pod = serde_json::from_value(gpu_pod(
             name,
             json!({"metadata": {"annotations": annotations}, "spec": {"nodeName": NODE_NAME, "schedulerName": "default-scheduler"}}),
-        )?;
-        pods.create(&PostParams::default(), &pod).await?;
+        ))?;
+        api.create(&PostParams::default(), &pod).await?;
         let until = Instant::now() + Duration::from_secs(60);
         let (phase, message) = loop {
-            let p = pods.get(name).await?;
-            let st = p.status.unwrap_or_default();
+            let st = api.get(name).await?.status.unwrap_or_default();
             if let Some(cs) = st.container_statuses.as_ref().and_then(|c| c.first())
                 && cs.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some())
             {
@@ -401,21 +434,31 @@ async fn forged_assignments_do_not_start(s: &Suite) -> anyhow::Result<String> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         ensure!(phase == "UnexpectedAdmissionError", "{name}: failed with {phase}: {message}");
-        ensure!(pods.logs(name, &Default::default()).await.is_err(), "{name}: has a container log although refused");
-        let events: Api<Event> = Api::namespaced(s.client.clone(), NS);
+        ensure!(api.logs(name, &Default::default()).await.is_err(), "{name}: has a container log although refused");
+        let events: Api<Event> = Api::namespaced(s.cluster.client.clone(), NS);
         let until = Instant::now() + Duration::from_secs(30);
-        let event = loop {
+        // The agent's Event (tessera-scheduler's rebuild, refusing to count the devices, may
+        // write one of the same reason too).
+        let agent_says = format!("tessera node agent on {NODE_NAME} refused the device assignment ({reason})");
+        loop {
             let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={name}"))).await?;
-            if let Some(e) = list.items.into_iter().find(|e| e.reason.as_deref() == Some("AssignmentRefused")) {
-                break e;
+            let refusals: Vec<String> = list
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("AssignmentRefused"))
+                .filter_map(|e| e.message)
+                .collect();
+            if refusals.iter().any(|m| m.contains(&agent_says)) {
+                break;
             }
-            ensure!(Instant::now() < until, "{name}: no AssignmentRefused event after 30 s");
+            ensure!(
+                Instant::now() < until,
+                "{name}: no AssignmentRefused event saying {agent_says:?} after 30 s: {refusals:?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let msg = event.message.unwrap_or_default();
-        ensure!(msg.contains(&format!("refused the device assignment ({reason})")), "{name}: event says {msg:?}");
+        }
         notes.push(format!("{name}: {reason}"));
     }
-    delete_all(&pods).await?;
+    delete_all(s).await?;
     Ok(notes.join(", "))
 }

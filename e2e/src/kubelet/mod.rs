@@ -23,8 +23,6 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 
-pub mod control_plane;
-
 /// The node's name: kubelet takes its hostname override, and the apiserver reaches it on it.
 pub const NODE_NAME: &str = "127.0.0.1";
 /// Reference of the test userland image (a static busybox at `/bin/busybox`).
@@ -143,33 +141,6 @@ fn is_static(path: &Path) -> bool {
     })
 }
 
-/// The repository root (the e2e crate's parent).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
-/// Builds `binary` of workspace package `package` with the cargo that runs this test and returns
-/// its path in the target folder of the running test binary.
-pub fn cargo_binary(package: &str, binary: &str) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", binary])
-        .current_dir(repo_root())
-        .status()
-        .with_context(|| format!("running cargo build -p {package}"))?;
-    if !status.success() {
-        bail!("cargo build -p {package} --bin {binary} failed ({status})");
-    }
-    // target/debug/deps/<test>-<hash> -> target/debug/<binary>
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).context("the test binary has no target folder")?;
-    let bin = dir.join(binary);
-    if !bin.is_file() {
-        bail!("{} is missing after cargo build", bin.display());
-    }
-    Ok(bin)
-}
-
 /// What the node runs against.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -266,7 +237,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Builds the busybox and pause images with `scripts/oci-image.py` into `dir`.
 pub fn build_images(busybox: &Path, dir: &Path) -> anyhow::Result<[PathBuf; 2]> {
-    let script = repo_root().join("scripts/oci-image.py");
+    let script = crate::repo_root().join("scripts/oci-image.py");
     let bb = format!("{}=/bin/busybox", busybox.display());
     let mut out = Vec::new();
     for (name, reference, cmd) in [
@@ -531,15 +502,7 @@ serializeImagePulls: false
                     .and_then(|q| q.0.parse::<u64>().ok())
                     .unwrap_or(0);
                 if ready && gpus > 0 {
-                    // Admission gave the new node the not-ready taint, which only the
-                    // node-lifecycle controller lifts; kube-scheduler would refuse every pod.
-                    let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
-                    let kept: Vec<_> = taints.iter().filter(|t| t.key != "node.kubernetes.io/not-ready").collect();
-                    if kept.len() != taints.len() {
-                        let patch = serde_json::json!({"spec": {"taints": kept}});
-                        nodes.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-                    }
-                    return Ok(());
+                    return self.untaint(&nodes).await;
                 }
                 why = format!("Ready={ready}, allocatable {}={gpus}", tessera_api::annotations::RESOURCE_GPU);
             }
@@ -548,6 +511,31 @@ serializeImagePulls: false
                 bail!("node {NODE_NAME} not ready after 90 s ({why})\n{}", tail(&self.log("kubelet"), 20));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Lifts the `node.kubernetes.io/not-ready` taint admission put on the new node (only the
+    /// node-lifecycle controller would); kube-scheduler refuses every pod while it is there.
+    /// Done until it stays off for 2 s.
+    async fn untaint(&self, nodes: &Api<Node>) -> anyhow::Result<()> {
+        const TAINT: &str = "node.kubernetes.io/not-ready";
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut clear_since: Option<Instant> = None;
+        loop {
+            let n = nodes.get(NODE_NAME).await?;
+            let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+            if taints.iter().any(|t| t.key == TAINT) {
+                clear_since = None;
+                let kept: Vec<_> = taints.iter().filter(|t| t.key != TAINT).collect();
+                let patch = serde_json::json!({"spec": {"taints": kept}});
+                nodes.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            } else if clear_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(2) {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!("the {TAINT} taint keeps coming back on node {NODE_NAME}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
