@@ -72,7 +72,7 @@ fn suite(bins: &Bins, pre: &Prerequisites) -> Result<Arc<Suite>, Failed> {
 }
 
 async fn setup(bins: &Bins, pre: &Prerequisites) -> Result<Suite> {
-    let dir = tempfile::Builder::new().prefix("tessera-e2e-kubelet-").tempdir()?;
+    let dir = tempfile::Builder::new().prefix("tessera-kubelet-suite-").tempdir()?;
     // No fake nodes: the only node is the real kubelet's.
     let cluster = Cluster::start(bins, dir.path(), Options::default()).await?;
     let cfg = NodeConfig {
@@ -94,8 +94,9 @@ fn main() {
     let mut args = Arguments::from_args();
     // One node for every test.
     args.test_threads = Some(1);
-    let tests: [(&str, Scenario); 3] = [
+    let tests: [(&str, Scenario); 4] = [
         ("tessera_scheduled_pods_see_their_assignment", |s| Box::pin(tessera_scheduled_pods_see_their_assignment(s))),
+        ("tessera_scheduled_rounds_never_swap_devices", |s| Box::pin(tessera_scheduled_rounds_never_swap_devices(s))),
         ("concurrent_binds_never_swap_devices", |s| Box::pin(concurrent_binds_never_swap_devices(s))),
         ("forged_assignments_do_not_start", |s| Box::pin(forged_assignments_do_not_start(s))),
     ];
@@ -302,6 +303,49 @@ async fn tessera_scheduled_pods_see_their_assignment(s: &Suite) -> Result<String
     ensure!(two.devices.len() == 2, "two-gpus got {:?}", two.devices);
     delete_all(s).await?;
     Ok(notes.join("; "))
+}
+
+/// Rounds of five pods created at once with `schedulerName: tessera` (four whole GPUs and one
+/// MIG-sized): kube-scheduler binds them in parallel through the extender; every container
+/// prints its own signed assignment and no device is handed to two pods of a round.
+async fn tessera_scheduled_rounds_never_swap_devices(s: &Suite) -> Result<String> {
+    delete_all(s).await?;
+    let rounds: u64 = std::env::var("TESSERA_E2E_SCHEDULED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let api = pods(s);
+    let t0 = Instant::now();
+    let mut checked = 0usize;
+    for r in 0..rounds {
+        let mut names = Vec::new();
+        for i in 0..5 {
+            let name = format!("s{r}-p{i}");
+            let extra = if i == 4 {
+                json!({"metadata": {"annotations": {"tessera.dev/gpu-memory": "4Gi"}}})
+            } else {
+                json!({})
+            };
+            names.push((name, extra));
+        }
+        try_join_all(names.iter().map(|(n, e)| s.cluster.create_pod(gpu_pod(n, e.clone())))).await?;
+        let bound =
+            try_join_all(names.iter().map(|(n, _)| s.cluster.wait_bound(NS, n, Duration::from_secs(90)))).await?;
+        let logs = try_join_all(names.iter().map(|(n, _)| finished_log(&api, n, Duration::from_secs(60)))).await?;
+        let mut seen = BTreeMap::new();
+        for (((name, _), (node, a)), log) in names.iter().zip(&bound).zip(&logs) {
+            ensure!(node == NODE_NAME, "{name} was bound to {node}");
+            let want = visible(a);
+            ensure!(printed(log) == Some(want.as_str()), "{name} printed {log:?}; its assignment is {want}");
+            if let Some(other) = seen.insert(want.clone(), name.clone()) {
+                bail!("{name} and {other} were both given {want}");
+            }
+            checked += 1;
+        }
+        delete_all(s).await?;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    Ok(format!(
+        "{rounds} rounds, {checked} containers, each saw its assignment; {wall:.1} s ({:.2} s/round)",
+        wall / rounds.max(1) as f64
+    ))
 }
 
 /// Every device the node has now, as assignment entries: whole GPUs in full mode and the MIG
