@@ -512,6 +512,33 @@ async fn a_deletion_is_visible_to_the_very_next_filter_and_nudges_waiting_pods()
 }
 
 #[tokio::test]
+async fn devices_an_agent_reports_late_nudge_the_pods_refused_before() {
+    // The node exists before its agent publishes GpuNode status (a node joining, an agent
+    // restarting): pods refused then retry as soon as the devices appear, not at
+    // kube-scheduler's next flush of unschedulable pods.
+    let mut bare = Snapshot::default();
+    bare.add_node(Node::test("n1")).unwrap();
+    let c = start(bare.clone(), Settings { mode: "live", persist_reservations: true, ..Settings::default() }).await;
+    c.sched.replace_base(bare.clone(), Default::default(), Default::default());
+    let waiting = pending("early", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpus": "1"}), 0);
+    assert!(passed(&post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await).is_empty());
+    let nudged = |c: &Cluster| -> Vec<PodKey> {
+        c.binder.annotated().into_iter().filter(|(_, k, _)| k == "tessera.dev/requeue").map(|(p, _, _)| p).collect()
+    };
+    // A rebuild that adds nothing nudges nobody.
+    c.sched.replace_base(bare, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert!(nudged(&c).is_empty());
+    let mut reported = Snapshot::default();
+    reported.add_node(Node::test("n1").with_gpus(2, "H100-80GB")).unwrap();
+    c.sched.replace_base(reported, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert_eq!(nudged(&c), [PodKey::from("ml/early")]);
+    let v = post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await;
+    assert_eq!(passed(&v), ["n1"], "{v}");
+}
+
+#[tokio::test]
 async fn deleting_a_planned_gang_member_releases_the_gang_at_once_and_writes_nothing_to_it() {
     let mut snap = Snapshot::default();
     for n in ["n1", "n2"] {
