@@ -26,6 +26,23 @@ pub fn register(tests: &mut Vec<(String, TestFn)>) {
     t!(preemption_of_single_pods);
     t!(preemption_of_a_whole_gang);
     t!(kubectl_tessera_against_the_cluster);
+    t!(metrics_count_reconfigs_and_survive_a_restart);
+    t!(preemption_for_nvidia_pods);
+    t!(held_binds_answer_within_the_http_timeout);
+}
+
+/// tessera's `/metrics` (after `/api/v1/cluster`, which refreshes the packing gauges) as
+/// `name{labels}` → value.
+async fn metrics(c: &Cluster, replica: usize) -> Result<std::collections::BTreeMap<String, f64>> {
+    let port = c.replicas[replica].read_port;
+    tessera_e2e::cluster::http_get(port, "/api/v1/cluster").await?;
+    let (code, body) = tessera_e2e::cluster::http_get(port, "/metrics").await?;
+    ensure!(code == 200, "/metrics answered {code}");
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("tessera_"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v))))
+        .collect())
 }
 
 /// A StorageClass that waits for the first consumer, a PV and a PVC of it: a pod mounting the PVC
@@ -518,6 +535,111 @@ async fn malformed_annotations_leave_pods_pending_with_an_event(ctx: Ctx) -> Res
             .await?;
         println!("{name}: {msg}");
         ensure!(!c.is_bound("default", name).await?, "{name} was bound");
+    }
+    Ok(())
+}
+
+/// A MIG slice created for a bind is counted in `tessera_mig_reconfigs` as well as in
+/// `tessera_mig_reconfig_requests_total` (defect 8: it stayed 0 in live mode), and the packing
+/// gauges are the same after a `kill -9` and restart with the same allocations (defect 9:
+/// stranded slices and fragmentation jumped).
+async fn metrics_count_reconfigs_and_survive_a_restart(ctx: Ctx) -> Result<()> {
+    let opts = Options { nodes: vec![NodeSpec::new("gpu-a", "h100x2:mig")], ..Options::default() };
+    let c = Cluster::start(&ctx.bins, &ctx.dir, opts).await?;
+    c.create_pod(pod("small", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-memory": "4Gi"}))).await?;
+    c.wait_bound("default", "small", Duration::from_secs(60)).await?;
+    let m = until("the reconfiguration to be counted", Duration::from_secs(20), || async {
+        let m = metrics(&c, 0).await?;
+        let req = m.get("tessera_mig_reconfig_requests_total").copied().unwrap_or(0.0);
+        let done = m.get("tessera_mig_reconfigs").copied().unwrap_or(0.0);
+        if req >= 1.0 && done >= 1.0 { Ok(Some(m)) } else { bail!("requests {req}, reconfigs {done}") }
+    })
+    .await?;
+    let packing = |m: &std::collections::BTreeMap<String, f64>| -> Vec<(String, f64)> {
+        m.iter().filter(|(k, _)| k.starts_with("tessera_packing_")).map(|(k, v)| (k.clone(), *v)).collect()
+    };
+    let before = packing(&m);
+    ensure!(!before.is_empty(), "no tessera_packing_* metrics: {m:?}");
+    ensure!(c.kill9(&Cluster::tessera_name(0)), "tessera-scheduler was not running");
+    c.start_tessera(0)?;
+    c.wait_tessera_ready(0).await?;
+    c.wait_tessera_sees_gpus(0).await?;
+    let after = packing(&metrics(&c, 0).await?);
+    ensure!(before == after, "packing metrics changed across the restart:\nbefore {before:?}\nafter  {after:?}");
+    Ok(())
+}
+
+/// kube-scheduler preempts for a pod asking for `nvidia.com/gpu` (it counts that resource) and
+/// calls tessera's `/preempt`; tessera must answer with the victims (defect 3: it answered none).
+async fn preemption_for_nvidia_pods(ctx: Ctx) -> Result<()> {
+    let opts =
+        Options { nodes: vec![NodeSpec::new("gpu-a", "h100x2").resource("nvidia.com/gpu", "2")], ..Options::default() };
+    let c = Cluster::start(&ctx.bins, &ctx.dir, opts).await?;
+    priority_classes(&c).await?;
+    for n in ["low-0", "low-1"] {
+        c.create_pod(with_priority(pod(n, json!({"nvidia.com/gpu": "1"}), json!({})), "low")).await?;
+        c.wait_bound("default", n, Duration::from_secs(30)).await?;
+    }
+    c.create_pod(with_priority(pod("high", json!({"nvidia.com/gpu": "1"}), json!({})), "high")).await?;
+    let (_, a) = c.wait_bound("default", "high", Duration::from_secs(60)).await?;
+    let mut left = Vec::new();
+    for n in ["low-0", "low-1"] {
+        if let Some(p) = c.pods("default").get_opt(n).await? {
+            left.push(c.check_assignment(&p)?.1);
+        }
+    }
+    ensure!(left.len() == 1, "exactly one low-priority pod should be preempted, {} remain", left.len());
+    crate::examples::no_device_twice([&a, &left[0]])?;
+    Ok(())
+}
+
+/// An annotation gang (60 s deadline) whose last member waits in PreBind: the two held binds
+/// answer before kube-scheduler's 45 s `httpTimeout` (defect 2: `context deadline exceeded`
+/// and a second hold for the retried bind), the retries join the same plan (the reservations do
+/// not change), and once the last member gets through every member binds to its reserved GPU.
+async fn held_binds_answer_within_the_http_timeout(ctx: Ctx) -> Result<()> {
+    let opts = Options { nodes: vec![NodeSpec::new("gpu-a", "h100x4")], ..Options::default() };
+    let c = Cluster::start(&ctx.bins, &ctx.dir, opts).await?;
+    slow_volume(&c).await?;
+    let (limits, one) = whole_gpus(1);
+    for i in 0..3 {
+        let p = gang_pod(&format!("hg-{i}"), "hg", 3, limits.clone(), one.clone());
+        c.create_pod(if i == 2 { with_slow_volume(p) } else { p }).await?;
+    }
+    let mut reserved = Vec::new();
+    for i in 0..3 {
+        let name = format!("hg-{i}");
+        reserved.push(
+            until(&format!("{name} to be reserved"), Duration::from_secs(30), || async {
+                reservation(&c, &name).await
+            })
+            .await?,
+        );
+    }
+    // Past kube-scheduler's httpTimeout, inside the gang's deadline.
+    tokio::time::sleep(Duration::from_secs(48)).await;
+    let log = std::fs::read_to_string(c.dir.join("kube-scheduler-0.log"))?;
+    for bad in ["Client.Timeout exceeded", "context deadline exceeded"] {
+        if let Some(line) = log.lines().find(|l| l.contains(bad)) {
+            bail!("kube-scheduler waited out its httpTimeout on tessera: {line}");
+        }
+    }
+    for i in 0..3 {
+        let now = reservation(&c, &format!("hg-{i}")).await?;
+        ensure!(now.as_ref() == Some(&reserved[i]), "hg-{i}'s reservation changed: {:?} -> {now:?}", reserved[i]);
+        ensure!(!c.is_bound("default", &format!("hg-{i}")).await?, "hg-{i} bound before its gang");
+    }
+    c.start_controller_manager()?;
+    let mut gang = Vec::new();
+    for i in 0..3 {
+        gang.push(c.wait_bound("default", &format!("hg-{i}"), Duration::from_secs(30)).await?.1);
+    }
+    crate::examples::no_device_twice(&gang)?;
+    for (i, (r, a)) in reserved.iter().zip(&gang).enumerate() {
+        let r: Value = serde_json::from_str(r)?;
+        let want: Vec<u64> = r["grants"].as_array().into_iter().flatten().filter_map(|g| g["gpu"].as_u64()).collect();
+        let got: Vec<u64> = a.devices.iter().map(|d| u64::from(d.index)).collect();
+        ensure!(want == got, "hg-{i} was reserved GPU {want:?} but bound to {got:?}");
     }
     Ok(())
 }
