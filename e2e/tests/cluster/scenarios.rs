@@ -624,9 +624,9 @@ async fn held_binds_answer_within_the_http_timeout(ctx: Ctx) -> Result<()> {
             bail!("kube-scheduler waited out its httpTimeout on tessera: {line}");
         }
     }
-    for i in 0..3 {
+    for (i, before) in reserved.iter().enumerate() {
         let now = reservation(&c, &format!("hg-{i}")).await?;
-        ensure!(now.as_ref() == Some(&reserved[i]), "hg-{i}'s reservation changed: {:?} -> {now:?}", reserved[i]);
+        ensure!(now.as_ref() == Some(before), "hg-{i}'s reservation changed: {before:?} -> {now:?}");
         ensure!(!c.is_bound("default", &format!("hg-{i}")).await?, "hg-{i} bound before its gang");
     }
     c.start_controller_manager()?;
