@@ -39,11 +39,23 @@ pub struct NodeSpec {
     /// plugin would advertise them.
     pub resources: Vec<(String, String)>,
     pub labels: Vec<(String, String)>,
+    /// The agent is not started with the cluster: the test starts it ([`Cluster::start_agent`]).
+    pub late_agent: bool,
 }
 
 impl NodeSpec {
     pub fn new(name: &str, fake_gpus: &str) -> Self {
-        Self { name: name.into(), fake_gpus: fake_gpus.into(), resources: Vec::new(), labels: Vec::new() }
+        Self {
+            name: name.into(),
+            fake_gpus: fake_gpus.into(),
+            resources: Vec::new(),
+            labels: Vec::new(),
+            late_agent: false,
+        }
+    }
+    pub fn late_agent(mut self) -> Self {
+        self.late_agent = true;
+        self
     }
     pub fn resource(mut self, name: &str, quantity: &str) -> Self {
         self.resources.push((name.into(), quantity.into()));
@@ -270,10 +282,10 @@ impl Cluster {
         for i in 0..cluster.replicas.len() {
             cluster.start_kube_scheduler(i)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.start_agent(n)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.wait_gpunode(&n.name).await?;
         }
         for i in 0..cluster.replicas.len() {
@@ -445,7 +457,8 @@ impl Cluster {
         format!("tessera-mig-manager-{node}")
     }
 
-    fn start_agent(&self, n: &NodeSpec) -> Result<()> {
+    /// Starts the node agent of `n` (for a node made with [`NodeSpec::late_agent`]).
+    pub fn start_agent(&self, n: &NodeSpec) -> Result<()> {
         let name = Self::agent_name(&n.name);
         let args = vec![
             format!("--node-name={}", n.name),
@@ -493,7 +506,7 @@ impl Cluster {
         Keyring::load(&self.keys_file).map_err(|e| anyhow!("{e}"))
     }
 
-    async fn wait_gpunode(&self, node: &str) -> Result<()> {
+    pub async fn wait_gpunode(&self, node: &str) -> Result<()> {
         let api: Api<GpuNode> = Api::all(self.client.clone());
         until(&format!("GpuNode {node} status from its agent"), Duration::from_secs(60), || {
             let api = api.clone();
@@ -515,7 +528,7 @@ impl Cluster {
     /// only says the first lists are in, which may predate the agents' GpuNodes.
     pub async fn wait_tessera_sees_gpus(&self, i: usize) -> Result<()> {
         let port = self.replicas[i].read_port;
-        let want: Vec<String> = self.opts.nodes.iter().map(|n| n.name.clone()).collect();
+        let want: Vec<String> = self.opts.nodes.iter().filter(|n| !n.late_agent).map(|n| n.name.clone()).collect();
         let want = &want;
         let t0 = std::time::Instant::now();
         until(&format!("tessera-scheduler-{i} to see every node's GPUs"), Duration::from_secs(60), || async move {

@@ -29,6 +29,7 @@ pub fn register(tests: &mut Vec<(String, TestFn)>) {
     t!(metrics_count_reconfigs_and_survive_a_restart);
     t!(preemption_for_nvidia_pods);
     t!(held_binds_answer_within_the_http_timeout);
+    t!(a_node_agent_starting_late_gets_the_waiting_pods);
 }
 
 /// tessera's `/metrics` (after `/api/v1/cluster`, which refreshes the packing gauges) as
@@ -641,5 +642,28 @@ async fn held_binds_answer_within_the_http_timeout(ctx: Ctx) -> Result<()> {
         let got: Vec<u64> = a.devices.iter().map(|d| u64::from(d.index)).collect();
         ensure!(want == got, "hg-{i} was reserved GPU {want:?} but bound to {got:?}");
     }
+    Ok(())
+}
+
+/// Pods refused while a node's agent has not yet published its GpuNode (`has no GPUs`) bind
+/// within seconds of the agent starting, not at kube-scheduler's 5-minute flush of
+/// unschedulable pods: kube-scheduler does not watch GpuNodes, so tessera nudges the pods.
+async fn a_node_agent_starting_late_gets_the_waiting_pods(ctx: Ctx) -> Result<()> {
+    let late = NodeSpec::new("gpu-a", "h100x2").late_agent();
+    let opts = Options { nodes: vec![late.clone()], ..Options::default() };
+    let c = Cluster::start(&ctx.bins, &ctx.dir, opts).await?;
+    let (limits, one) = whole_gpus(1);
+    c.create_pod(pod("early", limits, one)).await?;
+    c.wait_event("default", "early", Duration::from_secs(30), |r, m| {
+        r == "FailedScheduling" && m.contains("has no GPUs")
+    })
+    .await?;
+    // kube-scheduler has parked it as unschedulable.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = std::time::Instant::now();
+    c.start_agent(&late)?;
+    c.wait_gpunode("gpu-a").await?;
+    c.wait_bound("default", "early", Duration::from_secs(30)).await?;
+    println!("early bound {:?} after its node agent started", t0.elapsed());
     Ok(())
 }
