@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret, ServiceAccount};
@@ -39,11 +39,23 @@ pub struct NodeSpec {
     /// plugin would advertise them.
     pub resources: Vec<(String, String)>,
     pub labels: Vec<(String, String)>,
+    /// The agent is not started with the cluster: the test starts it ([`Cluster::start_agent`]).
+    pub late_agent: bool,
 }
 
 impl NodeSpec {
     pub fn new(name: &str, fake_gpus: &str) -> Self {
-        Self { name: name.into(), fake_gpus: fake_gpus.into(), resources: Vec::new(), labels: Vec::new() }
+        Self {
+            name: name.into(),
+            fake_gpus: fake_gpus.into(),
+            resources: Vec::new(),
+            labels: Vec::new(),
+            late_agent: false,
+        }
+    }
+    pub fn late_agent(mut self) -> Self {
+        self.late_agent = true;
+        self
     }
     pub fn resource(mut self, name: &str, quantity: &str) -> Self {
         self.resources.push((name.into(), quantity.into()));
@@ -274,14 +286,15 @@ impl Cluster {
         for i in 0..cluster.replicas.len() {
             cluster.start_kube_scheduler(i)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.start_agent(n)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.wait_gpunode(&n.name).await?;
         }
         for i in 0..cluster.replicas.len() {
             cluster.wait_tessera_ready(i).await?;
+            cluster.wait_tessera_sees_gpus(i).await?;
         }
         cluster.reaper = Some(tokio::spawn(reap(client.clone())));
         Ok(cluster)
@@ -354,7 +367,8 @@ impl Cluster {
         procs.insert(p.name.clone(), p);
     }
 
-    fn start_controller_manager(&self) -> Result<()> {
+    /// Starts kube-controller-manager now (for a test that wants its controllers only later).
+    pub fn start_controller_manager(&self) -> Result<()> {
         let args = vec![
             format!("--kubeconfig={}", self.admin_kubeconfig.display()),
             "--leader-elect=false".into(),
@@ -401,7 +415,7 @@ impl Cluster {
             &name,
             &self.bins.tessera_scheduler,
             &args,
-            &[("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()), ("RUST_LOG", "info".into())],
+            &[("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -482,7 +496,8 @@ impl Cluster {
         format!("tessera-mig-manager-{node}")
     }
 
-    fn start_agent(&self, n: &NodeSpec) -> Result<()> {
+    /// Starts the node agent of `n` (for a node made with [`NodeSpec::late_agent`]).
+    pub fn start_agent(&self, n: &NodeSpec) -> Result<()> {
         let name = Self::agent_name(&n.name);
         let args = vec![
             format!("--node-name={}", n.name),
@@ -499,7 +514,7 @@ impl Cluster {
             &name,
             &self.bins.mig_manager,
             &args,
-            &[("KUBECONFIG", self.agent_kubeconfig.display().to_string()), ("RUST_LOG", "info".into())],
+            &[("KUBECONFIG", self.agent_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -530,7 +545,7 @@ impl Cluster {
         Keyring::load(&self.keys_file).map_err(|e| anyhow!("{e}"))
     }
 
-    async fn wait_gpunode(&self, node: &str) -> Result<()> {
+    pub async fn wait_gpunode(&self, node: &str) -> Result<()> {
         let api: Api<GpuNode> = Api::all(self.client.clone());
         until(&format!("GpuNode {node} status from its agent"), Duration::from_secs(60), || {
             let api = api.clone();
@@ -548,6 +563,33 @@ impl Cluster {
         .await
     }
 
+    /// Waits until replica `i`'s state (`/api/v1/cluster`) has every node with its GPUs: /readyz
+    /// only says the first lists are in, which may predate the agents' GpuNodes.
+    pub async fn wait_tessera_sees_gpus(&self, i: usize) -> Result<()> {
+        let port = self.replicas[i].read_port;
+        let want: Vec<String> = self.opts.nodes.iter().filter(|n| !n.late_agent).map(|n| n.name.clone()).collect();
+        let want = &want;
+        let t0 = std::time::Instant::now();
+        until(&format!("tessera-scheduler-{i} to see every node's GPUs"), Duration::from_secs(60), || async move {
+            let (code, body) = http_get(port, "/api/v1/cluster").await?;
+            ensure!(code == 200, "/api/v1/cluster answered {code}");
+            let v: Value = serde_json::from_str(&body)?;
+            let seen: Vec<String> = v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["gpus"].as_array().is_some_and(|g| !g.is_empty()))
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect();
+            if want.iter().all(|w| seen.contains(w)) { Ok(Some(())) } else { bail!("nodes with GPUs: {seen:?}") }
+        })
+        .await?;
+        if t0.elapsed() > Duration::from_secs(1) {
+            println!("tessera-scheduler-{i} saw every node's GPUs {:?} after /readyz", t0.elapsed());
+        }
+        Ok(())
+    }
+
     /// `kill -9` of a process by name; false when it was not running.
     pub fn kill9(&self, name: &str) -> bool {
         let p = self.procs.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
@@ -558,6 +600,14 @@ impl Cluster {
             }
             None => false,
         }
+    }
+
+    /// The replica whose kube-scheduler holds the Lease (identity `<hostname>_<uuid>`).
+    pub async fn leader(&self) -> Result<Option<usize>> {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        let Some(lease) = api.get_opt("tessera-scheduler").await? else { return Ok(None) };
+        let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+        Ok(self.replicas.iter().position(|r| holder.starts_with(&format!("{}_", r.hostname))))
     }
 
     /// Stops replica `i` (its kube-scheduler and tessera-scheduler) with `kill -9`.
@@ -760,6 +810,11 @@ impl Drop for Cluster {
         }
         drop(procs);
     }
+}
+
+/// tessera's log filter: `TESSERA_E2E_RUST_LOG`, else `info`.
+fn rust_log() -> String {
+    std::env::var("TESSERA_E2E_RUST_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// A client for a kubeconfig file.

@@ -447,10 +447,14 @@ impl Inner {
     /// Pods this replica refused for lack of free devices at their last filter, not holding
     /// anything now, filtered within the last ten minutes: the ones kube-scheduler may park
     /// until its periodic flush.
-    /// Pods seen lately that every offered node refused. With `any_refusal` false, only those
-    /// that some node refused for lack of free devices (what freeing devices can change);
-    /// with it true also those refused as unresolvable (what new devices can change).
-    fn waiting_for_capacity(&self, now_ms: u64, any_refusal: bool) -> Vec<PodKey> {
+    fn waiting_for_capacity(&self, now_ms: u64) -> Vec<PodKey> {
+        self.refused_everywhere(now_ms, false)
+    }
+
+    /// Pods refused on every node at their last filter within the last ten minutes, holding
+    /// nothing: with `any_reason`, also those refused only for what a node lacks (no GPUs yet,
+    /// no GPU of the model), which a node's new GPUs may change.
+    fn refused_everywhere(&self, now_ms: u64, any_reason: bool) -> Vec<PodKey> {
         self.seen
             .map
             .iter()
@@ -460,19 +464,21 @@ impl Inner {
                     && s.demand.is_ok()
                     && !s.verdicts.is_empty()
                     && s.verdicts.iter().all(|v| v.outcome.is_err())
-                    && (any_refusal
+                    && (any_reason
                         || s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable())))
             })
             .map(|(k, _)| k.clone())
             .collect()
     }
+}
 
-    /// Queues the requeue nudge on every pod [`Inner::waiting_for_capacity`] names.
-    fn nudge_waiting(&mut self, now_ms: u64, stamp: &str, any_refusal: bool) {
-        for p in self.waiting_for_capacity(now_ms, any_refusal) {
-            self.outbox.annotate(p, annotations::REQUEUE, Some(stamp.to_owned()));
-        }
-    }
+/// Whether `new` has a healthy GPU that `old` did not (a node or GPU added, a GPU healthy again).
+fn gains_gpus(old: &Snapshot, new: &Snapshot) -> bool {
+    new.nodes().iter().any(|n| {
+        n.gpus.iter().filter(|g| g.healthy).any(|g| {
+            !old.node(&n.name).and_then(|o| o.gpus.iter().find(|og| og.index == g.index)).is_some_and(|og| og.healthy)
+        })
+    })
 }
 
 /// The scheduler: state plus the extender verbs.
@@ -1731,11 +1737,11 @@ impl Scheduler {
             }
         }
         inner.base_reconfigs = snap.reconfigs();
-        // kube-scheduler does not watch GpuNodes: when a node gains devices (its agent reported
-        // them, a GPU became healthy, a node joined), pods it refused are nudged to retry now
-        // instead of at its next flush of unschedulable pods (minutes).
-        let grew = gained_devices(&inner.snap, &snap);
         let snap = Arc::new(snap);
+        // kube-scheduler does not watch GpuNodes: when a node gains usable GPUs (its agent
+        // started, a GPU became healthy again) nothing tells it to retry the pods it parked
+        // until its periodic flush of unschedulable pods, minutes later. Nudge them.
+        let gained = inner.base.as_ref().is_some_and(|old| gains_gpus(old, &snap));
         if self.settings.mode == "live" {
             inner.base = Some(snap.clone());
         }
@@ -1743,15 +1749,24 @@ impl Scheduler {
         inner.uids = uids;
         inner.mig_uuids = mig_uuids;
         inner.bound_here.retain(|_, (_, at)| now.saturating_sub(*at) <= ttl);
-        self.metrics.reservations.set(inner.assumed.len() as i64);
-        if grew {
-            let stamp = self.wall_at(now).to_string();
-            inner.nudge_waiting(now, &stamp, true);
-            let queued = !inner.outbox.is_empty();
-            drop(inner);
-            if queued {
-                self.writes_ready();
+        if gained {
+            let waiting = inner.refused_everywhere(now, true);
+            if !waiting.is_empty() {
+                tracing::info!(
+                    pods = waiting.len(),
+                    "A node gained GPUs; asking kube-scheduler to retry the pods it refused"
+                );
+                let stamp = self.wall_at(now).to_string();
+                for p in waiting {
+                    inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
+                }
             }
+        }
+        let queued = !inner.outbox.is_empty();
+        self.metrics.reservations.set(inner.assumed.len() as i64);
+        drop(inner);
+        if queued {
+            self.writes_ready();
         }
     }
 
@@ -1831,8 +1846,11 @@ impl Scheduler {
         }
         if freed {
             inner.generation += 1;
+            let waiting = inner.waiting_for_capacity(now);
             let stamp = self.wall_at(now).to_string();
-            inner.nudge_waiting(now, &stamp, false);
+            for p in waiting {
+                inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
+            }
         }
         let queued = !inner.outbox.is_empty();
         self.metrics.reservations.set(inner.assumed.len() as i64);
@@ -2372,22 +2390,6 @@ impl Scheduler {
         out.sort_by(|a, b| a.pod.cmp(&b.pod));
         out
     }
-}
-
-/// Whether `new` has a node with devices `old` lacks: a new node with GPUs, more healthy
-/// GPUs, or more of an NVIDIA extended resource allocatable.
-fn gained_devices(old: &Snapshot, new: &Snapshot) -> bool {
-    let healthy = |n: &tessera_core::Node| n.gpus.iter().filter(|g| g.healthy).count();
-    new.nodes().iter().any(|n| match old.node(&n.name) {
-        None => !n.gpus.is_empty() || n.extended.as_ref().is_some_and(|e| e.values().any(|&v| v > 0)),
-        Some(o) => {
-            healthy(n) > healthy(o)
-                || n.extended
-                    .iter()
-                    .flatten()
-                    .any(|(k, &v)| v > o.extended.as_ref().and_then(|e| e.get(k)).copied().unwrap_or(0))
-        }
-    })
 }
 
 #[cfg(test)]
