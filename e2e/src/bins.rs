@@ -75,11 +75,25 @@ fn workspace_bin_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{} is not in a cargo target folder's deps/", exe.display()))
 }
 
-/// Sources the workspace binaries are built from.
-const SOURCES: [&str; 5] = ["scheduler/core", "scheduler/api", "scheduler/extender", "mig-manager", "kubectl-tessera"];
+/// What the workspace binaries are built from (not their tests: a newer test file must not
+/// make a binary look stale, cargo would not rebuild it).
+const SOURCES: [&str; 9] = [
+    "scheduler/core/src",
+    "scheduler/api/src",
+    "scheduler/extender/src",
+    "mig-manager/src",
+    "mig-manager/proto",
+    "kubectl-tessera/src",
+    "scheduler/core/Cargo.toml",
+    "scheduler/extender/Cargo.toml",
+    "mig-manager/Cargo.toml",
+];
 
-/// The newest modification time of a file under `dir`.
+/// The newest modification time of `dir` or a file under it.
 fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    if dir.is_file() {
+        return std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    }
     let mut newest = None;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

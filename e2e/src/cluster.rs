@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret, ServiceAccount};
@@ -39,11 +39,23 @@ pub struct NodeSpec {
     /// plugin would advertise them.
     pub resources: Vec<(String, String)>,
     pub labels: Vec<(String, String)>,
+    /// The agent is not started with the cluster: the test starts it ([`Cluster::start_agent`]).
+    pub late_agent: bool,
 }
 
 impl NodeSpec {
     pub fn new(name: &str, fake_gpus: &str) -> Self {
-        Self { name: name.into(), fake_gpus: fake_gpus.into(), resources: Vec::new(), labels: Vec::new() }
+        Self {
+            name: name.into(),
+            fake_gpus: fake_gpus.into(),
+            resources: Vec::new(),
+            labels: Vec::new(),
+            late_agent: false,
+        }
+    }
+    pub fn late_agent(mut self) -> Self {
+        self.late_agent = true;
+        self
     }
     pub fn resource(mut self, name: &str, quantity: &str) -> Self {
         self.resources.push((name.into(), quantity.into()));
@@ -68,6 +80,9 @@ pub struct Options {
     pub namespaces: Vec<String>,
     /// Extra tessera-scheduler flags.
     pub tessera_args: Vec<String>,
+    /// kube-scheduler's API client limits (`clientConnection.qps`, burst twice it); `None`
+    /// keeps its defaults (50 QPS), as the manifests do.
+    pub scheduler_qps: Option<u32>,
 }
 
 impl Default for Options {
@@ -78,6 +93,7 @@ impl Default for Options {
             replicas: 1,
             namespaces: Vec::new(),
             tessera_args: Vec::new(),
+            scheduler_qps: None,
         }
     }
 }
@@ -270,14 +286,15 @@ impl Cluster {
         for i in 0..cluster.replicas.len() {
             cluster.start_kube_scheduler(i)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.start_agent(n)?;
         }
-        for n in &opts.nodes {
+        for n in opts.nodes.iter().filter(|n| !n.late_agent) {
             cluster.wait_gpunode(&n.name).await?;
         }
         for i in 0..cluster.replicas.len() {
             cluster.wait_tessera_ready(i).await?;
+            cluster.wait_tessera_sees_gpus(i).await?;
         }
         cluster.reaper = Some(tokio::spawn(reap(client.clone())));
         Ok(cluster)
@@ -312,7 +329,9 @@ impl Cluster {
         tr["status"]["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("TokenRequest without a token"))
     }
 
-    async fn create_node(&self, n: &NodeSpec) -> Result<()> {
+    /// Creates the Node object of `n` (Ready, untainted, its resources allocatable) without
+    /// starting an agent for it: tessera then sees it through GPU Feature Discovery labels.
+    pub async fn create_node(&self, n: &NodeSpec) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let mut labels: serde_json::Map<String, Value> =
             n.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
@@ -348,7 +367,8 @@ impl Cluster {
         procs.insert(p.name.clone(), p);
     }
 
-    fn start_controller_manager(&self) -> Result<()> {
+    /// Starts kube-controller-manager now (for a test that wants its controllers only later).
+    pub fn start_controller_manager(&self) -> Result<()> {
         let args = vec![
             format!("--kubeconfig={}", self.admin_kubeconfig.display()),
             "--leader-elect=false".into(),
@@ -395,7 +415,7 @@ impl Cluster {
             &name,
             &self.bins.tessera_scheduler,
             &args,
-            &[("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()), ("RUST_LOG", "info".into())],
+            &[("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -406,7 +426,8 @@ impl Cluster {
     /// manifests/base/scheduler-config.yaml: only the extender's urlPrefix and the kubeconfig
     /// change. Replicas after the first get their own hostname (`unshare --uts`), which
     /// prefixes their Lease identity as a pod's name would.
-    fn start_kube_scheduler(&self, i: usize) -> Result<()> {
+    /// Starts (or starts again) replica `i`'s kube-scheduler with the manifests' configuration.
+    pub fn start_kube_scheduler(&self, i: usize) -> Result<()> {
         let r = &self.replicas[i];
         let path = repo_root().join("manifests/base/scheduler-config.yaml");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -417,9 +438,7 @@ impl Cluster {
             .ok_or_else(|| anyhow!("{} has no extenders[0]", path.display()))?;
         ext["urlPrefix"] = format!("http://127.0.0.1:{}", r.verbs_port).into();
         let map = cfg.as_mapping_mut().ok_or_else(|| anyhow!("{} is not a mapping", path.display()))?;
-        let mut cc = serde_yaml::Mapping::new();
-        cc.insert("kubeconfig".into(), self.scheduler_kubeconfig.display().to_string().into());
-        map.insert("clientConnection".into(), serde_yaml::Value::Mapping(cc));
+        map.insert("clientConnection".into(), self.client_connection());
         let rendered = self.dir.join(format!("kube-scheduler-{i}.yaml"));
         std::fs::write(&rendered, serde_yaml::to_string(&cfg)?)?;
         let args = vec![format!("--config={}", rendered.display()), "--secure-port=0".into(), "--v=2".into()];
@@ -438,12 +457,47 @@ impl Cluster {
         Ok(())
     }
 
+    fn client_connection(&self) -> serde_yaml::Value {
+        let mut cc = serde_yaml::Mapping::new();
+        cc.insert("kubeconfig".into(), self.scheduler_kubeconfig.display().to_string().into());
+        if let Some(qps) = self.opts.scheduler_qps {
+            cc.insert("qps".into(), qps.into());
+            cc.insert("burst".into(), (2 * qps).into());
+        }
+        serde_yaml::Value::Mapping(cc)
+    }
+
+    /// A second kube-scheduler, without the extender, whose one profile `scheduler_name` keeps
+    /// kube-scheduler's default plugins (the baseline of the throughput benchmark). Same binary,
+    /// same client limits and `percentageOfNodesToScore` as tessera's.
+    pub fn start_plain_kube_scheduler(&self, scheduler_name: &str) -> Result<()> {
+        let cfg = serde_yaml::to_string(&json!({
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "leaderElection": {"leaderElect": false},
+            "percentageOfNodesToScore": 100,
+            "profiles": [{"schedulerName": scheduler_name}],
+        }))?;
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&cfg)?;
+        if let Some(map) = doc.as_mapping_mut() {
+            map.insert("clientConnection".into(), self.client_connection());
+        }
+        let name = format!("kube-scheduler-{scheduler_name}");
+        let rendered = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&rendered, serde_yaml::to_string(&doc)?)?;
+        let args = vec![format!("--config={}", rendered.display()), "--secure-port=0".into(), "--v=1".into()];
+        let p = Proc::spawn(&name, &self.bins.kube_scheduler, &args, &[], &self.dir.join(format!("{name}.log")))?;
+        self.spawn(p);
+        Ok(())
+    }
+
     /// Name of node `node`'s agent process.
     pub fn agent_name(node: &str) -> String {
         format!("tessera-mig-manager-{node}")
     }
 
-    fn start_agent(&self, n: &NodeSpec) -> Result<()> {
+    /// Starts the node agent of `n` (for a node made with [`NodeSpec::late_agent`]).
+    pub fn start_agent(&self, n: &NodeSpec) -> Result<()> {
         let name = Self::agent_name(&n.name);
         let args = vec![
             format!("--node-name={}", n.name),
@@ -460,7 +514,7 @@ impl Cluster {
             &name,
             &self.bins.mig_manager,
             &args,
-            &[("KUBECONFIG", self.agent_kubeconfig.display().to_string()), ("RUST_LOG", "info".into())],
+            &[("KUBECONFIG", self.agent_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -491,7 +545,7 @@ impl Cluster {
         Keyring::load(&self.keys_file).map_err(|e| anyhow!("{e}"))
     }
 
-    async fn wait_gpunode(&self, node: &str) -> Result<()> {
+    pub async fn wait_gpunode(&self, node: &str) -> Result<()> {
         let api: Api<GpuNode> = Api::all(self.client.clone());
         until(&format!("GpuNode {node} status from its agent"), Duration::from_secs(60), || {
             let api = api.clone();
@@ -509,6 +563,33 @@ impl Cluster {
         .await
     }
 
+    /// Waits until replica `i`'s state (`/api/v1/cluster`) has every node with its GPUs: /readyz
+    /// only says the first lists are in, which may predate the agents' GpuNodes.
+    pub async fn wait_tessera_sees_gpus(&self, i: usize) -> Result<()> {
+        let port = self.replicas[i].read_port;
+        let want: Vec<String> = self.opts.nodes.iter().filter(|n| !n.late_agent).map(|n| n.name.clone()).collect();
+        let want = &want;
+        let t0 = std::time::Instant::now();
+        until(&format!("tessera-scheduler-{i} to see every node's GPUs"), Duration::from_secs(60), || async move {
+            let (code, body) = http_get(port, "/api/v1/cluster").await?;
+            ensure!(code == 200, "/api/v1/cluster answered {code}");
+            let v: Value = serde_json::from_str(&body)?;
+            let seen: Vec<String> = v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["gpus"].as_array().is_some_and(|g| !g.is_empty()))
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect();
+            if want.iter().all(|w| seen.contains(w)) { Ok(Some(())) } else { bail!("nodes with GPUs: {seen:?}") }
+        })
+        .await?;
+        if t0.elapsed() > Duration::from_secs(1) {
+            println!("tessera-scheduler-{i} saw every node's GPUs {:?} after /readyz", t0.elapsed());
+        }
+        Ok(())
+    }
+
     /// `kill -9` of a process by name; false when it was not running.
     pub fn kill9(&self, name: &str) -> bool {
         let p = self.procs.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
@@ -519,6 +600,14 @@ impl Cluster {
             }
             None => false,
         }
+    }
+
+    /// The replica whose kube-scheduler holds the Lease (identity `<hostname>_<uuid>`).
+    pub async fn leader(&self) -> Result<Option<usize>> {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        let Some(lease) = api.get_opt("tessera-scheduler").await? else { return Ok(None) };
+        let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+        Ok(self.replicas.iter().position(|r| holder.starts_with(&format!("{}_", r.hostname))))
     }
 
     /// Stops replica `i` (its kube-scheduler and tessera-scheduler) with `kill -9`.
@@ -721,6 +810,11 @@ impl Drop for Cluster {
         }
         drop(procs);
     }
+}
+
+/// tessera's log filter: `TESSERA_E2E_RUST_LOG`, else `info`.
+fn rust_log() -> String {
+    std::env::var("TESSERA_E2E_RUST_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// A client for a kubeconfig file.

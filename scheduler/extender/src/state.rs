@@ -448,6 +448,13 @@ impl Inner {
     /// anything now, filtered within the last ten minutes: the ones kube-scheduler may park
     /// until its periodic flush.
     fn waiting_for_capacity(&self, now_ms: u64) -> Vec<PodKey> {
+        self.refused_everywhere(now_ms, false)
+    }
+
+    /// Pods refused on every node at their last filter within the last ten minutes, holding
+    /// nothing: with `any_reason`, also those refused only for what a node lacks (no GPUs yet,
+    /// no GPU of the model), which a node's new GPUs may change.
+    fn refused_everywhere(&self, now_ms: u64, any_reason: bool) -> Vec<PodKey> {
         self.seen
             .map
             .iter()
@@ -457,11 +464,21 @@ impl Inner {
                     && s.demand.is_ok()
                     && !s.verdicts.is_empty()
                     && s.verdicts.iter().all(|v| v.outcome.is_err())
-                    && s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable()))
+                    && (any_reason
+                        || s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable())))
             })
             .map(|(k, _)| k.clone())
             .collect()
     }
+}
+
+/// Whether `new` has a healthy GPU that `old` did not (a node or GPU added, a GPU healthy again).
+fn gains_gpus(old: &Snapshot, new: &Snapshot) -> bool {
+    new.nodes().iter().any(|n| {
+        n.gpus.iter().filter(|g| g.healthy).any(|g| {
+            !old.node(&n.name).and_then(|o| o.gpus.iter().find(|og| og.index == g.index)).is_some_and(|og| og.healthy)
+        })
+    })
 }
 
 /// The scheduler: state plus the extender verbs.
@@ -1721,6 +1738,10 @@ impl Scheduler {
         }
         inner.base_reconfigs = snap.reconfigs();
         let snap = Arc::new(snap);
+        // kube-scheduler does not watch GpuNodes: when a node gains usable GPUs (its agent
+        // started, a GPU became healthy again) nothing tells it to retry the pods it parked
+        // until its periodic flush of unschedulable pods, minutes later. Nudge them.
+        let gained = inner.base.as_ref().is_some_and(|old| gains_gpus(old, &snap));
         if self.settings.mode == "live" {
             inner.base = Some(snap.clone());
         }
@@ -1728,7 +1749,25 @@ impl Scheduler {
         inner.uids = uids;
         inner.mig_uuids = mig_uuids;
         inner.bound_here.retain(|_, (_, at)| now.saturating_sub(*at) <= ttl);
+        if gained {
+            let waiting = inner.refused_everywhere(now, true);
+            if !waiting.is_empty() {
+                tracing::info!(
+                    pods = waiting.len(),
+                    "A node gained GPUs; asking kube-scheduler to retry the pods it refused"
+                );
+                let stamp = self.wall_at(now).to_string();
+                for p in waiting {
+                    inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
+                }
+            }
+        }
+        let queued = !inner.outbox.is_empty();
         self.metrics.reservations.set(inner.assumed.len() as i64);
+        drop(inner);
+        if queued {
+            self.writes_ready();
+        }
     }
 
     /// A pod was deleted (a watch event): whatever it held is free for the very next filter,

@@ -512,6 +512,30 @@ async fn a_deletion_is_visible_to_the_very_next_filter_and_nudges_waiting_pods()
 }
 
 #[tokio::test]
+async fn a_node_gaining_gpus_nudges_the_pods_refused_before() {
+    // A node whose agent has not published its GpuNode yet has no GPUs; kube-scheduler does not
+    // watch GpuNodes, so without a nudge it retries the refused pod only at its periodic flush.
+    let mut bare = Snapshot::default();
+    bare.add_node(Node::test("n1")).unwrap();
+    let c = start(bare.clone(), Settings { mode: "live", persist_reservations: true, ..Settings::default() }).await;
+    c.sched.replace_base(bare.clone(), Default::default(), Default::default());
+    let waiting = pending("early", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpus": "1"}), 0);
+    assert!(passed(&post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await).is_empty());
+    let nudged = |c: &Cluster| -> Vec<PodKey> {
+        c.binder.annotated().into_iter().filter(|(_, k, _)| k == "tessera.dev/requeue").map(|(p, _, _)| p).collect()
+    };
+    // A rebuild that changes nothing nudges nobody.
+    c.sched.replace_base(bare, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert!(nudged(&c).is_empty());
+    let mut grown = Snapshot::default();
+    grown.add_node(Node::test("n1").with_gpus(2, "H100-80GB")).unwrap();
+    c.sched.replace_base(grown, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert_eq!(nudged(&c), [PodKey::from("ml/early")]);
+}
+
+#[tokio::test]
 async fn deleting_a_planned_gang_member_releases_the_gang_at_once_and_writes_nothing_to_it() {
     let mut snap = Snapshot::default();
     for n in ["n1", "n2"] {
