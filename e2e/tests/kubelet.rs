@@ -131,7 +131,7 @@ fn main() {
             .into_iter()
             .map(|(name, _)| {
                 let why = why.clone();
-                Trial::test(name, move || Err(Failed::from(format!("under CI=true the kubelet suite needs: {why}"))))
+                Trial::test(name, move || Err(Failed::from(format!("under CI=true this is a failure: {why}"))))
             })
             .collect(),
         Err(why) => {
