@@ -35,7 +35,7 @@ pub mod schema;
 pub use arrivals::Arrived;
 pub use events::Dynamics;
 pub use schema::{Arrival, Gang, Model, Pool, Scenario, StaticBaseline};
-pub(crate) use schema::{default_cpu, default_gpus, default_mem, default_topology, parse_topology};
+pub(crate) use schema::{default_cpu, default_gpus, default_mem, default_topology, idle_node, parse_topology};
 
 /// Result of one policy on one scenario.
 #[derive(Debug, Clone, Serialize)]

@@ -210,16 +210,9 @@ impl Scenario {
             let mem = model_memory_mib(&p.product);
             for i in 0..p.nodes {
                 let name = format!("{}-{i:03}", p.name);
-                let gpus = (0..p.gpus_per_node)
-                    .map(|g| {
-                        let mut gpu = Gpu::new(g, &p.product, mem, GpuMode::Full);
-                        gpu.uuid = format!("GPU-{name}-{g}");
-                        gpu
-                    })
-                    .collect();
-                let mut node = Node::new(&name, p.cpu_milli, p.memory_mib, gpus);
+                let mut node =
+                    idle_node(&name, &p.product, mem, p.gpus_per_node, p.cpu_milli, p.memory_mib, &p.topology)?;
                 node.labels.insert("tessera.dev/pool".into(), p.name.clone());
-                node.topology = std::sync::Arc::new(parse_topology(&p.topology, p.gpus_per_node)?);
                 out.push(node);
             }
         }
@@ -230,6 +223,28 @@ impl Scenario {
     pub(super) fn mig_products(&self) -> Vec<MigProduct> {
         self.pools.iter().filter_map(|p| MigProduct::from_name(&p.product)).collect()
     }
+}
+
+/// An idle node with a pool's keys: `gpus` full-mode GPUs of `product` named `GPU-{name}-{index}`.
+pub(crate) fn idle_node(
+    name: &str,
+    product: &str,
+    gpu_memory_mib: u64,
+    gpus: u32,
+    cpu_milli: u64,
+    memory_mib: u64,
+    topology: &str,
+) -> Result<Node> {
+    let devices = (0..gpus)
+        .map(|g| {
+            let mut gpu = Gpu::new(g, product, gpu_memory_mib, GpuMode::Full);
+            gpu.uuid = format!("GPU-{name}-{g}");
+            gpu
+        })
+        .collect();
+    let mut node = Node::new(name, cpu_milli, memory_mib, devices);
+    node.topology = std::sync::Arc::new(parse_topology(topology, gpus)?);
+    Ok(node)
 }
 
 pub(crate) fn parse_topology(spec: &str, gpus: u32) -> Result<Topology> {

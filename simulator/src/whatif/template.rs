@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use tessera_core::testing::model_memory_mib;
-use tessera_core::{Gpu, GpuMode, Node, NodeName, Snapshot};
+use tessera_core::{Gpu, Node, NodeName, Snapshot};
 
 use crate::scenario;
 
@@ -155,16 +154,16 @@ impl Template {
                 let prefix = t.name.clone().unwrap_or_else(|| t.product.to_lowercase());
                 let name = format!("{prefix}-new-{i}");
                 let mem = t.memory_per_gpu();
-                let gpus = (0..t.gpus_per_node)
-                    .map(|g| {
-                        let mut gpu = Gpu::new(g, &t.product, mem, GpuMode::Full);
-                        gpu.uuid = format!("GPU-{name}-{g}");
-                        gpu
-                    })
-                    .collect();
-                let mut n = Node::new(&name, t.cpu_milli, t.memory_mib, gpus);
+                let mut n = scenario::idle_node(
+                    &name,
+                    &t.product,
+                    mem,
+                    t.gpus_per_node,
+                    t.cpu_milli,
+                    t.memory_mib,
+                    &t.topology,
+                )?;
                 n.labels = t.labels.clone();
-                n.topology = Arc::new(scenario::parse_topology(&t.topology, t.gpus_per_node)?);
                 Ok(n)
             }
         }
