@@ -2,8 +2,9 @@
 //!
 //! Pods are sorted by name, shuffled with the seed, then "tuned": random copies of the original
 //! pods (with replacement) are appended until the GPU request reaches `tune` × capacity. Each
-//! pod is placed once, in order, through `tessera_core::policy::place` (the extender's entry
-//! point); pods never leave, and a pod that fits nowhere is recorded as failed and dropped.
+//! pod is placed once, in order, by the [`crate::driver`] (`tessera_core::policy::place_memo`,
+//! the extender's entry point with its evaluations reused); pods never leave, and a pod that fits
+//! nowhere is recorded as failed and dropped.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
