@@ -392,7 +392,7 @@ async fn pods_are_bound_where_tessera_said(ctx: Ctx) -> Result<()> {
     let (_, a) = c.wait_bound("default", "legacy-0", Duration::from_secs(60)).await?;
     ensure!(a.devices.len() == 1, "legacy-0 asked for nvidia.com/gpu: 1, got {:?}", a.devices);
     println!("embed-0 on {node}, vlm-0 on {vnode}");
-    Ok(())
+    crate::examples::trusts_its_own_assignments(&c)
 }
 
 /// A gang of 3 × 2 whole GPUs on a 4-GPU node: no member is bound and none carries a reservation,
