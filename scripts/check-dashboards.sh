@@ -43,8 +43,15 @@ scrape() {
 }
 
 # start PACKAGE BINARY ARGS...: builds and starts BINARY in the background; prints its pid.
-build() { cargo build --quiet --locked -p "$1" --bin "$2"; }
-bindir="$(cargo metadata --no-deps --format-version 1 --offline | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
+# TESSERA_BIN_DIR: use the binaries already built there (CI passes the tests' target/debug: a
+# plain `cargo build` resolves other features than `cargo test` and would rebuild the tree).
+if [ -n "${TESSERA_BIN_DIR:-}" ]; then
+  bindir="$TESSERA_BIN_DIR"
+  build() { [ -x "$bindir/$2" ] || { echo "check-dashboards: $bindir/$2 is missing (cargo build -p $1, or unset TESSERA_BIN_DIR)" >&2; exit 1; }; }
+else
+  build() { cargo build --quiet --locked -p "$1" --bin "$2"; }
+  bindir="$(cargo metadata --no-deps --format-version 1 --offline | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
+fi
 
 # wait_for URL NAME PID: waits up to 30 s until the exposition at URL has a sample of NAME.
 wait_for() {

@@ -14,7 +14,7 @@ K8S_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/tessera/k8s-$K8S_VERSION"
 sudo=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
 missing=""
-for pkg in etcd-server containerd runc containernetworking-plugins busybox-static; do
+for pkg in etcd-server containerd runc containernetworking-plugins busybox-static iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

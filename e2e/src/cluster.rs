@@ -80,6 +80,9 @@ pub struct Options {
     pub namespaces: Vec<String>,
     /// Extra tessera-scheduler flags.
     pub tessera_args: Vec<String>,
+    /// kube-scheduler's API client limits (`clientConnection.qps`, burst twice it); `None`
+    /// keeps its defaults (50 QPS), as the manifests do.
+    pub scheduler_qps: Option<u32>,
 }
 
 impl Default for Options {
@@ -90,6 +93,7 @@ impl Default for Options {
             replicas: 1,
             namespaces: Vec::new(),
             tessera_args: Vec::new(),
+            scheduler_qps: None,
         }
     }
 }
@@ -325,7 +329,9 @@ impl Cluster {
         tr["status"]["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("TokenRequest without a token"))
     }
 
-    async fn create_node(&self, n: &NodeSpec) -> Result<()> {
+    /// Creates the Node object of `n` (Ready, untainted, its resources allocatable) without
+    /// starting an agent for it: tessera then sees it through GPU Feature Discovery labels.
+    pub async fn create_node(&self, n: &NodeSpec) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let mut labels: serde_json::Map<String, Value> =
             n.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
@@ -424,7 +430,8 @@ impl Cluster {
     /// manifests/base/scheduler-config.yaml: only the extender's urlPrefix and the kubeconfig
     /// change. Replicas after the first get their own hostname (`unshare --uts`), which
     /// prefixes their Lease identity as a pod's name would.
-    fn start_kube_scheduler(&self, i: usize) -> Result<()> {
+    /// Starts (or starts again) replica `i`'s kube-scheduler with the manifests' configuration.
+    pub fn start_kube_scheduler(&self, i: usize) -> Result<()> {
         let r = &self.replicas[i];
         let path = repo_root().join("manifests/base/scheduler-config.yaml");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -435,9 +442,7 @@ impl Cluster {
             .ok_or_else(|| anyhow!("{} has no extenders[0]", path.display()))?;
         ext["urlPrefix"] = format!("http://127.0.0.1:{}", r.verbs_port).into();
         let map = cfg.as_mapping_mut().ok_or_else(|| anyhow!("{} is not a mapping", path.display()))?;
-        let mut cc = serde_yaml::Mapping::new();
-        cc.insert("kubeconfig".into(), self.scheduler_kubeconfig.display().to_string().into());
-        map.insert("clientConnection".into(), serde_yaml::Value::Mapping(cc));
+        map.insert("clientConnection".into(), self.client_connection());
         let rendered = self.dir.join(format!("kube-scheduler-{i}.yaml"));
         std::fs::write(&rendered, serde_yaml::to_string(&cfg)?)?;
         let args = vec![format!("--config={}", rendered.display()), "--secure-port=0".into(), "--v=2".into()];
@@ -452,6 +457,40 @@ impl Cluster {
             full.extend(args);
             Proc::spawn(&name, Path::new("unshare"), &full, &[], &log)?
         };
+        self.spawn(p);
+        Ok(())
+    }
+
+    fn client_connection(&self) -> serde_yaml::Value {
+        let mut cc = serde_yaml::Mapping::new();
+        cc.insert("kubeconfig".into(), self.scheduler_kubeconfig.display().to_string().into());
+        if let Some(qps) = self.opts.scheduler_qps {
+            cc.insert("qps".into(), qps.into());
+            cc.insert("burst".into(), (2 * qps).into());
+        }
+        serde_yaml::Value::Mapping(cc)
+    }
+
+    /// A second kube-scheduler, without the extender, whose one profile `scheduler_name` keeps
+    /// kube-scheduler's default plugins (the baseline of the throughput benchmark). Same binary,
+    /// same client limits and `percentageOfNodesToScore` as tessera's.
+    pub fn start_plain_kube_scheduler(&self, scheduler_name: &str) -> Result<()> {
+        let cfg = serde_yaml::to_string(&json!({
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "leaderElection": {"leaderElect": false},
+            "percentageOfNodesToScore": 100,
+            "profiles": [{"schedulerName": scheduler_name}],
+        }))?;
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&cfg)?;
+        if let Some(map) = doc.as_mapping_mut() {
+            map.insert("clientConnection".into(), self.client_connection());
+        }
+        let name = format!("kube-scheduler-{scheduler_name}");
+        let rendered = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&rendered, serde_yaml::to_string(&doc)?)?;
+        let args = vec![format!("--config={}", rendered.display()), "--secure-port=0".into(), "--v=1".into()];
+        let p = Proc::spawn(&name, &self.bins.kube_scheduler, &args, &[], &self.dir.join(format!("{name}.log")))?;
         self.spawn(p);
         Ok(())
     }

@@ -1,11 +1,13 @@
 //! tessera's real-cluster harness: etcd, kube-apiserver, kube-controller-manager and
 //! kube-scheduler from `$KUBEBUILDER_ASSETS` (the envtest layout), tessera-scheduler and one
 //! fake-backend tessera-mig-manager per node from this workspace's build, each as its own process
-//! on loopback. Every test starts its own cluster; see docs/testing.md.
+//! on loopback. Every test starts its own cluster; see docs/testing.md. [`kubelet`] is a real
+//! kubelet node (kubelet + containerd + runc + the agent as its device plugin) for such a cluster.
 
 pub mod apply;
 pub mod bins;
 pub mod cluster;
+pub mod kubelet;
 pub mod pki;
 pub mod proc;
 pub mod wait;

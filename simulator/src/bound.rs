@@ -68,33 +68,10 @@ pub struct SeedBound {
 /// Bounds for the tuned order of each seed, as `openb::replay` builds it.
 pub fn for_seeds(nodes: &[Node], pods: &[PodRow], tune: f64, seeds: &[u64]) -> Result<Summary> {
     let capacity: u64 = nodes.iter().map(|n| n.gpus.len() as u64 * 1000).sum();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len()).max(1);
-    let chunks: Vec<Vec<u64>> =
-        (0..threads).map(|t| seeds.iter().copied().skip(t).step_by(threads).collect()).collect();
-    let results: Vec<Result<Vec<SeedBound>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .map(|chunk| {
-                scope.spawn(move || -> Result<Vec<SeedBound>> {
-                    chunk
-                        .iter()
-                        .map(|&seed| {
-                            let order = crate::openb::tuned_order(pods, capacity, tune, seed);
-                            Ok(SeedBound { seed, bound: upper_bound(nodes, &order)? })
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a bound thread panicked"))))
-            .collect()
-    });
-    let mut runs = Vec::new();
-    for r in results {
-        runs.extend(r?);
-    }
+    let mut runs = crate::seeds::each("bound", seeds, &|seed| {
+        let order = crate::openb::tuned_order(pods, capacity, tune, seed);
+        Ok(SeedBound { seed, bound: upper_bound(nodes, &order)? })
+    })?;
     runs.sort_by_key(|r| r.seed);
     let mean = runs.iter().map(|r| r.bound.allocation_ratio).sum::<f64>() / runs.len().max(1) as f64;
     Ok(Summary { mean_allocation_ratio: mean, runs })

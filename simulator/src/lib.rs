@@ -5,10 +5,12 @@
 pub mod bound;
 pub mod capture;
 pub mod compare;
+pub mod driver;
 pub mod family;
 pub mod occupancy;
 pub mod openb;
 pub mod report;
 pub mod scenario;
+pub mod seeds;
 pub mod trace;
 pub mod whatif;

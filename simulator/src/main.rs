@@ -1,6 +1,6 @@
 //! `tessera-sim`: replays GPU traces and scenarios through tessera's placement core.
 
-use tessera_sim::{capture, compare, family, openb, report, scenario, trace, whatif};
+use tessera_sim::{capture, compare, family, openb, report, scenario, seeds, trace, whatif};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -139,25 +139,6 @@ struct OpenbArgs {
     no_bound: bool,
 }
 
-fn parse_seeds(s: &str) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if let Some((a, b)) = part.split_once('-') {
-            let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
-            if a > b {
-                bail!("seed range {part} is empty");
-            }
-            out.extend(a..=b);
-        } else {
-            out.push(part.parse().with_context(|| format!("seed {part:?} is not a number"))?);
-        }
-    }
-    if out.is_empty() {
-        bail!("no seeds given");
-    }
-    Ok(out)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -238,57 +219,7 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
     for p in &policies {
         outcomes.push(scenario::run(&sc, p, args.seed)?);
     }
-    println!();
-    println!(
-        "{:<16} {:>7} {:>9} {:>10} {:>34}  rejected",
-        "policy", "placed", "rejected", "reconfigs", "GPUs used / lower bound"
-    );
-    for o in &outcomes {
-        let used: Vec<String> = o
-            .lower_bound
-            .keys()
-            .chain(o.gpus_used.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .map(|k| format!("{k} {}/{}", o.gpus_used.get(k).unwrap_or(&0), o.lower_bound.get(k).unwrap_or(&0)))
-            .collect();
-        let rej: Vec<String> = o.rejected_by_model.iter().map(|(k, v)| format!("{k}×{v}")).collect();
-        println!(
-            "{:<16} {:>7} {:>9} {:>10} {:>34}  {}",
-            o.policy,
-            o.placed,
-            o.rejected,
-            o.mig_reconfigs,
-            used.join(", "),
-            if rej.is_empty() { "-".to_owned() } else { rej.join(" ") }
-        );
-    }
-    println!();
-    println!("{:<16} {:>15} {:>15}", "rejected", "need whole GPUs", "slices");
-    for o in &outcomes {
-        println!("{:<16} {:>15} {:>15}", o.policy, o.rejected_large, o.rejected_small);
-    }
-    if outcomes.iter().any(|o| o.dynamics.is_some()) {
-        println!();
-        println!(
-            "{:<16} {:>8} {:>10} {:>9} {:>10} {:>9} {:>10}",
-            "over time", "arrivals", "departures", "peak GPUs", "peak bound", "mean GPUs", "mean bound"
-        );
-        for o in &outcomes {
-            if let Some(d) = &o.dynamics {
-                println!(
-                    "{:<16} {:>8} {:>10} {:>9} {:>10} {:>9.1} {:>10.1}",
-                    o.policy,
-                    d.arrivals,
-                    d.departures,
-                    d.peak_gpus_used,
-                    d.peak_lower_bound,
-                    d.mean_gpus_used,
-                    d.mean_lower_bound
-                );
-            }
-        }
-    }
+    print!("{}", scenario::render(&outcomes));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcomes)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -322,7 +253,7 @@ fn policy_list(arg: &str, extra: &[&str]) -> Result<Vec<String>> {
 }
 
 fn run_openb(args: OpenbArgs) -> Result<()> {
-    let seeds = parse_seeds(&args.seeds)?;
+    let seeds = seeds::parse(&args.seeds)?;
     let policies = policy_list(&args.policy, &[])?;
     if !(args.tune > 0.0 && args.tune <= 10.0) {
         bail!("--tune {} is outside (0, 10]", args.tune);
@@ -343,69 +274,27 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
         if args.no_bound { None } else { Some(tessera_sim::bound::for_seeds(&nodes, &pods, args.tune, &seeds)?) };
     let mut reports = Vec::new();
     for name in &policies {
-        let policy = tessera_core::policy::by_name(name).context("policy vanished")?;
-        let started = std::time::Instant::now();
-        // Seeds are independent: run them on all cores, each with its own progress bar.
+        // One progress bar per seed, while it runs.
         let bars = indicatif::MultiProgress::new();
         if !tty {
             bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len()).max(1);
-        let chunks: Vec<Vec<u64>> =
-            (0..threads).map(|t| seeds.iter().copied().skip(t).step_by(threads).collect()).collect();
-        let results: Vec<Result<Vec<openb::Run>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .map(|chunk| {
-                    let (nodes, pods, policy, bars) = (&nodes, &pods, policy.as_ref(), &bars);
-                    scope.spawn(move || -> Result<Vec<openb::Run>> {
-                        let mut out = Vec::new();
-                        for &seed in chunk {
-                            let bar = bars.add(indicatif::ProgressBar::new(1));
-                            bar.set_style(
-                                indicatif::ProgressStyle::with_template(
-                                    "{prefix:>22} {bar:40} {pos}/{len} pods {elapsed}",
-                                )
-                                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                            );
-                            bar.set_prefix(format!("{name} seed {seed}"));
-                            let progress = |done: u64, total: u64| {
-                                bar.set_length(total);
-                                bar.set_position(done);
-                            };
-                            out.push(openb::replay(nodes, pods, policy, args.tune, seed, &progress)?);
-                            bar.finish_and_clear();
-                        }
-                        Ok(out)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a replay thread panicked"))))
-                .collect()
-        });
-        let mut runs = Vec::new();
-        for r in results {
-            runs.extend(r?);
-        }
-        runs.sort_by_key(|r| r.seed);
-        let mean = runs.iter().map(|r| r.allocation_ratio).sum::<f64>() / runs.len() as f64;
-        reports.push(openb::PolicyReport {
-            policy: name.clone(),
-            trace: trace_name.clone(),
-            tune: args.tune,
-            runs,
-            mean_allocation_ratio: mean,
-            elapsed_seconds: started.elapsed().as_secs_f64(),
-            upper_bound: bound.clone(),
-        });
+        let bar = |policy: &str, seed: u64| {
+            let bar = bars.add(indicatif::ProgressBar::new(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>22} {bar:40} {pos}/{len} pods {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(format!("{policy} seed {seed}"));
+            SeedBar(bar)
+        };
+        reports.push(openb::run_policy(&nodes, &pods, &trace_name, name, args.tune, &seeds, bound.as_ref(), &bar)?);
     }
     let expected = match &args.compare {
         Some(p) => Some(compare::load_expected(p)?),
         None => None,
     };
-    print_table(&reports, expected.as_ref());
+    print!("{}", openb::render(&reports, expected.as_ref()));
     if let Some(b) = &bound {
         let best = reports.iter().map(|r| r.mean_allocation_ratio).fold(0.0, f64::max);
         println!(
@@ -433,55 +322,25 @@ fn run_openb(args: OpenbArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(reports: &[openb::PolicyReport], expected: Option<&compare::Expected>) {
-    println!();
-    print!(
-        "{:<16} {:>10} {:>11} {:>10} {:>9} {:>9} {:>10}",
-        "policy", "alloc %", "unalloc GPU", "failed", "frag %", "s/run", "total s"
-    );
-    if expected.is_some() {
-        print!(" {:>12} {:>10}", "paper alloc%", "paper pol.");
+/// An indicatif bar, cleared when its replay ends.
+struct SeedBar(indicatif::ProgressBar);
+
+impl openb::Bar for SeedBar {
+    fn set(&self, done: u64, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
     }
-    println!();
-    for r in reports {
-        let n = r.runs.len() as f64;
-        let unalloc = r.runs.iter().map(|x| x.unallocated_gpus).sum::<f64>() / n;
-        let failed = r.runs.iter().map(|x| x.failed_pods as f64).sum::<f64>() / n;
-        let frag = r.runs.iter().map(|x| x.fragmentation_pct).sum::<f64>() / n;
-        let per_run = r.runs.iter().map(|x| x.elapsed_seconds).sum::<f64>() / n;
-        print!(
-            "{:<16} {:>10.2} {:>11.1} {:>10.1} {:>9.2} {:>9.2} {:>10.1}",
-            r.policy,
-            100.0 * r.mean_allocation_ratio,
-            unalloc,
-            failed,
-            frag,
-            per_run,
-            r.elapsed_seconds
-        );
-        if let Some(e) = expected {
-            let seeds: Vec<u64> = r.runs.iter().map(|x| x.seed).collect();
-            match compare::paper_policy(&r.policy).and_then(|p| e.mean_final(&r.trace, p, &seeds).map(|v| (p, v))) {
-                Some((p, v)) => print!(" {v:>12.2} {p:>10}"),
-                None => print!(" {:>12} {:>10}", "-", "-"),
-            }
-        }
-        println!();
+}
+
+impl Drop for SeedBar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seeds_parse_as_ranges_and_lists() {
-        assert_eq!(parse_seeds("42-44").ok(), Some(vec![42, 43, 44]));
-        assert_eq!(parse_seeds("1, 5,9").ok(), Some(vec![1, 5, 9]));
-        assert!(parse_seeds("9-1").is_err());
-        assert!(parse_seeds("x").is_err());
-        assert!(parse_seeds("").is_err());
-    }
 
     #[test]
     fn policies_parse_as_all_one_or_a_list() {

@@ -2,10 +2,14 @@
 //!
 //! Pods are sorted by name, shuffled with the seed, then "tuned": random copies of the original
 //! pods (with replacement) are appended until the GPU request reaches `tune` × capacity. Each
-//! pod is placed once, in order, through `tessera_core::policy::place` (the extender's entry
-//! point); pods never leave, and a pod that fits nowhere is recorded as failed and dropped.
+//! pod is placed once, in order, by the [`crate::driver`] (`tessera_core::policy::place_memo`,
+//! the extender's entry point with its evaluations reused); pods never leave, and a pod that fits
+//! nowhere is recorded as failed and dropped.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -14,8 +18,9 @@ use serde::Serialize;
 use tessera_core::cluster::{Node, Snapshot};
 use tessera_core::demand::Demand;
 use tessera_core::metrics::packing;
-use tessera_core::policy::{Context, Memo, Policy, Workload, place_memo};
+use tessera_core::policy::{Context, Policy, Workload};
 
+use crate::driver::{Decision, Driver};
 use crate::occupancy::Occupancy;
 use crate::trace::PodRow;
 
@@ -115,16 +120,13 @@ pub fn replay(
     // Per event: (arrived %, allocated %), discretised below.
     let mut events: Vec<(i64, f64)> = Vec::with_capacity(order.len());
     let n = order.len() as u64;
-    let mut memo = Memo::new();
+    let mut driver = Driver::new(policy, ctx).memoized();
     for (i, pod) in order.iter().enumerate() {
         let demand = pod.demand(format!("openb/{}#{i}", pod.name));
         arrived += pod.gpu_request_milli();
-        match place_memo(&snap, &demand, policy, &ctx, &mut memo) {
-            Ok(p) => {
-                p.apply(&mut snap, &demand, None)?;
-                allocated += pod.gpu_request_milli();
-            }
-            Err(_) => {
+        match driver.place_pod(&mut snap, &demand)? {
+            Decision::Placed(_) => allocated += pod.gpu_request_milli(),
+            Decision::Refused(_) | Decision::NeedsReconfig => {
                 failed += 1;
                 let kind = match pod.num_gpu {
                     0 => "cpu-only".to_owned(),
@@ -180,6 +182,91 @@ pub fn discretise(events: &[(i64, f64)], max: u32) -> Vec<(u32, f64)> {
         }
     }
     out
+}
+
+/// One replay's progress display: told `(done, total)` pods as it goes, dropped when it ends.
+pub trait Bar {
+    fn set(&self, done: u64, total: u64);
+}
+
+impl Bar for () {
+    fn set(&self, _: u64, _: u64) {}
+}
+
+/// Replays the trace under the policy named `policy` for every seed, the seeds on all cores;
+/// `bar(policy, seed)` makes each replay's progress display.
+#[allow(clippy::too_many_arguments)]
+pub fn run_policy<B: Bar>(
+    nodes: &[Node],
+    pods: &[PodRow],
+    trace: &str,
+    policy: &str,
+    tune: f64,
+    seeds: &[u64],
+    upper_bound: Option<&crate::bound::Summary>,
+    bar: &(dyn Fn(&str, u64) -> B + Sync),
+) -> anyhow::Result<PolicyReport> {
+    let p = tessera_core::policy::by_name(policy).with_context(|| format!("unknown policy {policy:?}"))?;
+    let started = std::time::Instant::now();
+    let mut runs = crate::seeds::each("replay", seeds, &|seed| {
+        let b = bar(policy, seed);
+        replay(nodes, pods, p.as_ref(), tune, seed, &|done, total| b.set(done, total))
+    })?;
+    runs.sort_by_key(|r| r.seed);
+    let mean = runs.iter().map(|r| r.allocation_ratio).sum::<f64>() / runs.len() as f64;
+    Ok(PolicyReport {
+        policy: policy.to_owned(),
+        trace: trace.to_owned(),
+        tune,
+        runs,
+        mean_allocation_ratio: mean,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        upper_bound: upper_bound.cloned(),
+    })
+}
+
+/// The policies side by side as a table (with the paper's numbers when `expected` is given).
+pub fn render(reports: &[PolicyReport], expected: Option<&crate::compare::Expected>) -> String {
+    let mut s = String::new();
+    s.push('\n');
+    let _ = write!(
+        s,
+        "{:<16} {:>10} {:>11} {:>10} {:>9} {:>9} {:>10}",
+        "policy", "alloc %", "unalloc GPU", "failed", "frag %", "s/run", "total s"
+    );
+    if expected.is_some() {
+        let _ = write!(s, " {:>12} {:>10}", "paper alloc%", "paper pol.");
+    }
+    s.push('\n');
+    for r in reports {
+        let n = r.runs.len() as f64;
+        let unalloc = r.runs.iter().map(|x| x.unallocated_gpus).sum::<f64>() / n;
+        let failed = r.runs.iter().map(|x| x.failed_pods as f64).sum::<f64>() / n;
+        let frag = r.runs.iter().map(|x| x.fragmentation_pct).sum::<f64>() / n;
+        let per_run = r.runs.iter().map(|x| x.elapsed_seconds).sum::<f64>() / n;
+        let _ = write!(
+            s,
+            "{:<16} {:>10.2} {:>11.1} {:>10.1} {:>9.2} {:>9.2} {:>10.1}",
+            r.policy,
+            100.0 * r.mean_allocation_ratio,
+            unalloc,
+            failed,
+            frag,
+            per_run,
+            r.elapsed_seconds
+        );
+        if let Some(e) = expected {
+            let seeds: Vec<u64> = r.runs.iter().map(|x| x.seed).collect();
+            let _ = match crate::compare::paper_policy(&r.policy)
+                .and_then(|p| e.mean_final(&r.trace, p, &seeds).map(|v| (p, v)))
+            {
+                Some((p, v)) => write!(s, " {v:>12.2} {p:>10}"),
+                None => write!(s, " {:>12} {:>10}", "-", "-"),
+            };
+        }
+        s.push('\n');
+    }
+    s
 }
 
 #[cfg(test)]

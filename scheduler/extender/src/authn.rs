@@ -222,7 +222,9 @@ impl ReadAuth {
         let reviewed = match Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review).await
         {
             Ok(r) => r,
-            Err(e) => return Decision::Unavailable(format!("TokenReview: {e}")),
+            Err(e) => {
+                return Decision::Unavailable(format!("TokenReview: {}", tessera_api::kube_error::kube_error(&e)));
+            }
         };
         let status = reviewed.status.unwrap_or_default();
         let user = match (status.authenticated, status.user) {
@@ -275,7 +277,9 @@ impl ReadAuth {
                     Decision::Forbidden { user: name, reason }
                 }
             }
-            Err(e) => Decision::Unavailable(format!("SubjectAccessReview: {e}")),
+            Err(e) => {
+                Decision::Unavailable(format!("SubjectAccessReview: {}", tessera_api::kube_error::kube_error(&e)))
+            }
         }
     }
 }

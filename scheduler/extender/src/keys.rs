@@ -7,6 +7,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use tessera_api::kube_error::{is_conflict, kube_error};
 use tessera_api::signing::{KeyError, Keyring, Keys};
 
 /// The Secret's data key that holds the key file.
@@ -43,10 +44,9 @@ async fn ensure_secret(client: &Client, namespace: &str, name: &str) -> anyhow::
             .filter(|t| Keyring::parse(t).is_ok())
     };
     for _ in 0..5 {
-        let mut secret = api
-            .get(name)
-            .await
-            .map_err(|e| anyhow::anyhow!("reading Secret {namespace}/{name} (it holds the assignment keys): {e}"))?;
+        let mut secret = api.get(name).await.map_err(|e| {
+            anyhow::anyhow!("reading Secret {namespace}/{name} (it holds the assignment keys): {}", kube_error(&e))
+        })?;
         if let Some(text) = read(&secret) {
             return Ok(text);
         }
@@ -59,8 +59,8 @@ async fn ensure_secret(client: &Client, namespace: &str, name: &str) -> anyhow::
                 tracing::info!(secret = %format!("{namespace}/{name}"), "Generated the assignment signing key");
                 return read(&s).ok_or_else(|| anyhow::anyhow!("Secret {namespace}/{name} lost the generated key"));
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => anyhow::bail!("writing the generated key into Secret {namespace}/{name}: {e}"),
+            Err(e) if is_conflict(&e) => continue,
+            Err(e) => anyhow::bail!("writing the generated key into Secret {namespace}/{name}: {}", kube_error(&e)),
         }
     }
     anyhow::bail!("Secret {namespace}/{name} kept changing while the assignment key was written")

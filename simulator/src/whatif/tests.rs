@@ -1,10 +1,11 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use tessera_core::mig::ProfileClass;
 use tessera_core::{PodKey, policy};
 
 use super::*;
+use crate::capture;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/whatif").join(name)

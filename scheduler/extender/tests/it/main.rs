@@ -8,6 +8,7 @@ mod contract;
 mod dashboard;
 mod fixtures;
 mod gang;
+mod hostile;
 mod http;
 mod kube_api;
 mod loopback;
