@@ -75,18 +75,24 @@ fn workspace_bin_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{} is not in a cargo target folder's deps/", exe.display()))
 }
 
-/// What the workspace binaries are built from (not their tests: a newer test file must not
-/// make a binary look stale, cargo would not rebuild it).
-const SOURCES: [&str; 9] = [
-    "scheduler/core/src",
-    "scheduler/api/src",
-    "scheduler/extender/src",
-    "mig-manager/src",
-    "mig-manager/proto",
-    "kubectl-tessera/src",
-    "scheduler/core/Cargo.toml",
-    "scheduler/extender/Cargo.toml",
-    "mig-manager/Cargo.toml",
+/// What each workspace binary is built from (not the tests: a newer test file must not make a
+/// binary look stale when cargo would not rebuild it).
+const SOURCES: [(&str, &[&str]); 3] = [
+    (
+        "tessera-scheduler",
+        &[
+            "scheduler/core/src",
+            "scheduler/core/Cargo.toml",
+            "scheduler/api/src",
+            "scheduler/extender/src",
+            "scheduler/extender/Cargo.toml",
+        ],
+    ),
+    (
+        "tessera-mig-manager",
+        &["scheduler/core/src", "scheduler/api/src", "mig-manager/src", "mig-manager/proto", "mig-manager/Cargo.toml"],
+    ),
+    ("kubectl-tessera", &["kubectl-tessera/src", "kubectl-tessera/Cargo.toml"]),
 ];
 
 /// The newest modification time of `dir` or a file under it.
@@ -112,9 +118,9 @@ fn newest(dir: &Path) -> Option<std::time::SystemTime> {
 /// Whether a binary is missing or older than a source file it is built from.
 fn stale(dir: &Path) -> bool {
     let root = crate::repo_root();
-    let newest_source = SOURCES.iter().filter_map(|s| newest(&root.join(s))).max();
-    WORKSPACE_BINS.iter().any(|(_, bin)| {
+    SOURCES.iter().any(|(bin, sources)| {
         let built = std::fs::metadata(dir.join(bin)).and_then(|m| m.modified()).ok();
+        let newest_source = sources.iter().filter_map(|s| newest(&root.join(s))).max();
         match (built, newest_source) {
             (Some(b), Some(s)) => b < s,
             (Some(_), None) => false,

@@ -415,7 +415,11 @@ impl Cluster {
             &name,
             &self.bins.tessera_scheduler,
             &args,
-            &[("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
+            &[
+                ("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()),
+                ("RUST_LOG", rust_log()),
+                ("NO_COLOR", "1".into()),
+            ],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -514,7 +518,11 @@ impl Cluster {
             &name,
             &self.bins.mig_manager,
             &args,
-            &[("KUBECONFIG", self.agent_kubeconfig.display().to_string()), ("RUST_LOG", rust_log())],
+            &[
+                ("KUBECONFIG", self.agent_kubeconfig.display().to_string()),
+                ("RUST_LOG", rust_log()),
+                ("NO_COLOR", "1".into()),
+            ],
             &self.dir.join(format!("{name}.log")),
         )?;
         self.spawn(p);
@@ -588,6 +596,16 @@ impl Cluster {
             println!("tessera-scheduler-{i} saw every node's GPUs {:?} after /readyz", t0.elapsed());
         }
         Ok(())
+    }
+
+    /// Lines of every tessera-scheduler log that contain `needle`.
+    pub fn tessera_log_lines(&self, needle: &str) -> Vec<String> {
+        (0..self.replicas.len())
+            .flat_map(|i| {
+                let text = std::fs::read_to_string(self.dir.join(format!("{}.log", Self::tessera_name(i))));
+                text.unwrap_or_default().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// `kill -9` of a process by name; false when it was not running.

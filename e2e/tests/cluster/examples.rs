@@ -184,5 +184,14 @@ async fn example(ctx: Ctx, file: String) -> Result<()> {
             }
         }
     }
+    trusts_its_own_assignments(&c)
+}
+
+/// tessera never refuses an assignment it signed itself (it did for `nvidia.com/mig-*` pods
+/// bound before their node reported the new MIG instance: `DeviceHeld`, and their slices went
+/// uncounted until the report).
+pub fn trusts_its_own_assignments(c: &Cluster) -> Result<()> {
+    let distrust = c.tessera_log_lines("Assignment not trusted");
+    ensure!(distrust.is_empty(), "tessera refused assignments it signed: {distrust:?}");
     Ok(())
 }

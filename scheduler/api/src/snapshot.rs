@@ -295,7 +295,15 @@ where
             reserved_until_ms: None,
             extended: podparse::extended(pod),
         };
-        if let Err(e) = b.snap.allocate(alloc.clone()) {
+        let allocated = match b.snap.allocate(alloc.clone()) {
+            Err(_) if trust == Trust::Signed && pending_slices(&mut b.snap, &alloc) => {
+                b.warnings
+                    .push(format!("pod {key} on {node}: its MIG slice is not reported yet; counted as being created"));
+                Ok(())
+            }
+            r => r,
+        };
+        if let Err(e) = allocated {
             // Devices first: a node whose cpu/memory looks over-committed (static pods, stale
             // allocatable) must still not lose track of which GPUs are taken.
             b.warnings.push(format!("pod {key}: {e}"));
@@ -314,6 +322,27 @@ where
         }
     }
     b
+}
+
+/// A trusted pod bound to MIG slices its node has not reported yet (the scheduler asked the
+/// node for them in GpuNode.spec and bound the pod; NVIDIA-named pods do not wait for the
+/// instance): the slices are counted as being created and the allocation is made. Changes
+/// nothing and returns false when that does not make the allocation fit.
+fn pending_slices(snap: &mut Snapshot, alloc: &Allocation) -> bool {
+    let cp = snap.checkpoint();
+    let mut created = false;
+    for g in &alloc.grants {
+        if let Grant::Mig { gpu, class, start } = *g {
+            created |= snap.apply(&alloc.node, MigOp::Create { gpu, class, start }).is_ok();
+        }
+    }
+    if created && snap.allocate(alloc.clone()).is_ok() {
+        snap.commit(cp);
+        true
+    } else {
+        snap.rollback(cp);
+        false
+    }
 }
 
 /// The grant a physical device UUID stands for on a node: a whole GPU or a MIG instance.
@@ -553,6 +582,35 @@ mod tests {
         assert!(b.refused[3].refusal.to_string().contains("ml/legit"), "{}", b.refused[3].refusal);
         // Unchecked (captures, the simulator): everything is trusted as before.
         assert!(build(&[node("a", json!({}), "3")], &[gpunode()], &pods).refused.is_empty());
+    }
+
+    #[test]
+    fn a_signed_pod_on_a_slice_the_node_has_not_reported_yet_holds_it() {
+        // The scheduler asked for 3g.40gb@0 on GPU 0 and bound the pod before the node agent
+        // reported the instance (NVIDIA-named pods do not wait for it).
+        let ring = Keyring::parse("k1 dGVzc2VyYS1zbmFwc2hvdC10ZXN0LWtleS0zMmJ5dGVz").unwrap();
+        let mut gn = gpunode();
+        gn.status.as_mut().unwrap().gpus[0].instances.clear();
+        let slice = r#"{"node":"a","devices":[{"gpu":"GPU-0","index":0,"profile":"3g.40gb","start":0}]}"#;
+        let signed = |name: &str, uid: &str| {
+            let ann =
+                json!({annotations::ASSIGNMENT: slice, annotations::ASSIGNMENT_SIGNATURE: ring.sign(uid, "a", slice)});
+            let mut p = pod(name, "a", ann, json!({"nvidia.com/mig-3g.40gb": "1"}));
+            p.metadata.uid = Some(uid.into());
+            p
+        };
+        let b = build_checked(
+            &[node("a", json!({}), "3")],
+            &[gn],
+            &[signed("first", "u1"), signed("second", "u2")],
+            Some(&ring),
+        );
+        let grants = |p: &str| b.snap.allocation(&PodKey::new("ml", p)).map(|a| a.grants.clone());
+        assert_eq!(grants("first"), Some(vec![Grant::Mig { gpu: 0, class: ProfileClass::G3, start: 0 }]));
+        // Still one pod per slice.
+        let why: Vec<(String, &str)> = b.refused.iter().map(|r| (r.pod.to_string(), r.refusal.reason())).collect();
+        assert_eq!(why, [("ml/second".to_owned(), "DeviceHeld")]);
+        assert!(b.warnings.iter().any(|w| w.contains("not reported yet")), "{:?}", b.warnings);
     }
 
     #[test]

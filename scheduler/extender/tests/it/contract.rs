@@ -660,6 +660,24 @@ async fn packing_is_the_same_after_a_restart_with_the_same_allocations() {
     assert_eq!(p1.stranded_slices, 0, "free 3g.40gb slices are usable by the 3g.40gb pods the cluster runs");
 }
 
+#[tokio::test]
+async fn a_pool_that_is_gone_leaves_no_packing_series() {
+    // Before its agent reports, a node has no GPUs and counts as pool "cpu".
+    let mut bare = Snapshot::default();
+    bare.add_node(Node::test("n1")).unwrap();
+    let c = start(bare.clone(), live()).await;
+    c.sched.replace_base(bare, Default::default(), Default::default());
+    let _ = c.sched.packing();
+    assert!(c.sched.metrics.encode().contains(r#"tessera_packing_gpus{pool="cpu"}"#));
+    let mut grown = Snapshot::default();
+    grown.add_node(Node::test("n1").with_gpus(2, "H100-80GB")).unwrap();
+    c.sched.replace_base(grown, Default::default(), Default::default());
+    let _ = c.sched.packing();
+    let text = c.sched.metrics.encode();
+    assert!(!text.contains(r#"pool="cpu""#), "{text}");
+    assert!(text.contains(r#"tessera_packing_gpus{pool="H100-80GB"} 2"#), "{text}");
+}
+
 // ---- 10. PodGroup status ------------------------------------------------------------------
 
 #[tokio::test]
