@@ -47,8 +47,6 @@ pub struct Metrics {
     pub packing_fragmentation_milli: Family<PoolLabels, FGauge>,
     pub packing_stranded_slices: Family<PoolLabels, Gauge>,
     pub packing_gpus: Family<PoolLabels, Gauge>,
-    /// Pools whose packing series are exported, so vanished ones can be dropped.
-    packing_pools: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub mig_reconfigs: Gauge,
     pub assignment_refusals_total: Family<ReasonLabels, Counter>,
 }
@@ -78,7 +76,6 @@ impl Metrics {
             packing_fragmentation_milli: Family::default(),
             packing_stranded_slices: Family::default(),
             packing_gpus: Family::default(),
-            packing_pools: Default::default(),
             mig_reconfigs: Gauge::default(),
             assignment_refusals_total: Family::default(),
             registry: Registry::default(),
@@ -158,20 +155,6 @@ impl Metrics {
         self.packing_fragmentation_milli.get_or_create(&l).set(p.fragmentation_milli);
         self.packing_stranded_slices.get_or_create(&l).set(i64::from(p.stranded_slices));
         self.packing_gpus.get_or_create(&l).set(i64::from(p.gpus));
-    }
-
-    /// Drops the packing series of pools no longer in `pools` (a node counts as pool `cpu`
-    /// until its agent reports its GPUs; that series must not outlive it).
-    pub fn keep_pools(&self, pools: &std::collections::BTreeSet<String>) {
-        let mut known = self.packing_pools.lock().unwrap_or_else(|e| e.into_inner());
-        for gone in known.difference(pools) {
-            let l = PoolLabels { pool: gone.clone() };
-            self.packing_allocation_ratio.remove(&l);
-            self.packing_fragmentation_milli.remove(&l);
-            self.packing_stranded_slices.remove(&l);
-            self.packing_gpus.remove(&l);
-        }
-        known.clone_from(pools);
     }
 
     /// The text exposition format.

@@ -1878,7 +1878,6 @@ impl Scheduler {
         let mut pools: BTreeMap<String, Packing> = BTreeMap::new();
         let names: std::collections::BTreeSet<String> =
             inner.snap.nodes().iter().map(|n| n.pool().to_owned()).collect();
-        self.metrics.keep_pools(&names);
         for pool in names {
             let p = packing(&inner.snap, &workload, |n| n.pool() == pool);
             pools.insert(pool, p);
