@@ -135,8 +135,21 @@ impl Metrics {
         self.request_duration_seconds.get_or_create(&VerbLabels { verb: verb.into() }).observe(seconds);
     }
 
+    /// Sets the packing gauges to exactly `pools`: a pool that no longer exists (its nodes
+    /// left, or gained GPUs of another product) loses its series instead of keeping its last
+    /// values.
+    pub fn set_pools(&self, pools: &std::collections::BTreeMap<String, Packing>) {
+        self.packing_allocation_ratio.clear();
+        self.packing_fragmentation_milli.clear();
+        self.packing_stranded_slices.clear();
+        self.packing_gpus.clear();
+        for (pool, p) in pools {
+            self.set_packing(pool, p);
+        }
+    }
+
     /// Sets the packing gauges of one pool.
-    pub fn set_packing(&self, pool: &str, p: &Packing) {
+    fn set_packing(&self, pool: &str, p: &Packing) {
         let l = PoolLabels { pool: pool.into() };
         self.packing_allocation_ratio.get_or_create(&l).set(p.allocation_ratio);
         self.packing_fragmentation_milli.get_or_create(&l).set(p.fragmentation_milli);

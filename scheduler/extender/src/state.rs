@@ -1861,9 +1861,9 @@ impl Scheduler {
             inner.snap.nodes().iter().map(|n| n.pool().to_owned()).collect();
         for pool in names {
             let p = packing(&inner.snap, &workload, |n| n.pool() == pool);
-            self.metrics.set_packing(&pool, &p);
             pools.insert(pool, p);
         }
+        self.metrics.set_pools(&pools);
         self.metrics.mig_reconfigs.set(i64::try_from(reconfigs).unwrap_or(i64::MAX));
         let mut all = packing(&inner.snap, &workload, |_| true);
         // Report reconfigurations tessera caused, not the layouts that existed when it started.

@@ -733,3 +733,20 @@ fn the_documented_http_timeout_is_the_one_the_manifests_set() {
         "the extender's --http-timeout-secs must equal the httpTimeout"
     );
 }
+
+#[tokio::test]
+async fn a_pool_that_is_gone_loses_its_packing_series() {
+    // A node seen before its agent reported GPUs is in the `cpu` pool; once its H100s show, the
+    // `cpu` series must go, or a restart (which never sees the `cpu` pool) reads different metrics.
+    let mut bare = Snapshot::default();
+    bare.add_node(Node::test("n1")).unwrap();
+    let c = start(bare.clone(), Settings { mode: "live", ..Settings::default() }).await;
+    c.sched.replace_base(bare, Default::default(), Default::default());
+    assert!(c.sched.metrics_text().contains(r#"tessera_packing_gpus{pool="cpu"} 0"#));
+    let mut reported = Snapshot::default();
+    reported.add_node(Node::test("n1").with_gpus(2, "H100-80GB")).unwrap();
+    c.sched.replace_base(reported, Default::default(), Default::default());
+    let text = c.sched.metrics_text();
+    assert!(text.contains(r#"tessera_packing_gpus{pool="H100-80GB"} 2"#), "{text}");
+    assert!(!text.contains(r#"pool="cpu""#), "{text}");
+}
