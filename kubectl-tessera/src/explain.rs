@@ -1,53 +1,58 @@
 //! `kubectl tessera explain POD`: why a pod is pending (or where it went), from
 //! `/api/v1/explain/{namespace}/{pod}`.
 
-use serde_json::Value;
+use tessera_api::views::{Explanation, NodeResult};
+use tessera_core::Grant;
 
 use crate::table;
 
 /// The explanation as text.
-pub fn render(e: &Value) -> String {
-    let pod = e.get("pod").and_then(Value::as_str).unwrap_or("?");
-    let mut out = format!("Pod {pod}\n");
-    if let Some(err) = e.get("error").and_then(Value::as_str) {
+pub fn render(e: &Explanation) -> String {
+    let mut out = format!("Pod {}\n", e.pod);
+    if let Some(err) = &e.error {
         out.push_str(&format!("Its GPU request cannot be read, so no node is offered: {err}\n"));
     }
-    if let Some(d) = e.get("demand").filter(|d| !d.is_null()) {
-        out.push_str(&format!("Demand: {d}\n"));
+    if let Some(d) = &e.demand {
+        // The demand as the scheduler wrote it.
+        out.push_str(&format!("Demand: {}\n", serde_json::to_string(d).unwrap_or_default()));
     }
-    if let Some(a) = e.get("allocation").filter(|a| !a.is_null()) {
-        let node = a.get("node").and_then(Value::as_str).unwrap_or("?");
-        let grants: Vec<String> =
-            a.get("grants").and_then(Value::as_array).map(|g| g.iter().map(grant).collect()).unwrap_or_default();
-        let state = match a.get("reserved_until_ms").and_then(Value::as_u64) {
+    if let Some(a) = &e.allocation {
+        let grants: Vec<String> = a.grants.iter().map(grant).collect();
+        let state = match a.reserved_until_ms {
             Some(_) => "Reserved (gang plan, waiting for every member)",
             None => "Holds",
         };
-        out.push_str(&format!("{state} on node {node}: {}\n", grants.join(", ")));
+        out.push_str(&format!("{state} on node {}: {}\n", a.node, grants.join(", ")));
     }
-    if e.get("stale").and_then(Value::as_bool) == Some(true) {
+    if e.stale {
         out.push_str(
             "The cluster has changed since this pod was last filtered; the reasons below may be out of date.\n",
         );
     }
-    let nodes = e.get("nodes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-    if nodes.is_empty() {
+    if e.nodes.is_empty() {
         return out;
     }
-    let count = |r: &str| nodes.iter().filter(|n| n.get("result").and_then(Value::as_str) == Some(r)).count();
-    let (fits, now, never) = (count("fits"), count("unschedulable"), count("unresolvable"));
+    let count = |r: NodeResult| e.nodes.iter().filter(|n| n.result == r).count();
+    let (fits, now, never) =
+        (count(NodeResult::Fits), count(NodeResult::Unschedulable), count(NodeResult::Unresolvable));
     out.push_str(&format!(
         "Last filter: {fits} of {} node(s) fit; {now} cannot host it now (capacity may free up), {never} never can.\n\n",
-        nodes.len()
+        e.nodes.len()
     ));
-    let rows: Vec<Vec<String>> = nodes
+    let rows: Vec<Vec<String>> = e
+        .nodes
         .iter()
         .map(|n| {
             vec![
-                n.get("node").and_then(Value::as_str).unwrap_or("?").to_owned(),
-                n.get("result").and_then(Value::as_str).unwrap_or("?").to_owned(),
-                n.get("score").and_then(Value::as_f64).map(|s| format!("{s:.2}")).unwrap_or_else(|| "-".into()),
-                n.get("reason").and_then(Value::as_str).unwrap_or("").to_owned(),
+                n.node.clone(),
+                match n.result {
+                    NodeResult::Fits => "fits",
+                    NodeResult::Unschedulable => "unschedulable",
+                    NodeResult::Unresolvable => "unresolvable",
+                }
+                .to_owned(),
+                n.score.map(|s| format!("{s:.2}")).unwrap_or_else(|| "-".into()),
+                n.reason.clone().unwrap_or_default(),
             ]
         })
         .collect();
@@ -55,16 +60,15 @@ pub fn render(e: &Value) -> String {
     out
 }
 
-fn grant(g: &Value) -> String {
-    let gpu = g.get("gpu").and_then(Value::as_u64).unwrap_or(0);
-    match g.get("kind").and_then(Value::as_str) {
-        Some("whole") => format!("GPU {gpu}"),
-        Some("share") => format!("{}m of GPU {gpu}", g.get("milli").and_then(Value::as_u64).unwrap_or(0)),
-        Some("mig") => format!(
-            "MIG {} at slice {} of GPU {gpu}",
-            g.get("class").map(|c| c.as_str().map(str::to_owned).unwrap_or_else(|| c.to_string())).unwrap_or_default(),
-            g.get("start").and_then(Value::as_u64).unwrap_or(0)
-        ),
-        _ => g.to_string(),
+fn grant(g: &Grant) -> String {
+    match *g {
+        Grant::Whole { gpu } => format!("GPU {gpu}"),
+        Grant::Share { gpu, milli } => format!("{milli}m of GPU {gpu}"),
+        Grant::Mig { gpu, class, start } => {
+            // The class by its wire name (`g1`), as the scheduler writes it.
+            let class =
+                serde_json::to_value(class).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            format!("MIG {class} at slice {start} of GPU {gpu}")
+        }
     }
 }

@@ -107,15 +107,16 @@ fn main() -> Result<()> {
             let view = source()?.get_json("/api/v1/cluster")?;
             match output {
                 Output::Json => pretty(&view)?,
-                Output::Table => status::render(&view, node.as_deref()),
+                Output::Table => status::render(&decode(view, "/api/v1/cluster")?, node.as_deref()),
             }
         }
         Cmd::Explain { pod, namespace, output } => {
             let (ns, name) = pod.split_once('/').unwrap_or((namespace, pod));
-            let e = source()?.get_json(&format!("/api/v1/explain/{ns}/{name}"))?;
+            let path = format!("/api/v1/explain/{ns}/{name}");
+            let e = source()?.get_json(&path)?;
             match output {
                 Output::Json => pretty(&e)?,
-                Output::Table => explain::render(&e),
+                Output::Table => explain::render(&decode(e, &path)?),
             }
         }
         Cmd::Capture { file } => {
@@ -129,6 +130,11 @@ fn main() -> Result<()> {
     };
     std::io::stdout().lock().write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// The scheduler's answer as its schema ([`tessera_api::views`]).
+fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &str) -> Result<T> {
+    serde_json::from_value(v).with_context(|| format!("{path}: the answer is not the scheduler's schema"))
 }
 
 fn pretty(v: &serde_json::Value) -> Result<String> {

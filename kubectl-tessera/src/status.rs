@@ -1,52 +1,34 @@
 //! `kubectl tessera status`: nodes → GPUs → slices, and what holds each, from `/api/v1/cluster`.
 
-use serde_json::Value;
+use tessera_api::views::{ClusterView, GpuView};
+use tessera_core::GpuMode;
+use tessera_core::metrics::Packing;
 
 use crate::table;
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
-}
-
-fn holders(gpu: &Value) -> String {
-    let h: Vec<&str> = list(gpu, "holders").iter().filter_map(Value::as_str).collect();
-    if h.is_empty() { "free".to_owned() } else { h.join(",") }
+fn holders(gpu: &GpuView) -> String {
+    if gpu.holders.is_empty() { "free".to_owned() } else { gpu.holders.join(",") }
 }
 
 /// The status report for a cluster view; `node` keeps only that node.
-pub fn render(view: &Value, node: Option<&str>) -> String {
+pub fn render(view: &ClusterView, node: Option<&str>) -> String {
     let mut out = String::new();
-    let leader = match view.get("leader").and_then(Value::as_bool) {
+    let leader = match view.leader {
         Some(true) => "yes",
         Some(false) => "no (this replica does not bind; its view may lag)",
         None => "unknown",
     };
     out.push_str(&format!(
         "mode {}  policy {}  generation {}  leader {}\n\n",
-        s(view, "mode"),
-        s(view, "policy"),
-        n(view, "generation"),
-        leader
+        view.mode, view.policy, view.generation, leader
     ));
     let mut rows = Vec::new();
-    let nodes: Vec<&Value> =
-        list(view, "nodes").iter().filter(|v| node.is_none_or(|want| s(v, "name") == want)).collect();
+    let nodes: Vec<_> = view.nodes.iter().filter(|v| node.is_none_or(|want| v.name == want)).collect();
     for nd in &nodes {
-        let name = s(nd, "name").to_owned();
-        let pool = s(nd, "pool").to_owned();
-        let gpus = list(nd, "gpus");
-        if gpus.is_empty() {
+        if nd.gpus.is_empty() {
             rows.push(vec![
-                name.clone(),
-                pool.clone(),
+                nd.name.clone(),
+                nd.pool.clone(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -54,34 +36,38 @@ pub fn render(view: &Value, node: Option<&str>) -> String {
                 "".into(),
             ]);
         }
-        for g in gpus {
+        for g in &nd.gpus {
+            let mode = match g.mode {
+                GpuMode::Full => "full",
+                GpuMode::Shared => "shared",
+                GpuMode::Mig => "mig",
+            };
             let mut row = |slice: String, holder: String| {
-                let health = if g.get("healthy").and_then(Value::as_bool) == Some(false) { " (unhealthy)" } else { "" };
+                let health = if g.healthy { "" } else { " (unhealthy)" };
                 rows.push(vec![
-                    name.clone(),
-                    pool.clone(),
-                    n(g, "index").to_string(),
-                    format!("{}{health}", s(g, "model")),
-                    s(g, "mode").to_owned(),
+                    nd.name.clone(),
+                    nd.pool.clone(),
+                    g.index.to_string(),
+                    format!("{}{health}", g.model),
+                    mode.to_owned(),
                     slice,
                     holder,
                 ]);
             };
-            match s(g, "mode") {
-                "mig" => {
-                    let instances = list(g, "mig");
-                    for m in instances {
-                        let holder = m.get("holder").and_then(Value::as_str).unwrap_or("free").to_owned();
-                        row(format!("{}@{}", s(m, "profile"), n(m, "start")), holder);
+            match g.mode {
+                GpuMode::Mig => {
+                    for m in &g.mig {
+                        let holder = m.holder.clone().unwrap_or_else(|| "free".to_owned());
+                        row(format!("{}@{}", m.profile, m.start), holder);
                     }
-                    match g.get("largestPlaceable").and_then(Value::as_str) {
+                    match &g.largest_placeable {
                         Some(p) => row("(free slices)".into(), format!("room for up to {p}")),
-                        None if instances.is_empty() => row("(no instances)".into(), "".into()),
+                        None if g.mig.is_empty() => row("(no instances)".into(), "".into()),
                         None => {}
                     }
                 }
-                "shared" => row(format!("shared {}/1000m", n(g, "allocatedMilli")), holders(g)),
-                _ => row("whole".into(), holders(g)),
+                GpuMode::Shared => row(format!("shared {}/1000m", g.allocated_milli), holders(g)),
+                GpuMode::Full => row("whole".into(), holders(g)),
             }
         }
     }
@@ -99,28 +85,23 @@ pub fn render(view: &Value, node: Option<&str>) -> String {
     out
 }
 
-fn packing(view: &Value) -> String {
+fn packing(view: &ClusterView) -> String {
     let mut rows = Vec::new();
-    let mut push = |name: &str, p: &Value| {
+    let mut push = |name: &str, p: &Packing| {
         rows.push(vec![
             name.to_owned(),
-            n(p, "nodes").to_string(),
-            n(p, "gpus").to_string(),
-            format!("{:.1}%", p.get("allocation_ratio").and_then(Value::as_f64).unwrap_or(0.0) * 100.0),
-            n(p, "stranded_slices").to_string(),
-            format!("{:.0}", p.get("fragmentation_milli").and_then(Value::as_f64).unwrap_or(0.0)),
-            n(p, "reconfigs").to_string(),
+            p.nodes.to_string(),
+            p.gpus.to_string(),
+            format!("{:.1}%", p.allocation_ratio * 100.0),
+            p.stranded_slices.to_string(),
+            format!("{:.0}", p.fragmentation_milli),
+            p.reconfigs.to_string(),
         ]);
     };
-    let packing = view.get("packing").cloned().unwrap_or(Value::Null);
-    if let Some(pools) = packing.get("pools").and_then(Value::as_object) {
-        for (name, p) in pools {
-            push(name, p);
-        }
+    for (name, p) in &view.packing.pools {
+        push(name, p);
     }
-    if let Some(c) = packing.get("cluster") {
-        push("(cluster)", c);
-    }
+    push("(cluster)", &view.packing.cluster);
     table::render(
         &["POOL", "NODES", "GPUS", "ALLOCATED", "STRANDED SLICES", "FRAGMENTATION (mGPU)", "MIG RECONFIGS"],
         &rows,

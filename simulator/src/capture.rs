@@ -17,10 +17,11 @@ use serde_json::Value;
 use tessera_api::gpunode::GpuNode;
 use tessera_api::pod as podparse;
 use tessera_api::podgroup::{PodGroup, PodGroupSpec};
+use tessera_api::views::ClusterView;
 use tessera_api::{Assignment, annotations};
 use tessera_core::mig::MigProduct;
 use tessera_core::topology::Topology;
-use tessera_core::{Allocation, Demand, Gpu, GpuMode, MigOp, Node, NodeName, Snapshot};
+use tessera_core::{Demand, Gpu, MigOp, Node, NodeName, Snapshot};
 
 /// Format marker of `kubectl tessera capture` documents, and the version read here.
 pub const CAPTURE_KIND: &str = "TesseraCapture";
@@ -365,70 +366,13 @@ pub fn from_objects(objects: &[Item]) -> Result<Cluster> {
     })
 }
 
-/// `GET /api/v1/cluster`, as far as the simulator needs it.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct View {
-    nodes: Vec<NodeView>,
-    allocations: Vec<AllocationView>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NodeView {
-    name: String,
-    #[serde(default = "yes")]
-    schedulable: bool,
-    cpu_milli: u64,
-    memory_mib: u64,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    gpus: Vec<GpuView>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GpuView {
-    index: u32,
-    #[serde(default)]
-    uuid: String,
-    model: String,
-    memory_mib: u64,
-    #[serde(default)]
-    numa: Option<u32>,
-    #[serde(default = "yes")]
-    healthy: bool,
-    mode: String,
-    #[serde(default)]
-    mig: Vec<MigView>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MigView {
-    profile: String,
-    start: u8,
-    #[serde(default)]
-    uuid: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AllocationView {
-    #[serde(flatten)]
-    allocation: Allocation,
-}
-
 /// A cluster from the scheduler's own dump: its nodes, MIG layouts and allocations (bound,
 /// assumed and reserved alike hold their devices).
 ///
 /// The dump carries no interconnect, so GPUs are unconnected here: multi-GPU pods fit where
 /// they would, but which GPUs of a node they get ignores NVLink.
 fn from_view(doc: Value, what: &str) -> Result<Cluster> {
-    let view: View =
+    let view: ClusterView =
         serde_json::from_value(doc).with_context(|| format!("{what}: not a valid scheduler dump (/api/v1/cluster)"))?;
     if view.nodes.is_empty() {
         bail!("{what}: the dump holds no nodes");
@@ -440,13 +384,7 @@ fn from_view(doc: Value, what: &str) -> Result<Cluster> {
         let mut gpus = Vec::new();
         let mut ops = Vec::new();
         for gv in &nv.gpus {
-            let mode = match gv.mode.as_str() {
-                "full" => GpuMode::Full,
-                "shared" => GpuMode::Shared,
-                "mig" => GpuMode::Mig,
-                other => return Err(at(format!("GPU {}: mode {other:?}; expected full, shared or mig", gv.index))),
-            };
-            let mut g = Gpu::new(gv.index, &gv.model, gv.memory_mib, mode);
+            let mut g = Gpu::new(gv.index, &gv.model, gv.memory_mib, gv.mode);
             g.uuid = gv.uuid.clone();
             g.numa = gv.numa;
             g.healthy = gv.healthy;

@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use tessera_api::AssignedDevice;
+use tessera_api::{AssignedDevice, Assignment};
 use tessera_core::policy::{Context, Policy, Workload};
-use tessera_core::{Demand, Gpu, GpuMode, Grant, MigOp, NodeName, Placement, Rejection, Snapshot};
+use tessera_core::{Demand, Gpu, GpuMode, MigOp, NodeName, Placement, Rejection, Snapshot};
 
 use crate::capture::Cluster;
 pub use crate::driver::Unit;
@@ -61,36 +61,17 @@ impl Outcome {
         mig_uuids: &HashMap<(NodeName, u32, u8), String>,
         created: &HashSet<(NodeName, u32, u8)>,
     ) -> Self {
-        let node = snap.node(&p.node);
-        let gpu = |i: u32| node.and_then(|n| n.gpu(i));
-        let profile = |i: u32, class| gpu(i).and_then(Gpu::mig_product).and_then(|m| m.geometry().profile(class));
-        let devices = p
-            .grants
-            .iter()
-            .map(|g| {
-                let mut dev = AssignedDevice {
-                    gpu: gpu(g.gpu()).map(|x| x.uuid.clone()).unwrap_or_default(),
-                    index: g.gpu(),
-                    profile: None,
-                    start: None,
-                    mig: None,
-                    share: None,
-                };
-                match *g {
-                    Grant::Whole { .. } => {}
-                    Grant::Share { milli, .. } => dev.share = Some(milli),
-                    Grant::Mig { gpu, class, start } => {
-                        dev.profile = profile(gpu, class).map(|x| x.name.to_owned());
-                        dev.start = Some(start);
-                        let at = (p.node.clone(), gpu, start);
-                        if !created.contains(&at) {
-                            dev.mig = mig_uuids.get(&at).cloned();
-                        }
-                    }
-                }
-                dev
-            })
-            .collect();
+        let profile = |i: u32, class| {
+            snap.node(&p.node)
+                .and_then(|n| n.gpu(i))
+                .and_then(Gpu::mig_product)
+                .and_then(|m| m.geometry().profile(class))
+        };
+        let devices = Assignment::of(snap, p, |gpu, start| {
+            let at = (p.node.clone(), gpu, start);
+            if created.contains(&at) { None } else { mig_uuids.get(&at).cloned() }
+        })
+        .devices;
         let mig_changes = p
             .ops
             .iter()

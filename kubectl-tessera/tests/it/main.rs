@@ -205,7 +205,49 @@ fn capture_fails_when_kubectl_cannot_list_nodes() {
 
 #[test]
 fn status_of_a_recorded_demo_cluster_shows_every_gpu_and_every_held_slice() {
-    let recorded = fixture("cluster-demo.json");
+    status_shows_every_gpu_and_every_held_slice(fixture("cluster-demo.json"));
+}
+
+/// The scheduler's golden answers, written by its own test from the demo cluster.
+fn golden(name: &str) -> String {
+    let path = format!("{}/../scheduler/api/fixtures/views/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn status_of_the_schedulers_golden_answer_shows_every_gpu_and_every_held_slice() {
+    status_shows_every_gpu_and_every_held_slice(golden("cluster.json"));
+}
+
+#[test]
+fn explain_of_the_schedulers_golden_answer_shows_the_reservation_and_every_verdict() {
+    let recorded = golden("explain.json");
+    let e: Value = serde_json::from_str(&recorded).unwrap();
+    // The gang member the scheduler's golden test explains.
+    assert_eq!(e["pod"], "ocr/ocr-detect-0");
+    let server = Server::start(vec![("/api/v1/explain/ocr/ocr-detect-0", Reply::ok(recorded))]);
+    let out = run(&["explain", "ocr/ocr-detect-0", "--server", &server.url()]).success();
+    let node = e["allocation"]["node"].as_str().unwrap();
+    assert!(out.contains(&format!("Reserved (gang plan, waiting for every member) on node {node}: ")), "{out}");
+    let nodes = e["nodes"].as_array().unwrap();
+    let count = |r: &str| nodes.iter().filter(|n| n["result"] == r).count();
+    assert!(
+        out.contains(&format!(
+            "{} of {} node(s) fit; {} cannot host it now (capacity may free up), {} never can.",
+            count("fits"),
+            nodes.len(),
+            count("unschedulable"),
+            count("unresolvable")
+        )),
+        "{out}"
+    );
+    for n in nodes {
+        let name = n["node"].as_str().unwrap();
+        assert!(out.lines().any(|l| l.starts_with(name) && l.contains(n["result"].as_str().unwrap())), "{out}");
+    }
+}
+
+fn status_shows_every_gpu_and_every_held_slice(recorded: String) {
     let view: Value = serde_json::from_str(&recorded).unwrap();
     let server = Server::start(vec![("/api/v1/cluster", Reply::ok(recorded))]);
     let out = run(&["status", "--server", &server.url()]).success();

@@ -4,12 +4,14 @@
 //!   `spec` is written by the scheduler (desired GPU modes and MIG instances), `status` by the
 //!   node agent (what the node really has).
 //! - [`annotations`]: annotation keys tessera reads and writes.
-//! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding.
+//! - [`assignment`]: the `tessera.dev/assignment` JSON written on a pod through its Binding, and
+//!   the devices a core [`tessera_core::Placement`] names in it.
 //! - [`kube_error`]: Kubernetes API errors rendered as one sentence (no debug dumps).
 //! - [`pod`]: Pod → [`tessera_core::Demand`], with errors that name the annotation and value.
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
 //! - [`signing`]: HMAC signatures over assignments, checked by the node agent and the rebuild.
 //! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
+//! - [`views`]: the scheduler's read-only JSON API (`/api/v1/cluster`, `pending`, `explain`).
 
 pub mod annotations;
 pub mod assignment;
@@ -19,6 +21,7 @@ pub mod pod;
 pub mod podgroup;
 pub mod signing;
 pub mod snapshot;
+pub mod views;
 
 pub use assignment::{AssignedDevice, Assignment};
 pub use gpunode::{GpuNode, GpuNodeSpec, GpuNodeStatus};

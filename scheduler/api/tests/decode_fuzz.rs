@@ -204,10 +204,10 @@ proptest! {
 
     #[test]
     fn any_json_is_read_as_a_pod_or_refused(v in json()) {
-        if let Ok(p) = serde_json::from_value::<Pod>(v) {
-            if let Err(e) = pod::demand(&p, None) {
-                prop_assert!(!e.to_string().is_empty());
-            }
+        if let Ok(p) = serde_json::from_value::<Pod>(v)
+            && let Err(e) = pod::demand(&p, None)
+        {
+            prop_assert!(!e.to_string().is_empty());
         }
     }
 }

@@ -15,11 +15,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
+use tessera_api::Assignment;
 use tessera_api::annotations;
 use tessera_api::gpunode::{GpuSpec, MigInstanceSpec, Mode};
 use tessera_api::pod::{self as podparse, PodError};
 use tessera_api::podgroup::PodGroupSpec;
-use tessera_api::{AssignedDevice, Assignment};
+use tessera_api::views::{
+    AllocationState, AllocationView, ClusterView, Explanation, GpuView, MigView, NodeReason, NodeResult, NodeView,
+    PackingView, PendingState, PendingView,
+};
 use tessera_core::gang::{self, GangPlan};
 use tessera_core::metrics::{Packing, packing};
 use tessera_core::policy::{self, NodeVerdict, Workload};
@@ -525,11 +529,11 @@ const RECENT_DEMANDS: usize = 512;
 /// verdict per offered node, so this bounds memory on large clusters.
 const SEEN_PODS: usize = 256;
 
-fn verdict_kind(v: &NodeVerdict) -> &'static str {
+fn verdict_kind(v: &NodeVerdict) -> NodeResult {
     match &v.outcome {
-        Ok(_) => "fits",
-        Err(r) if r.is_unresolvable() => "unresolvable",
-        Err(_) => "unschedulable",
+        Ok(_) => NodeResult::Fits,
+        Err(r) if r.is_unresolvable() => NodeResult::Unresolvable,
+        Err(_) => NodeResult::Unschedulable,
     }
 }
 
@@ -1472,33 +1476,10 @@ impl Scheduler {
             }
         }
         let gpus = changed.iter().filter_map(|&i| n.gpu(i)).map(gpu_spec).collect();
-        let devices = placement
-            .grants
-            .iter()
-            .map(|g| {
-                let gpu = n.gpu(g.gpu());
-                let uuid = gpu.map(|x| x.uuid.clone()).unwrap_or_default();
-                let (profile, start, share) = match *g {
-                    Grant::Whole { .. } => (None, None, None),
-                    Grant::Share { milli, .. } => (None, None, Some(milli)),
-                    Grant::Mig { class, start, .. } => (
-                        gpu.and_then(|x| x.mig_product())
-                            .and_then(|p| p.geometry().profile(class))
-                            .map(|p| p.name.to_owned()),
-                        Some(start),
-                        None,
-                    ),
-                };
-                let mig = start.and_then(|s| inner.mig_uuids.get(&(node.clone(), g.gpu(), s)).cloned());
-                AssignedDevice { gpu: uuid, index: g.gpu(), profile, start, mig, share }
-            })
-            .collect();
-        Ok(Prepared {
-            gpus,
-            wanted,
-            assignment: Assignment { node: node.0.clone(), devices },
-            ops: placement.ops.len(),
-        })
+        let assignment = Assignment::of(&inner.snap, &placement, |gpu, start| {
+            inner.mig_uuids.get(&(node.clone(), gpu, start)).cloned()
+        });
+        Ok(Prepared { gpus, wanted, assignment, ops: placement.ops.len() })
     }
 
     /// The lock that orders `GpuNode.spec` writes to one node.
@@ -1951,11 +1932,11 @@ impl Scheduler {
                                 memory_mib: g.memory_mib,
                                 numa: g.numa,
                                 healthy: g.healthy,
-                                mode: mode_name(g.mode()),
+                                mode: g.mode(),
                                 allocated_milli: g.allocated_milli(),
                                 free_milli: view.free(),
                                 holders: h.get(&(g.index, None)).cloned().unwrap_or_default(),
-                                largest_placeable: view.largest_placeable().map(|p| p.name),
+                                largest_placeable: view.largest_placeable().map(|p| p.name.to_owned()),
                                 memory_slices: g.mig_product().map(|p| p.geometry().memory_slices),
                                 compute_slices: g.mig_product().map(|p| p.geometry().compute_slices),
                                 mig: g
@@ -1966,7 +1947,7 @@ impl Scheduler {
                                             .map(|i| {
                                                 let p = l.geometry().profile(i.class);
                                                 MigView {
-                                                    profile: p.map_or("?", |p| p.name),
+                                                    profile: p.map_or("?", |p| p.name).to_owned(),
                                                     start: i.start,
                                                     memory_slices: p.map_or(0, |p| p.memory_slices),
                                                     compute_slices: p.map_or(0, |p| p.compute_slices),
@@ -1993,20 +1974,20 @@ impl Scheduler {
             .values()
             .map(|a| AllocationView {
                 state: if a.reserved_until_ms.is_some() {
-                    "reserved"
+                    AllocationState::Reserved
                 } else if inner.assumed.contains_key(&a.pod) {
-                    "assumed"
+                    AllocationState::Assumed
                 } else {
-                    "bound"
+                    AllocationState::Bound
                 },
                 allocation: a.clone(),
             })
             .collect();
         ClusterView {
-            mode: self.settings.mode,
-            policy: self.policy.name(),
+            mode: self.settings.mode.to_owned(),
+            policy: self.policy.name().to_owned(),
             generation: inner.generation,
-            leader: self.is_leader(),
+            leader: Some(self.is_leader()),
             nodes,
             allocations,
             packing: PackingView { cluster: all, pools },
@@ -2169,14 +2150,6 @@ struct Prepared {
     ops: usize,
 }
 
-fn mode_name(m: GpuMode) -> &'static str {
-    match m {
-        GpuMode::Full => "full",
-        GpuMode::Shared => "shared",
-        GpuMode::Mig => "mig",
-    }
-}
-
 /// The desired `GpuNode.spec` entry of a GPU as the snapshot has it.
 pub fn gpu_spec(g: &tessera_core::Gpu) -> GpuSpec {
     match g.mig_layout() {
@@ -2197,136 +2170,6 @@ pub fn gpu_spec(g: &tessera_core::Gpu) -> GpuSpec {
     }
 }
 
-/// `GET /api/v1/cluster`.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterView {
-    pub mode: &'static str,
-    pub policy: &'static str,
-    pub generation: u64,
-    pub leader: bool,
-    pub nodes: Vec<NodeView>,
-    pub allocations: Vec<AllocationView>,
-    pub packing: PackingView,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeView {
-    pub name: String,
-    pub pool: String,
-    pub schedulable: bool,
-    pub cpu_milli: u64,
-    pub used_cpu_milli: u64,
-    pub memory_mib: u64,
-    pub used_memory_mib: u64,
-    pub labels: BTreeMap<String, String>,
-    pub pods: Vec<String>,
-    pub gpus: Vec<GpuView>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GpuView {
-    pub index: u32,
-    pub uuid: String,
-    pub model: String,
-    pub memory_mib: u64,
-    pub numa: Option<u32>,
-    pub healthy: bool,
-    /// `full`, `shared` or `mig`.
-    pub mode: &'static str,
-    /// Allocated milli-GPU (MIG instances by compute slices).
-    pub allocated_milli: u32,
-    pub free_milli: u32,
-    /// Pods holding the GPU whole or a share of it.
-    pub holders: Vec<String>,
-    /// Largest MIG profile that could still be created (MIG-capable GPUs).
-    pub largest_placeable: Option<&'static str>,
-    /// Memory and compute slices of the GPU's MIG geometry (MIG-capable GPUs): where
-    /// instances start and how wide they are is counted in memory slices.
-    pub memory_slices: Option<u8>,
-    pub compute_slices: Option<u8>,
-    pub mig: Vec<MigView>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigView {
-    pub profile: &'static str,
-    pub start: u8,
-    pub memory_slices: u8,
-    pub compute_slices: u8,
-    pub uuid: Option<String>,
-    pub holder: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AllocationView {
-    /// `bound`, `assumed` (bound by this replica, not yet seen by the informer) or `reserved`
-    /// (devices held while the bind is in progress).
-    pub state: &'static str,
-    #[serde(flatten)]
-    pub allocation: Allocation,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PackingView {
-    pub cluster: Packing,
-    pub pools: BTreeMap<String, Packing>,
-}
-
-/// `GET /api/v1/explain/{ns}/{pod}`.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Explanation {
-    pub pod: String,
-    pub uid: String,
-    pub demand: Option<Demand>,
-    /// Why the pod's demand could not be read.
-    pub error: Option<String>,
-    pub filtered_at_ms: Option<u64>,
-    /// The cluster changed since that filter.
-    pub stale: bool,
-    pub nodes: Vec<NodeReason>,
-    pub allocation: Option<Allocation>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeReason {
-    pub node: String,
-    /// `fits`, `unschedulable` or `unresolvable`.
-    pub result: &'static str,
-    pub reason: Option<String>,
-    pub score: Option<f64>,
-}
-
-// ---- pending pods (the dashboard's list) ---------------------------------------------------
-
-/// `GET /api/v1/pending`: one pod this replica filtered that is not running yet.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PendingView {
-    pub pod: String,
-    /// `pending` (holds nothing) or `reserved` (holds its gang's reservation until every member
-    /// reaches bind).
-    pub state: &'static str,
-    pub gang: Option<String>,
-    /// The demand in words, or why the pod's demand could not be read.
-    pub demand: String,
-    pub filtered_at_ms: u64,
-    /// The cluster changed since that filter.
-    pub stale: bool,
-    /// Offered nodes that fit, of all offered.
-    pub fits: usize,
-    pub nodes: usize,
-    /// The reason most offered nodes gave (the gang's bottleneck for a gang member).
-    pub reason: Option<String>,
-}
-
 impl Scheduler {
     /// Pods filtered by this replica that hold no devices or only a gang reservation, sorted by
     /// name. Pods the cluster reports bound, finished or gone are left out.
@@ -2339,8 +2182,8 @@ impl Scheduler {
                 .iter()
                 .filter_map(|(key, seen)| {
                     let state = match inner.snap.allocation(key) {
-                        None => "pending",
-                        Some(a) if a.reserved_until_ms.is_some() => "reserved",
+                        None => PendingState::Pending,
+                        Some(a) if a.reserved_until_ms.is_some() => PendingState::Reserved,
                         Some(_) => return None,
                     };
                     // Counted without the `node NAME: ` prefix, so one cause on many nodes adds up.

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use tessera_core::mig::ProfileClass;
-use tessera_core::{PodKey, policy};
+use tessera_core::{Grant, PodKey, policy};
 
 use super::*;
 use crate::capture;
@@ -363,4 +363,31 @@ fn unknown_template_nodes_and_zero_replicas_are_errors() {
     quiet.gpu_memory_mib = Some(81920);
     assert!(Template::Type(quiet).check(&c.snap).unwrap().is_empty());
     assert!(load_pods(&[fixture("extra.yaml")], &c, 0, false).is_err());
+}
+
+/// The scheduler's golden `/api/v1/cluster` answer (written by the extender's own test) reads as
+/// a dump: every node, GPU, MIG instance UUID and allocation it shows.
+#[test]
+fn the_scheduler_golden_answer_loads_with_everything_it_shows() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scheduler/api/fixtures/views/cluster.json");
+    let view: tessera_api::views::ClusterView = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let c = capture::load(&[&path]).unwrap();
+    assert_eq!(c.kind, "scheduler");
+    assert_eq!(c.snap.nodes().len(), view.nodes.len());
+    let gpus = |n: &tessera_api::views::NodeView| n.gpus.len();
+    assert_eq!(c.snap.nodes().iter().map(|n| n.gpus.len()).sum::<usize>(), view.nodes.iter().map(gpus).sum::<usize>());
+    assert_eq!(c.snap.allocations().len(), view.allocations.len());
+    for a in &view.allocations {
+        assert_eq!(c.snap.allocation(&a.allocation.pod), Some(&a.allocation));
+    }
+    let uuids = view.nodes.iter().flat_map(|n| &n.gpus).flat_map(|g| &g.mig).filter(|m| m.uuid.is_some()).count();
+    assert_eq!(c.mig_uuids.len(), uuids);
+    for n in &view.nodes {
+        let node = c.snap.node(&NodeName(n.name.clone())).unwrap();
+        for g in &n.gpus {
+            let instances = node.gpu(g.index).and_then(|x| x.mig_layout()).map_or(0, |l| l.instances().len());
+            assert_eq!(instances, g.mig.len(), "{} GPU {}", n.name, g.index);
+        }
+    }
+    c.snap.audit().unwrap();
 }

@@ -587,7 +587,12 @@ async fn a_dropped_plan_leaves_no_phantom_mig_instances_in_the_view() {
     c.sched.pod_deleted(&pod_object(&member("e1")));
     let view = c.sched.cluster_view();
     for g in &view.nodes[0].gpus {
-        assert_eq!((g.mode, g.mig.len()), ("full", 0), "GPU {} shows what its GpuNode reports", g.index);
+        assert_eq!(
+            (g.mode, g.mig.len()),
+            (tessera_core::GpuMode::Full, 0),
+            "GPU {} shows what its GpuNode reports",
+            g.index
+        );
     }
 }
 

@@ -15,4 +15,5 @@ mod loopback;
 mod reservations;
 mod signing;
 mod tls;
+mod views;
 mod wire;
