@@ -478,9 +478,14 @@ impl Inner {
 
 /// Whether `new` has a healthy GPU that `old` did not (a node or GPU added, a GPU healthy again).
 fn gains_gpus(old: &Snapshot, new: &Snapshot) -> bool {
+    // The same GPU is one with the same index, UUID, product and memory: a node first seen
+    // through GPU Feature Discovery labels (no UUIDs, often no memory) and then through its
+    // agent's GpuNode gains GPUs it can now place on.
     new.nodes().iter().any(|n| {
         n.gpus.iter().filter(|g| g.healthy).any(|g| {
-            !old.node(&n.name).and_then(|o| o.gpus.iter().find(|og| og.index == g.index)).is_some_and(|og| og.healthy)
+            !old.node(&n.name).and_then(|o| o.gpus.iter().find(|og| og.index == g.index)).is_some_and(|og| {
+                og.healthy && og.uuid == g.uuid && og.model == g.model && og.memory_mib >= g.memory_mib
+            })
         })
     })
 }

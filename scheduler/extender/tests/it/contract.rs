@@ -536,6 +536,32 @@ async fn a_node_gaining_gpus_nudges_the_pods_refused_before() {
 }
 
 #[tokio::test]
+async fn a_node_seen_through_gfd_labels_first_nudges_when_its_agent_reports() {
+    // Before its GpuNode exists a node's GPUs come from GPU Feature Discovery labels: no UUIDs,
+    // often no memory. A model-sized pod refused then must retry once the agent reports.
+    let mut labelled = Snapshot::default();
+    let gfd = (0..2).map(|i| tessera_core::Gpu::new(i, "unknown", 0, tessera_core::GpuMode::Full)).collect();
+    labelled.add_node(Node::new("n1", 64_000, 512 * 1024, gfd)).unwrap();
+    let c = start(labelled.clone(), Settings { mode: "live", persist_reservations: true, ..Settings::default() }).await;
+    c.sched.replace_base(labelled.clone(), Default::default(), Default::default());
+    let waiting = pending("embed", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-memory": "4Gi"}), 0);
+    assert!(passed(&post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await).is_empty());
+    let nudged = |c: &Cluster| -> Vec<PodKey> {
+        c.binder.annotated().into_iter().filter(|(_, k, _)| k == "tessera.dev/requeue").map(|(p, _, _)| p).collect()
+    };
+    c.sched.replace_base(labelled, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert!(nudged(&c).is_empty(), "the same labels again change nothing");
+    let mut reported = Snapshot::default();
+    reported.add_node(Node::test("n1").with_gpus(2, "H100-80GB")).unwrap();
+    c.sched.replace_base(reported, Default::default(), Default::default());
+    c.sched.write_reservations().await;
+    assert_eq!(nudged(&c), [PodKey::from("ml/embed")]);
+    let v = post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await;
+    assert_eq!(passed(&v), ["n1"], "{v}");
+}
+
+#[tokio::test]
 async fn deleting_a_planned_gang_member_releases_the_gang_at_once_and_writes_nothing_to_it() {
     let mut snap = Snapshot::default();
     for n in ["n1", "n2"] {
