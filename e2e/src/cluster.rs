@@ -411,17 +411,14 @@ impl Cluster {
         ];
         args.extend(self.opts.tessera_args.iter().cloned());
         let name = Self::tessera_name(i);
-        let p = Proc::spawn(
-            &name,
-            &self.bins.tessera_scheduler,
-            &args,
-            &[
-                ("KUBECONFIG", self.scheduler_kubeconfig.display().to_string()),
-                ("RUST_LOG", rust_log()),
-                ("NO_COLOR", "1".into()),
-            ],
-            &self.dir.join(format!("{name}.log")),
-        )?;
+        self.spawn_tessera_bin(&name, &self.bins.tessera_scheduler, &args, &self.scheduler_kubeconfig)
+    }
+
+    /// Starts one of this workspace's binaries as `name`, with `kubeconfig`, logging to `name.log`.
+    fn spawn_tessera_bin(&self, name: &str, bin: &Path, args: &[String], kubeconfig: &Path) -> Result<()> {
+        let env =
+            [("KUBECONFIG", kubeconfig.display().to_string()), ("RUST_LOG", rust_log()), ("NO_COLOR", "1".into())];
+        let p = Proc::spawn(name, bin, args, &env, &self.dir.join(format!("{name}.log")))?;
         self.spawn(p);
         Ok(())
     }
@@ -514,19 +511,7 @@ impl Cluster {
             format!("--metrics-addr=127.0.0.1:{}", free_port()?),
             "--resync-secs=2".into(),
         ];
-        let p = Proc::spawn(
-            &name,
-            &self.bins.mig_manager,
-            &args,
-            &[
-                ("KUBECONFIG", self.agent_kubeconfig.display().to_string()),
-                ("RUST_LOG", rust_log()),
-                ("NO_COLOR", "1".into()),
-            ],
-            &self.dir.join(format!("{name}.log")),
-        )?;
-        self.spawn(p);
-        Ok(())
+        self.spawn_tessera_bin(&name, &self.bins.mig_manager, &args, &self.agent_kubeconfig)
     }
 
     /// Waits for the scheduler to generate the signing key into the Secret, then writes it to

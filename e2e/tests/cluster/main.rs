@@ -13,6 +13,8 @@ use anyhow::Result;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tessera_e2e::Bins;
 
+#[path = "../common/mod.rs"]
+mod common;
 mod examples;
 mod scenarios;
 
@@ -80,7 +82,6 @@ fn main() {
 
     // Listing needs no binaries (and must not build them).
     let located = if args.list { Err(String::new()) } else { Bins::locate() };
-    let ci = std::env::var("CI").as_deref() == Ok("true");
     let trials: Vec<Trial> = match located {
         Ok(bins) => tests
             .into_iter()
@@ -94,26 +95,7 @@ fn main() {
             let _ = why;
             tests.into_iter().map(|(name, _)| Trial::test(name, || Ok(()))).collect()
         }
-        Err(why) if ci => {
-            eprintln!("tessera-e2e: {why}");
-            tests
-                .into_iter()
-                .map(|(name, _)| {
-                    let why = why.clone();
-                    Trial::test(name, move || Err(Failed::from(format!("under CI=true the suite needs: {why}"))))
-                })
-                .collect()
-        }
-        Err(why) => {
-            println!("tessera-e2e: every test ignored: {why}");
-            tests
-                .into_iter()
-                .map(|(name, _)| {
-                    let why = why.clone();
-                    Trial::test(name, move || Err(Failed::from(why.clone()))).with_ignored_flag(true)
-                })
-                .collect()
-        }
+        Err(why) => common::unavailable("tessera-e2e", tests.into_iter().map(|(name, _)| name), &why),
     };
     libtest_mimic::run(&args, trials).exit();
 }
