@@ -556,8 +556,8 @@ impl Cluster {
         .await
     }
 
-    /// Waits until replica `i`'s state (`/api/v1/cluster`) has every node with its GPUs: /readyz
-    /// only says the first lists are in, which may predate the agents' GpuNodes.
+    /// Waits until replica `i`'s state (`/api/v1/cluster`) has every node with the GPUs its agent
+    /// reported: /readyz only says the first lists are in, which may predate the agents' GpuNodes.
     pub async fn wait_tessera_sees_gpus(&self, i: usize) -> Result<()> {
         let port = self.replicas[i].read_port;
         let want: Vec<String> = self.opts.nodes.iter().filter(|n| !n.late_agent).map(|n| n.name.clone()).collect();
@@ -571,7 +571,13 @@ impl Cluster {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|n| n["gpus"].as_array().is_some_and(|g| !g.is_empty()))
+                // GPUs with UUIDs come from the agent's GpuNode; without, only from a node's
+                // GPU Feature Discovery labels, which the agent's report then replaces.
+                .filter(|n| {
+                    n["gpus"].as_array().is_some_and(|g| {
+                        !g.is_empty() && g.iter().all(|g| g["uuid"].as_str().is_some_and(|u| !u.is_empty()))
+                    })
+                })
                 .filter_map(|n| n["name"].as_str().map(str::to_owned))
                 .collect();
             if want.iter().all(|w| seen.contains(w)) { Ok(Some(())) } else { bail!("nodes with GPUs: {seen:?}") }
