@@ -57,7 +57,7 @@ fi
 wait_for() {
   for _ in $(seq 1 60); do
     kill -0 "$3" 2>/dev/null || { echo "check-dashboards: the process serving $1 exited" >&2; return 1; }
-    curl -fsS "$1" 2>/dev/null | grep -q "^$2[{ ]" && return 0
+    curl -fsS "$1" 2>/dev/null | grep "^$2[{ ]" >/dev/null && return 0
     sleep 0.5
   done
   echo "check-dashboards: $1 never showed $2" >&2
@@ -69,7 +69,7 @@ wait_for() {
 # Allocate call over its unix socket with no matching pod (allocations{result="no_assignment"}),
 # then an unreadable spec (failures).
 if in_workspace tessera-mig-manager; then
-  curl -V | grep -qw HTTP2 || { echo "check-dashboards: curl without HTTP/2 cannot call the device plugin" >&2; exit 1; }
+  curl -V | grep -w HTTP2 >/dev/null || { echo "check-dashboards: curl without HTTP/2 cannot call the device plugin" >&2; exit 1; }
   build tessera-mig-manager tessera-mig-manager
   port="$(free_port)"
   mkdir -p "$work/dp"

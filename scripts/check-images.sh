@@ -7,6 +7,8 @@
 # Needs root, containerd + ctr + runc (Debian: containerd) and skopeo; models from
 # scripts/fetch-models.sh.
 set -euo pipefail
+# Pipelines end in `grep >/dev/null`, not `grep -q`: -q exits at the first match, and the
+# writer's SIGPIPE then fails the whole pipeline under pipefail.
 cd "$(dirname "$0")/.."
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -41,9 +43,9 @@ work="$(mktemp -d /tmp/tessera-containerd.XXXXXX)"
 cleanup() {
   if [ -f "$work/pid" ]; then
     local c=(ctr --address "$work/c.sock" -n k8s.io)
-    if "${c[@]}" task ls -q 2>/dev/null | grep -qx t-runtime; then
+    if "${c[@]}" task ls -q 2>/dev/null | grep -x t-runtime >/dev/null; then
       "${c[@]}" task kill -s KILL t-runtime >/dev/null 2>&1 || true
-      for _ in $(seq 1 50); do "${c[@]}" task ls 2>/dev/null | grep -q '^t-runtime .*RUNNING' || break; sleep 0.1; done
+      for _ in $(seq 1 50); do "${c[@]}" task ls 2>/dev/null | grep "^t-runtime .*RUNNING" >/dev/null || break; sleep 0.1; done
       "${c[@]}" task delete t-runtime >/dev/null 2>&1 || true
     fi
     "${c[@]}" containers rm t-runtime >/dev/null 2>&1 || true
@@ -72,7 +74,7 @@ for _ in $(seq 1 50); do "${c[@]}" version >/dev/null 2>&1 && break; sleep 0.2; 
 for n in "${names[@]}"; do
   "${c[@]}" images import "$dir/$n.tar" >/dev/null || fail "ctr images import $n.tar failed"
   for ref in "$repo/$n:$tag" "docker.io/library/$n:dev"; do
-    "${c[@]}" images ls -q | grep -qxF "$ref" || fail "$n.tar did not import as $ref"
+    "${c[@]}" images ls -q | grep -xF "$ref" >/dev/null || fail "$n.tar did not import as $ref"
   done
   out="$("${c[@]}" run --rm --read-only "$repo/$n:$tag" "check-$n" "/usr/local/bin/$n" --version 2>&1)" ||
     fail "$n --version in its image failed: $out"
@@ -96,9 +98,9 @@ done
 [ -n "$ok" ] || fail "the runtime image did not become ready on 127.0.0.1:$port"
 curl -sf "http://127.0.0.1:$port/health/startup" >/dev/null || fail "runtime startup probe"
 curl -sf "http://127.0.0.1:$port/health/live" >/dev/null || fail "runtime liveness probe"
-curl -sf "http://127.0.0.1:$port/v2/models/embed" | grep -q '"engine":"ort"' || fail "the ORT model is not served"
+curl -sf "http://127.0.0.1:$port/v2/models/embed" | grep '"engine":"ort"' >/dev/null || fail "the ORT model is not served"
 curl -sf -X POST "http://127.0.0.1:$port/v1/embeddings" -H 'content-type: application/json' \
-  -d '{"model":"embed","input":"hello"}' | grep -q '"embedding"' || fail "no embedding from the ORT model"
+  -d '{"model":"embed","input":"hello"}' | grep '"embedding"' >/dev/null || fail "no embedding from the ORT model"
 user="$("${c[@]}" containers info t-runtime | python3 -c 'import json,sys; u=json.load(sys.stdin)["Spec"]["process"]["user"]; print(u["uid"], u["gid"])')"
 [ "$user" = "65532 65532" ] || fail "the runtime ran as uid/gid $user, not 65532"
 echo "check-images: tessera-runtime image serves (ORT + candle) as 65532, probes answer"
