@@ -185,6 +185,7 @@ pub fn demand(pod: &Pod, group: Option<&PodGroupSpec>) -> Result<Demand, PodErro
     d.priority = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
     d.gang = gang(pod, ns, ann, group)?;
     d.rules = node_rules(pod);
+    d.device_plugin = res.get(annotations::RESOURCE_GPU).and_then(|q| parse_quantity(&q.0)).is_some_and(|v| v > 0.0);
     d.validate().map_err(|e| PodError::Invalid(e.to_string()))?;
     Ok(d)
 }

@@ -67,6 +67,9 @@ pub enum Refusal {
     OtherNode { signed_for: String },
     /// Names a device another live pod holds.
     DeviceHeld { device: String, holder: String },
+    /// Names devices the node cannot give it for another reason (a GPU it lacks, in another
+    /// mode, or too small), with why.
+    DeviceUnavailable(String),
 }
 
 impl Refusal {
@@ -81,6 +84,7 @@ impl Refusal {
             Refusal::OtherPod { .. } => "Replayed",
             Refusal::OtherNode { .. } => "ForeignNode",
             Refusal::DeviceHeld { .. } => "DeviceHeld",
+            Refusal::DeviceUnavailable(_) => "DeviceUnavailable",
         }
     }
 }
@@ -105,6 +109,7 @@ impl fmt::Display for Refusal {
             Refusal::DeviceHeld { device, holder } => {
                 write!(f, "the assignment names device {device}, which live pod {holder} holds")
             }
+            Refusal::DeviceUnavailable(why) => write!(f, "the assignment's devices are not available: {why}"),
         }
     }
 }

@@ -133,6 +133,7 @@ fn node_of(
     let cpu = (quantity_of(alloc, "cpu") * 1000.0) as u64;
     let mem = (quantity_of(alloc, "memory") / (1024.0 * 1024.0)) as u64;
     let mut n = Node::new(name, cpu, mem, gpus);
+    n.device_plugin = gn.is_some_and(|g| g.status.is_some());
     n.labels = labels;
     n.schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
     n.taints = node
@@ -311,7 +312,7 @@ where
             if let Err(e) = b.snap.allocate(gpu_only) {
                 b.warnings.push(format!("pod {key}: {e}"));
                 if keys.is_some() && matches!(trust, Trust::Signed | Trust::Running) {
-                    let refusal = held_by(&b.snap, &alloc);
+                    let refusal = held_by(&b.snap, &alloc, &e);
                     let uid = pod.metadata.uid.clone().unwrap_or_default();
                     b.refused.retain(|r| r.uid != uid || uid.is_empty());
                     b.refused.push(Refused { pod: key.clone(), uid, node: node.0.clone(), refusal, counted: false });
@@ -384,17 +385,21 @@ fn trust_of(pod: &Pod, keys: Option<&Keyring>, refused: &mut Vec<Refused>) -> Tr
     }
 }
 
-/// The refusal for an allocation whose devices another pod holds.
-fn held_by(snap: &Snapshot, alloc: &Allocation) -> Refusal {
+/// The refusal for an allocation that failed with `err`: the pod holding one of its GPUs when
+/// there is one, else why the node cannot give them.
+fn held_by(snap: &Snapshot, alloc: &Allocation, err: &tessera_core::Error) -> Refusal {
     let gpus: Vec<u32> = alloc.grants.iter().map(Grant::gpu).collect();
     let holder = snap
         .allocations()
         .values()
         .filter(|a| a.node == alloc.node && a.pod != alloc.pod)
-        .find(|a| a.grants.iter().any(|g| gpus.contains(&g.gpu())))
-        .map_or_else(|| "another pod".to_owned(), |a| a.pod.to_string());
-    let device = gpus.first().map_or_else(|| "?".to_owned(), |g| format!("GPU {g} on {}", alloc.node));
-    Refusal::DeviceHeld { device, holder }
+        .find(|a| a.grants.iter().any(|g| gpus.contains(&g.gpu())));
+    match (holder, gpus.first()) {
+        (Some(h), Some(g)) => {
+            Refusal::DeviceHeld { device: format!("GPU {g} on {}", alloc.node), holder: h.pod.to_string() }
+        }
+        _ => Refusal::DeviceUnavailable(err.to_string()),
+    }
 }
 
 fn assignment_of(pod: &Pod) -> Option<Assignment> {
@@ -582,6 +587,34 @@ mod tests {
         assert!(b.refused[3].refusal.to_string().contains("ml/legit"), "{}", b.refused[3].refusal);
         // Unchecked (captures, the simulator): everything is trusted as before.
         assert!(build(&[node("a", json!({}), "3")], &[gpunode()], &pods).refused.is_empty());
+    }
+
+    #[test]
+    fn a_signed_assignment_the_node_cannot_serve_is_refused_with_the_reason_not_a_holder() {
+        // Signed for GPU 0 as a whole GPU, but the node reports GPU 0 in MIG mode and nobody
+        // holds it: the refusal says what is wrong instead of naming "another pod".
+        let ring = Keyring::parse("k1 dGVzc2VyYS1zbmFwc2hvdC10ZXN0LWtleS0zMmJ5dGVz").unwrap();
+        let a = r#"{"node":"a","devices":[{"gpu":"GPU-0","index":0}]}"#;
+        let ann = json!({annotations::ASSIGNMENT: a, annotations::ASSIGNMENT_SIGNATURE: ring.sign("u-1", "a", a)});
+        let mut p = pod("whole", "a", ann, json!({"tessera.dev/gpu": "1"}));
+        p.metadata.uid = Some("u-1".into());
+        let b = build_checked(&[node("a", json!({}), "3")], &[gpunode()], &[p], Some(&ring));
+        assert_eq!(b.refused.len(), 1, "{:?}", b.refused);
+        assert_eq!(b.refused[0].refusal.reason(), "DeviceUnavailable");
+        let text = b.refused[0].refusal.to_string();
+        assert!(text.starts_with("the assignment's devices are not available: "), "{text}");
+        assert!(!text.contains("another pod"), "{text}");
+    }
+
+    #[test]
+    fn only_nodes_whose_agent_reported_serve_the_tessera_device_plugin() {
+        let b = build(
+            &[node("a", json!({}), "3"), node("b", json!({GFD_PRODUCT: "L4"}), "2")],
+            &[gpunode()],
+            &[] as &[Pod],
+        );
+        let served = |n: &str| b.snap.node(&NodeName(n.into())).map(|n| n.device_plugin);
+        assert_eq!((served("a"), served("b")), (Some(true), Some(false)));
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub struct Node {
     /// Allocatable extended resources by NVIDIA name (`nvidia.com/gpu`, `nvidia.com/mig-*`), as
     /// kube-scheduler counts them; `None` when unknown (demo, simulator): not checked.
     pub extended: Option<BTreeMap<String, u64>>,
+    /// Whether tessera's node agent serves `tessera.dev/gpu` here (it reported the GPUs); false
+    /// for a node known only from GPU Feature Discovery labels, whose GPUs have no UUIDs.
+    pub device_plugin: bool,
     pub(crate) extended_used: BTreeMap<String, u64>,
     pub(crate) used_cpu_milli: u64,
     pub(crate) used_memory_mib: u64,
@@ -225,6 +228,7 @@ impl PartialEq for Node {
             && self.topology == o.topology
             && self.taints == o.taints
             && self.extended == o.extended
+            && self.device_plugin == o.device_plugin
             && self.extended_used == o.extended_used
             && self.used_cpu_milli == o.used_cpu_milli
             && self.used_memory_mib == o.used_memory_mib
@@ -246,6 +250,7 @@ impl Node {
             topology: Arc::new(Topology::unconnected(n)),
             taints: Vec::new(),
             extended: None,
+            device_plugin: true,
             extended_used: BTreeMap::new(),
             used_cpu_milli: 0,
             used_memory_mib: 0,

@@ -83,6 +83,10 @@ pub struct Demand {
     /// extended resources).
     #[serde(default, skip_serializing_if = "crate::rules::NodeRules::is_empty")]
     pub rules: crate::rules::NodeRules,
+    /// Asked through `tessera.dev/gpu`, which tessera's node agent serves: only nodes whose
+    /// agent reported its GPUs ([`crate::Node::device_plugin`]) can host it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device_plugin: bool,
 }
 
 impl Demand {
@@ -97,6 +101,7 @@ impl Demand {
             priority: 0,
             gang: None,
             rules: crate::rules::NodeRules::default(),
+            device_plugin: false,
         }
     }
 

@@ -61,7 +61,11 @@ fn never(node: &Node, why: impl fmt::Display) -> Rejection {
 /// (cpu, memory, or not enough free GPU of any kind). Used to skip nodes before building
 /// candidates and reasons; [`node_candidates`] remains the judge.
 pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
-    if !node.schedulable || demand.cpu_milli > node.free_cpu_milli() || demand.memory_mib > node.free_memory_mib() {
+    if !node.schedulable
+        || demand.cpu_milli > node.free_cpu_milli()
+        || demand.memory_mib > node.free_memory_mib()
+        || demand.device_plugin && !node.device_plugin
+    {
         return true;
     }
     if !demand.rules.is_empty() && !rules_hold(node, demand) {
@@ -83,6 +87,11 @@ pub fn quick_reject(node: &Node, demand: &Demand) -> bool {
 pub fn check_node(node: &Node, demand: &Demand) -> Result<(), Rejection> {
     if !node.schedulable {
         return Err(unsched(node, "not schedulable (cordoned, not ready or tainted)"));
+    }
+    if demand.device_plugin && !node.device_plugin {
+        // Known from GPU Feature Discovery labels only: nothing on the node serves tessera.dev/gpu
+        // yet, and its GPUs have no UUIDs an assignment could name. Passes once the agent reports.
+        return Err(unsched(node, "tessera's node agent has not reported its GPUs yet (it serves tessera.dev/gpu)"));
     }
     for (k, v) in &demand.node_selector {
         if node.labels.get(k) != Some(v) {
@@ -660,5 +669,22 @@ mod tests {
         let cpu = Demand::new("ns/c", GpuDemand::None);
         assert_eq!(check_grants(&node, &cpu, &[], &[]), Ok(()));
         assert!(check_grants(&node, &cpu, &[Grant::Whole { gpu: 0 }], &[]).is_err());
+    }
+
+    #[test]
+    fn a_device_plugin_demand_needs_a_node_whose_agent_reported() {
+        let mut labelled = Node::test("n").with_gpus(2, "H100-80GB");
+        labelled.device_plugin = false;
+        let mut d = Demand::new("ns/p", GpuDemand::Whole { count: 1 });
+        // NVIDIA-named: NVIDIA's plugin serves it, so the labels are enough.
+        assert!(!quick_reject(&labelled, &d));
+        assert_eq!(check_node(&labelled, &d), Ok(()));
+        d.device_plugin = true;
+        assert!(quick_reject(&labelled, &d));
+        let r = check_node(&labelled, &d).unwrap_err();
+        assert!(!r.is_unresolvable(), "retried once the agent reports");
+        assert!(r.reason().contains("node agent has not reported"), "{r}");
+        labelled.device_plugin = true;
+        assert_eq!(check_node(&labelled, &d), Ok(()));
     }
 }

@@ -101,7 +101,8 @@ fn fingerprint(ctx: &Context<'_>) -> u64 {
 /// a hash. Callers that shard memos use it to send equal shapes to the same memo.
 pub fn demand_shape(d: &Demand) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (d.cpu_milli, d.memory_mib, &d.gpu, &d.gpu_models, &d.node_selector, d.priority, &d.rules).hash(&mut h);
+    (d.cpu_milli, d.memory_mib, &d.gpu, &d.gpu_models, &d.node_selector, d.priority, &d.rules, d.device_plugin)
+        .hash(&mut h);
     h.finish()
 }
 

@@ -541,7 +541,9 @@ async fn a_node_seen_through_gfd_labels_first_nudges_when_its_agent_reports() {
     // often no memory. A model-sized pod refused then must retry once the agent reports.
     let mut labelled = Snapshot::default();
     let gfd = (0..2).map(|i| tessera_core::Gpu::new(i, "unknown", 0, tessera_core::GpuMode::Full)).collect();
-    labelled.add_node(Node::new("n1", 64_000, 512 * 1024, gfd)).unwrap();
+    let mut n1 = Node::new("n1", 64_000, 512 * 1024, gfd);
+    n1.device_plugin = false;
+    labelled.add_node(n1).unwrap();
     let c = start(labelled.clone(), Settings { mode: "live", persist_reservations: true, ..Settings::default() }).await;
     c.sched.replace_base(labelled.clone(), Default::default(), Default::default());
     let waiting = pending("embed", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpu-memory": "4Gi"}), 0);
@@ -559,6 +561,32 @@ async fn a_node_seen_through_gfd_labels_first_nudges_when_its_agent_reports() {
     assert_eq!(nudged(&c), [PodKey::from("ml/embed")]);
     let v = post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await;
     assert_eq!(passed(&v), ["n1"], "{v}");
+}
+
+#[tokio::test]
+async fn tessera_gpu_pods_wait_for_the_agent_while_nvidia_pods_may_use_a_gfd_only_node() {
+    // No GpuNode status yet: the node's GPUs come from GPU Feature Discovery labels, and nothing
+    // on it serves tessera.dev/gpu. An assignment made now would name GPUs without UUIDs.
+    let nodes = [kube_node("n1", json!({"nvidia.com/gpu": "2"}), json!([]))];
+    let labelled = tessera_api::snapshot::build(&nodes, &[] as &[GpuNode], &[] as &[Pod]);
+    let c = start(Snapshot::default(), live()).await;
+    c.sched.replace_base(labelled.snap, labelled.uids, labelled.mig_uuids);
+    let tessera = pending("whole", json!({"tessera.dev/gpu": "1"}), json!({"tessera.dev/gpus": "1"}), 0);
+    let v = post(c.addr, "/filter", &filter_args(&tessera, &["n1"])).await;
+    assert!(passed(&v).is_empty(), "{v}");
+    let why = v["FailedNodes"]["n1"].as_str().unwrap_or_default();
+    assert!(why.contains("tessera's node agent has not reported its GPUs yet"), "{v}");
+    assert!(v["FailedAndUnresolvableNodes"].get("n1").is_none(), "retried once the agent reports: {v}");
+    let nvidia = pending("plugin", json!({"nvidia.com/gpu": "1"}), json!({}), 0);
+    assert_eq!(passed(&post(c.addr, "/filter", &filter_args(&nvidia, &["n1"])).await), ["n1"]);
+    // The agent reports: the same pod fits, and its assignment names the GPU's UUID.
+    let reported = tessera_api::snapshot::build(&nodes, &[h100_gpunode("n1", 2, &[])], &[] as &[Pod]);
+    c.sched.replace_base(reported.snap, reported.uids, reported.mig_uuids);
+    assert_eq!(passed(&post(c.addr, "/filter", &filter_args(&tessera, &["n1"])).await), ["n1"]);
+    let r = post(c.addr, "/bind", &bind_args("ml", "whole", "n1")).await;
+    assert_eq!(r["Error"], "", "{r}");
+    let assignment = &c.binder.bound()[0].annotations["tessera.dev/assignment"];
+    assert!(assignment.contains("\"gpu\":\"GPU-n1-"), "{assignment}");
 }
 
 #[tokio::test]
