@@ -433,6 +433,23 @@ impl Snapshot {
         self.index.get(name).copied()
     }
 
+    /// Gives every node whose state equals its namesake's in `old` that node's version, and
+    /// returns how many kept theirs. A snapshot rebuilt from scratch gets fresh versions
+    /// everywhere; this keeps per-node caches keyed by version (the policy memo) valid for the
+    /// nodes that did not change.
+    pub fn keep_versions(&mut self, old: &Snapshot) -> usize {
+        let mut kept = 0;
+        for n in &mut self.nodes {
+            if let Some(o) = old.node(&n.name)
+                && o == n
+            {
+                n.version = o.version;
+                kept += 1;
+            }
+        }
+        kept
+    }
+
     pub fn allocations(&self) -> &BTreeMap<PodKey, Allocation> {
         &self.allocations
     }

@@ -1723,6 +1723,10 @@ impl Scheduler {
             }
         }
         inner.base_reconfigs = snap.reconfigs();
+        // Nodes the rebuild shows unchanged keep their versions, so their cached verdicts stay
+        // valid: a rebuild after one pod event costs the next filter that node, not the cluster.
+        let old = inner.base.clone().unwrap_or_else(|| inner.snap.clone());
+        snap.keep_versions(&old);
         let snap = Arc::new(snap);
         // kube-scheduler does not watch GpuNodes: when a node gains usable GPUs (its agent
         // started, a GPU became healthy again) nothing tells it to retry the pods it parked

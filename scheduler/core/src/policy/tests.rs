@@ -558,3 +558,43 @@ fn tessera_keeps_the_idle_gpu_a_large_model_needs() {
     };
     assert_eq!(gpu_of(&with_vlm), 0, "the idle GPU stays whole for the expected 34B model");
 }
+
+#[test]
+fn a_rebuilt_snapshot_keeps_the_versions_of_unchanged_nodes_and_the_memo_its_verdicts() {
+    let w = mig_workload();
+    let ctx = Context { workload: &w, seed: 3 };
+    let p = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let d = Demand::new("ns/probe", GpuDemand::Mig { profile: "3g.40gb".into() }).with_cpu(1000, 1024);
+    let old = crate::testing::synth_cluster(5, 30);
+    let mut memo = Memo::new();
+    // Fills the memo for every node.
+    let _ = place_memo(&old, &d, p.as_ref(), &ctx, &mut memo);
+    // The same cluster built again from scratch (as every watch-driven rebuild does), but one
+    // node lost a GPU.
+    let mut nodes: Vec<Node> = old
+        .nodes()
+        .iter()
+        .map(|n| Node { gpus: n.gpus.clone(), ..Node::new(&n.name.0, n.cpu_milli, n.memory_mib, vec![]) })
+        .collect();
+    for (n, o) in nodes.iter_mut().zip(old.nodes()) {
+        n.labels = o.labels.clone();
+        n.topology = o.topology.clone();
+    }
+    let changed = nodes[4].name.clone();
+    nodes[4].gpus.pop();
+    let mut new = Snapshot::new(nodes).unwrap_or_else(|e| panic!("{e}"));
+    for a in old.allocations().values() {
+        if a.node != changed {
+            new.allocate(a.clone()).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    assert!(new.nodes().iter().zip(old.nodes()).all(|(n, o)| n.version() != o.version()), "fresh versions");
+    assert_eq!(new.keep_versions(&old), 29);
+    let same: Vec<bool> = new.nodes().iter().zip(old.nodes()).map(|(n, o)| n.version() == o.version()).collect();
+    assert_eq!(same.iter().filter(|s| !**s).count(), 1);
+    assert!(!same[4]);
+    let (hits, misses) = (memo.hits, memo.misses);
+    let again = place_memo(&new, &d, p.as_ref(), &ctx, &mut memo);
+    assert_eq!((memo.hits - hits, memo.misses - misses), (29, 1), "only the changed node is evaluated again");
+    assert_eq!(again, place(&new, &d, p.as_ref(), &ctx), "identical to a fresh decision");
+}
