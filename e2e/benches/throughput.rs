@@ -3,8 +3,9 @@
 //!
 //! `cargo bench -p tessera-e2e --bench throughput -- --nodes 1000 --pods 3000`
 //!
-//! One control plane; N fake nodes of 8 A100-80GB GPUs each, described by GPU Feature Discovery
-//! labels and `nvidia.com/gpu: 8` allocatable (no agents: nothing here needs a MIG change). Two
+//! One control plane; N fake nodes of 8 A100-80GB GPUs each, with `nvidia.com/gpu: 8`
+//! allocatable and a `GpuNode` whose status lists the GPUs as a node agent publishes it (written
+//! by the bench: no agent processes, nothing here needs a MIG change). Two
 //! rounds on the same nodes; in each, every pod is created first, then the kube-scheduler that
 //! serves them is started, and the time is from that start to the last pod bound:
 //! - plain: a kube-scheduler profile without the extender, pods asking `nvidia.com/gpu`;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tessera_e2e::{Bins, Cluster, NodeSpec, Options};
 
@@ -149,6 +150,26 @@ async fn round(c: &Cluster, scheduler: &str, a: &Args, start: impl FnOnce() -> R
     Ok(times)
 }
 
+/// The node's GpuNode with eight full-mode A100-80GB GPUs in its status, as its agent would
+/// publish them (tessera places `tessera.dev/gpu` pods only on nodes whose agent reported).
+async fn publish_gpus(c: &Cluster, node: &str) -> Result<()> {
+    let gpus: Vec<_> = (0..8)
+        .map(|i| {
+            json!({"index": i, "uuid": format!("GPU-{node}-{i}"), "product": "A100-80GB", "memoryMib": 81920,
+                   "migCapable": true, "mode": "full", "health": "Healthy", "instances": []})
+        })
+        .collect();
+    let api = c.gpunodes();
+    let gn = json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": node}, "spec": {}});
+    api.create(&PostParams::default(), &serde_json::from_value(gn)?)
+        .await
+        .with_context(|| format!("creating GpuNode {node}"))?;
+    api.patch_status(node, &PatchParams::default(), &Patch::Merge(&json!({"status": {"gpus": gpus}})))
+        .await
+        .with_context(|| format!("publishing GpuNode {node} status"))?;
+    Ok(())
+}
+
 async fn bench(a: Args) -> Result<()> {
     let bins = Bins::locate().map_err(anyhow::Error::msg)?;
     let dir = tempfile::Builder::new().prefix("tessera-throughput-").tempdir()?;
@@ -163,7 +184,10 @@ async fn bench(a: Args) -> Result<()> {
             .label("nvidia.com/gpu.memory", "81920")
             .label("nvidia.com/gpu.count", "8");
         let c = c.clone();
-        inflight.spawn(async move { c.create_node(&spec).await });
+        inflight.spawn(async move {
+            c.create_node(&spec).await?;
+            publish_gpus(&c, &spec.name).await
+        });
         if inflight.len() >= a.concurrency
             && let Some(r) = inflight.join_next().await
         {
