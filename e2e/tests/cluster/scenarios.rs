@@ -665,7 +665,7 @@ async fn a_node_agent_starting_late_gets_the_waiting_pods(ctx: Ctx) -> Result<()
     let (limits, one) = whole_gpus(1);
     c.create_pod(pod("early", limits, one)).await?;
     c.wait_event("default", "early", Duration::from_secs(30), |r, m| {
-        r == "FailedScheduling" && m.contains("has no GPUs")
+        r == "FailedScheduling" && m.contains("tessera's node agent has not reported its GPUs yet")
     })
     .await?;
     // kube-scheduler has parked it as unschedulable.
