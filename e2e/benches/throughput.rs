@@ -170,6 +170,39 @@ async fn publish_gpus(c: &Cluster, node: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where tessera's time went (its own histograms: mean and count per verb, rebuilds) and its
+/// memory (VmRSS, VmHWM of the tessera-scheduler process).
+async fn report_tessera(c: &Cluster) {
+    let name = Cluster::tessera_name(0);
+    match tessera_e2e::cluster::http_get(c.replicas[0].read_port, "/metrics").await {
+        Ok((200, text)) => {
+            let value = |series: &str| -> f64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+                    .unwrap_or(f64::NAN)
+            };
+            for verb in ["filter", "prioritize", "bind"] {
+                let sum = value(&format!("tessera_request_duration_seconds_sum{{verb=\"{verb}\"}}"));
+                let count = value(&format!("tessera_request_duration_seconds_count{{verb=\"{verb}\"}}"));
+                eprintln!("  {name}: {verb} {count} requests, mean {:.2} ms, {sum:.1} s in all", 1e3 * sum / count);
+            }
+            let (sum, count) =
+                (value("tessera_rebuild_duration_seconds_sum"), value("tessera_rebuild_duration_seconds_count"));
+            eprintln!("  {name}: {count} rebuilds, mean {:.1} ms, {sum:.1} s in all", 1e3 * sum / count);
+        }
+        Ok((code, _)) => eprintln!("  {name}: /metrics answered {code}"),
+        Err(e) => eprintln!("  {name}: /metrics: {e:#}"),
+    }
+    let status = c.pid(&name).and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok());
+    let field = |k: &str| {
+        status
+            .as_deref()
+            .and_then(|s| s.lines().find(|l| l.starts_with(k)))
+            .map_or("?".into(), |l| l.trim_start_matches(k).trim().to_owned())
+    };
+    eprintln!("  {name}: VmRSS {}, VmHWM {}", field("VmRSS:"), field("VmHWM:"));
+}
+
 async fn bench(a: Args) -> Result<()> {
     let bins = Bins::locate().map_err(anyhow::Error::msg)?;
     let dir = tempfile::Builder::new().prefix("tessera-throughput-").tempdir()?;
@@ -206,6 +239,7 @@ async fn bench(a: Args) -> Result<()> {
     // A restarted kube-scheduler waits for the old Lease to lapse (15 s); the time from its
     // first bind to its last is what it schedules at. The plain one is measured the same way.
     let tessera = round(&c, "tessera", &a, || c.start_kube_scheduler(0)).await?;
+    report_tessera(&c).await;
     let rate = |t: Times| (a.pods.saturating_sub(1)) as f64 / (t.all_bound - t.first_bound).max(1e-3);
     let (p, t) = (rate(plain), rate(tessera));
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

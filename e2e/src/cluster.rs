@@ -600,6 +600,11 @@ impl Cluster {
     }
 
     /// `kill -9` of a process by name; false when it was not running.
+    /// The process id of a running process of the cluster, by name (`tessera-scheduler-0`, ...).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner()).get(name).map(Proc::pid)
+    }
+
     pub fn kill9(&self, name: &str) -> bool {
         let p = self.procs.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         match p {

@@ -184,7 +184,20 @@ impl Watch {
                 }
                 None => None,
             };
-            let built = build_checked(&self.nodes.state(), &self.gpunodes.state(), &self.pods.state(), keys.as_deref());
+            let started = std::time::Instant::now();
+            // Whole-cluster work: off the runtime's workers, which serve the verbs meanwhile.
+            let (nodes, gpunodes, pods) = (self.nodes.state(), self.gpunodes.state(), self.pods.state());
+            let built =
+                match tokio::task::spawn_blocking(move || build_checked(&nodes, &gpunodes, &pods, keys.as_deref()))
+                    .await
+                {
+                    Ok(built) => built,
+                    Err(error) => {
+                        tracing::error!(%error, "Rebuilding the cluster state failed; keeping the last one");
+                        self.changed.notified().await;
+                        continue;
+                    }
+                };
             let live: std::collections::HashSet<&str> = built.refused.iter().map(|r| r.uid.as_str()).collect();
             reported.retain(|(uid, _)| live.contains(uid.as_str()));
             for r in &built.refused {
@@ -211,6 +224,7 @@ impl Watch {
                 "Rebuilt cluster state"
             );
             scheduler.replace_base(built.snap, built.uids, built.mig_uuids);
+            scheduler.metrics.rebuild_duration_seconds.observe(started.elapsed().as_secs_f64());
             // Gang plans another replica made (before a restart or a leader change).
             scheduler.restore_reservations(&self.pods.state());
             scheduler.queue_pod_group_status(&self.groups.state(), &self.pods.state());

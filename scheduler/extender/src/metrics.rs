@@ -49,6 +49,8 @@ pub struct Metrics {
     pub packing_gpus: Family<PoolLabels, Gauge>,
     pub mig_reconfigs: Gauge,
     pub assignment_refusals_total: Family<ReasonLabels, Counter>,
+    /// Rebuilding the state from the watch caches (live mode), one observation per rebuild.
+    pub rebuild_duration_seconds: Histogram,
 }
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +80,8 @@ impl Metrics {
             packing_gpus: Family::default(),
             mig_reconfigs: Gauge::default(),
             assignment_refusals_total: Family::default(),
+            // 1 ms .. ~16 s: a rebuild reads every Node, GpuNode and Pod.
+            rebuild_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             registry: Registry::default(),
         };
         registry.register(
@@ -118,6 +122,11 @@ impl Metrics {
             "assignment_refusals",
             "Bound pods whose assignment the rebuild does not trust, by reason (counted once per pod)",
             m.assignment_refusals_total.clone(),
+        );
+        registry.register(
+            "rebuild_duration_seconds",
+            "Time to rebuild the cluster state from the watch caches after changes (live mode)",
+            m.rebuild_duration_seconds.clone(),
         );
         registry.register(
             "mig_reconfigs",
