@@ -23,7 +23,8 @@ use tessera_api::pod as podparse;
 use tessera_core::gang::GangPlan;
 use tessera_core::{Grant, MigOp, NodeName, Placement, PodKey};
 
-use crate::state::{GangState, Scheduler};
+use crate::gangs::GangState;
+use crate::state::Scheduler;
 
 /// One planned member's reservation, as written on the pod.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
