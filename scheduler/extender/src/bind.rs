@@ -166,11 +166,7 @@ impl Scheduler {
                     // Bound: its reservation annotation has served.
                     inner.outbox.clear(key.clone());
                     // Every planned member bound: the gang is done.
-                    let done = inner.gangs.get(g).and_then(|st| st.plan.as_ref()).is_some_and(|p| {
-                        p.members
-                            .iter()
-                            .all(|(k, _)| inner.snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
-                    });
+                    let done = inner.gangs.get(g).is_some_and(|st| st.all_bound(&inner.snap));
                     if done {
                         inner.gangs.remove(g);
                     }
@@ -231,17 +227,11 @@ impl Scheduler {
         let (name, mut rx, deadline_ms) = {
             let mut inner = self.lock();
             let Some(name) = inner.gang_of(key) else { return Ok(None) };
-            let Some(st) = inner.gangs.get_mut(&name) else { return Ok(None) };
-            st.arrived.insert(key.clone());
-            let (all_in, deadline_ms) = match &st.plan {
-                Some(p) => (p.members.iter().all(|(k, _)| st.arrived.contains(k)), p.deadline_ms),
-                None => (false, 0),
-            };
-            if all_in {
+            let Some(arrival) = inner.gangs.get_mut(&name).and_then(|st| st.arrive(key)) else { return Ok(None) };
+            if arrival.opened {
                 tracing::info!(gang = %name, "Every gang member reached bind; binding all");
-                st.barrier.send_replace(Barrier::Open);
             }
-            (name, st.barrier.subscribe(), deadline_ms)
+            (name, arrival.barrier, arrival.deadline_ms)
         };
         let deadline = self.origin + Duration::from_millis(deadline_ms);
         let outcome = tokio::time::timeout_at(deadline, rx.wait_for(|b| *b != Barrier::Waiting)).await;

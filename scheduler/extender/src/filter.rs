@@ -148,13 +148,8 @@ impl Scheduler {
         let (key, members) = match &d.gang {
             Some(g) => {
                 let Some(st) = inner.gangs.get(&g.name) else { return };
-                let members: Vec<Demand> = st
-                    .members
-                    .values()
-                    .map(|(m, _)| m.clone())
-                    .filter(|m| inner.snap.allocation(&m.pod).is_none())
-                    .collect();
-                if (members.len() as u64) < u64::from(g.min_member) || st.plan.is_some() {
+                let members: Vec<Demand> = st.pending_members(&inner.snap);
+                if (members.len() as u64) < u64::from(g.min_member) || st.plan().is_some() {
                     return;
                 }
                 (format!("gang {}", g.name), members)

@@ -1,13 +1,11 @@
 //! Gang planning at filter and the once-a-second tick that releases lapsed plans.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tessera_core::gang::{self};
 use tessera_core::policy::NodeVerdict;
 use tessera_core::{Context, Demand, GangRef, NodeName, PodKey, Rejection};
 
-use crate::gangs::{Barrier, GangState};
 use crate::state::{Inner, Scheduler};
 
 impl Scheduler {
@@ -22,15 +20,8 @@ impl Scheduler {
         names: &[NodeName],
     ) -> Option<Vec<NodeVerdict>> {
         let now = self.now_ms();
-        let st = inner.gangs.entry(g.name.clone()).or_insert_with(|| GangState::new(g));
-        st.min_member = g.min_member;
-        st.timeout_ms = g.timeout_ms;
-        st.members.insert(demand.pod.clone(), (demand.clone(), now));
-        // Members not filtered for a while are gone (kube-scheduler retries pending pods
-        // every few seconds).
-        let keep_ms = g.timeout_ms.max(30_000);
-        st.members.retain(|_, (_, seen)| now.saturating_sub(*seen) <= keep_ms);
-        if st.plan.is_some() {
+        let st = inner.gangs.observe(g, demand, now);
+        if st.plan().is_some() {
             if !st.planned(&demand.pod) {
                 return None;
             }
@@ -38,12 +29,7 @@ impl Scheduler {
             inner.fail_gang(&g.name, "the plan lost a member's reservation; replanning");
         }
         let st = inner.gangs.get(&g.name)?;
-        let members: Vec<Demand> = st
-            .members
-            .values()
-            .filter(|(d, _)| inner.snap.allocation(&d.pod).is_none())
-            .map(|(d, _)| d.clone())
-            .collect();
+        let members: Vec<Demand> = st.pending_members(&inner.snap);
         let all =
             |r: Rejection| names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect();
         if (members.len() as u64) < u64::from(st.min_member) {
@@ -54,13 +40,7 @@ impl Scheduler {
                 st.min_member
             ))));
         }
-        let refused: BTreeMap<PodKey, BTreeMap<NodeName, u64>> = st
-            .refused
-            .iter()
-            .map(|(k, m)| {
-                (k.clone(), m.iter().filter(|(_, until)| **until > now).map(|(n, u)| (n.clone(), *u)).collect())
-            })
-            .collect();
+        let refused = st.refusals_at(now);
         let avoid = |pod: &PodKey, node: &NodeName| {
             refused
                 .get(pod)
@@ -77,7 +57,8 @@ impl Scheduler {
             &avoid,
         ) {
             Ok(plan) => {
-                tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, "Gang planned");
+                let previous = inner.gangs.get(&g.name).and_then(|st| st.last_failure()).unwrap_or("");
+                tracing::info!(gang = %g.name, members = plan.members.len(), deadline_ms = plan.deadline_ms, previous, "Gang planned");
                 inner.generation += 1;
                 // Written on each member so that another replica (after a restart or a leader
                 // change) can take the plan over.
@@ -88,10 +69,7 @@ impl Scheduler {
                     inner.outbox.set(k.clone(), r);
                 }
                 if let Some(st) = inner.gangs.get_mut(&g.name) {
-                    st.deadline = deadline;
-                    st.plan = Some(plan);
-                    st.arrived.clear();
-                    st.barrier.send_replace(Barrier::Waiting);
+                    st.planned_with(plan, deadline);
                 }
                 match inner.snap.allocation(&demand.pod).map(|a| (a.node.clone(), a.grants.clone())) {
                     Some((here, grants)) => Some(self.pinned(inner, demand, &here, grants, names)),
@@ -113,12 +91,7 @@ impl Scheduler {
         let expired = gang::expire(Arc::make_mut(&mut inner.snap), now);
         if !expired.is_empty() {
             inner.generation += 1;
-            let names: Vec<String> = inner
-                .gangs
-                .iter()
-                .filter(|(_, st)| expired.iter().any(|p| st.planned(p)))
-                .map(|(n, _)| n.clone())
-                .collect();
+            let names = inner.gangs.planning_any(&expired);
             for n in names {
                 tracing::warn!(gang = %n, "Gang reservation lapsed before every member was bound; released");
                 inner.refuse_unarrived(&n, now);
@@ -127,20 +100,8 @@ impl Scheduler {
             // The lapsed members were released above: drop the MIG instances only they assumed.
             inner.rebase();
         }
-        inner.dropped_plans.retain(|_, deadline_ms| *deadline_ms > now);
-        // Plans whose members all bound elsewhere (a follower's restored plan, the leader
-        // binding) are finished: forget them, so the gang's name can be planned afresh.
         let Inner { gangs, snap, .. } = &mut *inner;
-        gangs.retain(|_, st| {
-            st.plan.as_ref().is_none_or(|p| {
-                !p.members.iter().all(|(k, _)| snap.allocation(k).is_some_and(|a| a.reserved_until_ms.is_none()))
-            })
-        });
-        let stale = 2 * 60_000;
-        inner.gangs.retain(|_, st| {
-            st.plan.is_some() || st.members.values().any(|(_, seen)| now.saturating_sub(*seen) <= stale)
-        });
-        let pending = inner.gangs.values().filter(|st| st.plan.is_none()).count();
+        let pending = gangs.sweep(snap, now);
         self.metrics.pending_gangs.set(pending as i64);
         let queued = !inner.outbox.is_empty();
         drop(inner);

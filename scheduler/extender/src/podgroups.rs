@@ -106,7 +106,7 @@ impl Scheduler {
             if !ours {
                 continue;
             }
-            let planned = inner.gangs.get(&key).is_some_and(|st| st.plan.is_some());
+            let planned = inner.gangs.has_plan(&key);
             let m = counts.get(&key).copied().unwrap_or_default();
             let want = status_of(g.spec.min_member, m, planned, g.status.as_ref(), &now);
             if g.status.as_ref() != Some(&want) && inner.group_written.get(&key) != Some(&want) {

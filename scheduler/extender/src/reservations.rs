@@ -234,8 +234,8 @@ impl Scheduler {
             }
         }
         for (gang, deadline, members) in plans {
-            let held = inner.gangs.get(&gang).is_some_and(|st| st.plan.is_some());
-            let dropped = inner.dropped_plans.contains_key(&(gang.clone(), deadline.clone()));
+            let held = inner.gangs.has_plan(&gang);
+            let dropped = inner.gangs.was_dropped(&gang, &deadline);
             let Some(gang_ref) = members.first().and_then(|(d, _)| d.gang.clone()) else { continue };
             if held || dropped || members.len() != members.first().map_or(0, |(_, r)| r.members as usize) {
                 continue;
@@ -277,7 +277,7 @@ impl Scheduler {
                 for (d, _) in &members {
                     inner.outbox.clear(d.pod.clone());
                 }
-                inner.dropped_plans.insert((gang, deadline), deadline_ms);
+                inner.gangs.remember_dropped(gang, deadline, deadline_ms);
                 continue;
             }
             let plan = GangPlan {
@@ -287,8 +287,7 @@ impl Scheduler {
             };
             let mut st = GangState::new(&gang_ref);
             st.members = members.iter().map(|(d, _)| (d.pod.clone(), (d.clone(), now_ms))).collect();
-            st.plan = Some(plan);
-            st.deadline = Some(deadline);
+            st.planned_with(plan, Some(deadline));
             inner.gangs.insert(gang.clone(), st);
             inner.generation += 1;
             tracing::info!(%gang, members = members.len(), "Gang reservation restored from its members' annotations");

@@ -32,8 +32,8 @@ use crate::reservations::Outbox;
 
 pub use crate::bind::gpu_spec;
 pub use crate::filter::FilterReply;
+use crate::gangs::GangBook;
 pub use crate::gangs::REFUSAL_MS;
-use crate::gangs::{Barrier, GangState};
 pub use crate::lookup::{Lookup, MemoryLookup};
 pub use crate::settings::Settings;
 pub use crate::views::allocation_workload;
@@ -54,12 +54,9 @@ pub(crate) struct Inner {
     pub(crate) mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     pub(crate) base_reconfigs: u64,
-    pub(crate) gangs: BTreeMap<String, GangState>,
+    pub(crate) gangs: GangBook,
     /// Reservation annotations to write or remove (the leader's [`crate::reservations::writer`]).
     pub(crate) outbox: Outbox,
-    /// Plans this replica dropped, by (gang, deadline as annotated), until their deadline (ms):
-    /// their annotations may still be visible, and must not bring them back.
-    pub(crate) dropped_plans: HashMap<(String, String), u64>,
     /// The cluster as last rebuilt from the API (live mode), before the assume cache and the
     /// gang reservations are laid over it: what the nodes report, nothing planned.
     pub(crate) base: Option<Arc<Snapshot>>,
@@ -135,8 +132,7 @@ impl Inner {
         self.snap = snap;
         // Gang reservations exist only here: lay them over the rebuilt state again.
         let mut broken = Vec::new();
-        let plans: Vec<(String, GangPlan)> =
-            self.gangs.iter().filter_map(|(n, st)| st.plan.clone().map(|p| (n.clone(), p))).collect();
+        let plans: Vec<(String, GangPlan)> = self.gangs.plans();
         for (name, plan) in plans {
             for (pod, placement) in &plan.members {
                 if self.snap.allocation(pod).is_some() {
@@ -179,34 +175,21 @@ impl Inner {
 
     /// [`Inner::fail_gang`] without laying the state over the rebuild again.
     pub(crate) fn drop_plan(&mut self, name: &str, why: &str) -> Vec<PodKey> {
-        let Some(st) = self.gangs.get_mut(name) else { return Vec::new() };
-        let mut released = Vec::new();
-        if let Some(plan) = st.plan.take() {
-            if let Some(d) = st.deadline.take() {
-                self.dropped_plans.insert((name.to_owned(), d), plan.deadline_ms);
-            }
-            for (pod, _) in &plan.members {
-                self.outbox.clear(pod.clone());
-                if self.snap.allocation(pod).is_some_and(|a| a.reserved_until_ms.is_some())
-                    && Arc::make_mut(&mut self.snap).release(pod).is_ok()
-                {
-                    self.assumed.remove(pod);
-                    released.push(pod.clone());
-                }
-            }
+        let dropped = self.gangs.drop_plan(name, why, &mut self.snap);
+        for pod in dropped.members {
+            self.outbox.clear(pod);
         }
-        st.arrived.clear();
-        st.barrier.send_replace(Barrier::Failed(why.to_owned()));
-        // Later plans get a fresh barrier; waiters of this one already hold its receiver.
-        st.barrier = tokio::sync::watch::channel(Barrier::Waiting).0;
-        if !released.is_empty() {
+        for pod in &dropped.released {
+            self.assumed.remove(pod);
+        }
+        if !dropped.released.is_empty() {
             self.generation += 1;
         }
-        released
+        dropped.released
     }
 
     pub(crate) fn gang_of(&self, pod: &PodKey) -> Option<String> {
-        self.gangs.iter().find(|(_, st)| st.planned(pod)).map(|(n, _)| n.clone())
+        self.gangs.gang_of(pod)
     }
 
     /// Whether this replica filtered a member of `gang` recently.
@@ -316,9 +299,8 @@ impl Scheduler {
                 assumed: BTreeMap::new(),
                 mig_uuids: HashMap::new(),
                 base_reconfigs,
-                gangs: BTreeMap::new(),
+                gangs: GangBook::default(),
                 outbox: Outbox::new(settings.persist_reservations),
-                dropped_plans: HashMap::new(),
                 base: None,
                 reconfigs_done: 0,
                 inflight: HashMap::new(),
