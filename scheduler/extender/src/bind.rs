@@ -160,7 +160,7 @@ impl Scheduler {
                 inner.generation += 1;
                 if self.settings.mode == "demo" {
                     // No informer will ever report the pod: the bind is the last word.
-                    inner.assumed.remove(&key);
+                    inner.cache.remove(&key);
                 }
                 if let Some(g) = &gang {
                     // Bound: its reservation annotation has served.
@@ -171,7 +171,7 @@ impl Scheduler {
                         inner.gangs.remove(g);
                     }
                 }
-                self.metrics.reservations.set(inner.assumed.len() as i64);
+                self.metrics.reservations.set(inner.cache.len() as i64);
                 drop(inner);
                 if gang.is_some() {
                     self.writes_ready();
@@ -204,14 +204,14 @@ impl Scheduler {
                 let mut inner = self.lock();
                 // Out of the assume cache first: dropping the gang's plan lays the state over
                 // the last rebuild again, which must not bring this pod back.
-                inner.assumed.remove(&key);
+                inner.cache.remove(&key);
                 if Arc::make_mut(&mut inner.snap).release(&key).is_ok() {
                     inner.generation += 1;
                 }
                 if let Some(g) = &gang {
                     inner.fail_gang(g, &e.chain());
                 }
-                self.metrics.reservations.set(inner.assumed.len() as i64);
+                self.metrics.reservations.set(inner.cache.len() as i64);
                 drop(inner);
                 if gang.is_some() {
                     self.writes_ready();
@@ -279,7 +279,7 @@ impl Scheduler {
             Some(a) => {
                 // kube-scheduler chose another node than the one held for the pod: move it.
                 Arc::make_mut(&mut inner.snap).release(key)?;
-                inner.assumed.remove(key);
+                inner.cache.remove(key);
                 inner.generation += 1;
                 tracing::info!(pod = %key, from = %a.node, to = %node, "Moving held devices to the bound node");
                 self.place_on(&inner, &demand, node)?
@@ -292,8 +292,8 @@ impl Scheduler {
             inner.generation += 1;
         }
         let at_ms = self.now_ms();
-        inner.assumed.insert(key.clone(), Assumed { placement: placement.clone(), demand: demand.clone(), at_ms });
-        self.metrics.reservations.set(inner.assumed.len() as i64);
+        inner.cache.insert(key.clone(), Assumed { placement: placement.clone(), demand: demand.clone(), at_ms });
+        self.metrics.reservations.set(inner.cache.len() as i64);
         let n = inner.snap.node(node).ok_or_else(|| Error::Core(tessera_core::Error::UnknownNode(node.clone())))?;
         let mut wanted = Vec::new();
         let mut changed: Vec<u32> = Vec::new();

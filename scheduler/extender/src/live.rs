@@ -8,7 +8,7 @@ use tessera_api::annotations;
 use tessera_api::pod::{self as podparse};
 use tessera_core::{NodeName, PodKey, Snapshot};
 
-use crate::state::Scheduler;
+use crate::state::{Inner, Scheduler};
 
 /// A pod deleted recently, by UID: a rebuild from a store that has not caught up yet must not
 /// bring its devices back.
@@ -59,15 +59,15 @@ impl Scheduler {
         inner.base_reconfigs = snap.reconfigs();
         // Nodes the rebuild shows unchanged keep their versions, so their cached verdicts stay
         // valid: a rebuild after one pod event costs the next filter that node, not the cluster.
-        let old = inner.base.clone().unwrap_or_else(|| inner.snap.clone());
+        let old = inner.cache.base().cloned().unwrap_or_else(|| inner.snap.clone());
         snap.keep_versions(&old);
         let snap = Arc::new(snap);
         // kube-scheduler does not watch GpuNodes: when a node gains usable GPUs (its agent
         // started, a GPU became healthy again) nothing tells it to retry the pods it parked
         // until its periodic flush of unschedulable pods, minutes later. Nudge them.
-        let gained = inner.base.as_ref().is_some_and(|old| gains_gpus(old, &snap));
+        let gained = inner.cache.base().is_some_and(|old| gains_gpus(old, &snap));
         if self.settings.mode == "live" {
-            inner.base = Some(snap.clone());
+            inner.cache.set_base(snap.clone());
         }
         inner.lay_over(snap, Some((now, ttl)));
         inner.uids = uids;
@@ -87,7 +87,7 @@ impl Scheduler {
             }
         }
         let queued = !inner.outbox.is_empty();
-        self.metrics.reservations.set(inner.assumed.len() as i64);
+        self.metrics.reservations.set(inner.cache.len() as i64);
         drop(inner);
         if queued {
             self.writes_ready();
@@ -149,21 +149,16 @@ impl Scheduler {
                 }
             }
         }
-        inner.assumed.remove(key);
+        inner.cache.remove(key);
         inner.bound_here.remove(key);
         // The state and the last rebuild often are one snapshot (nothing laid over it): then
         // one copy serves both.
-        let shared = inner.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, &inner.snap));
+        let shared = inner.cache.shares_base(&inner.snap);
         if inner.snap.allocation(key).is_some() && Arc::make_mut(&mut inner.snap).release(key).is_ok() {
             freed = true;
         }
-        if shared {
-            inner.base = Some(inner.snap.clone());
-        } else if let Some(base) = inner.base.as_mut()
-            && base.allocation(key).is_some()
-        {
-            let _ = Arc::make_mut(base).release(key);
-        }
+        let Inner { cache, snap, .. } = &mut *inner;
+        cache.release_from_base(key, shared, snap);
         if dropped_plan {
             // The plan's MIG instances no node created go with it.
             inner.rebase();
@@ -177,7 +172,7 @@ impl Scheduler {
             }
         }
         let queued = !inner.outbox.is_empty();
-        self.metrics.reservations.set(inner.assumed.len() as i64);
+        self.metrics.reservations.set(inner.cache.len() as i64);
         drop(inner);
         if queued {
             self.writes_ready();

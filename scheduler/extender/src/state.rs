@@ -11,18 +11,17 @@
 //! `preempt`; gang planning and the tick in `planning`; rebuilds and pod
 //! events in `live`; the read-only views in `views`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::pod::{self as podparse, PodError};
-use tessera_core::gang::GangPlan;
 use tessera_core::policy::{self, Workload};
-use tessera_core::{Allocation, Demand, NodeName, PodKey, Policy, Snapshot};
+use tessera_core::{Demand, NodeName, PodKey, Policy, Snapshot};
 
-use crate::assume::Assumed;
+use crate::assume::AssumeCache;
 use crate::bind::Inflight;
 use crate::binder::Binder;
 use crate::bounded::{Bounded, Seen};
@@ -49,7 +48,7 @@ pub(crate) struct Inner {
     pub(crate) filtered: u64,
     pub(crate) seen: Bounded<Seen>,
     pub(crate) uids: HashMap<String, PodKey>,
-    pub(crate) assumed: BTreeMap<PodKey, Assumed>,
+    pub(crate) cache: AssumeCache,
     /// MIG instance UUIDs by (node, gpu, start), as the node agents report them.
     pub(crate) mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
@@ -57,9 +56,6 @@ pub(crate) struct Inner {
     pub(crate) gangs: GangBook,
     /// Reservation annotations to write or remove (the leader's [`crate::reservations::writer`]).
     pub(crate) outbox: Outbox,
-    /// The cluster as last rebuilt from the API (live mode), before the assume cache and the
-    /// gang reservations are laid over it: what the nodes report, nothing planned.
-    pub(crate) base: Option<Arc<Snapshot>>,
     /// MIG operations (instances created or destroyed, mode switches) that nodes applied for
     /// this replica's binds.
     pub(crate) reconfigs_done: u64,
@@ -92,7 +88,7 @@ impl Inner {
 
     /// Lays the assume cache and the live gang plans over the last rebuild again (live mode).
     pub(crate) fn rebase(&mut self) {
-        if let Some(base) = self.base.clone() {
+        if let Some(base) = self.cache.base().cloned() {
             self.lay_over(base, None);
         }
     }
@@ -100,68 +96,9 @@ impl Inner {
     /// Makes `snap` (a rebuild) the state: pods the rebuild shows leave the assume cache (and,
     /// with `expire` = (now, ttl), assumed pods older than ttl); the rest and every live gang
     /// plan are applied again. Plans that no longer fit are dropped.
-    pub(crate) fn lay_over(&mut self, mut snap: Arc<Snapshot>, expire: Option<(u64, u64)>) {
-        // Shared with `base` until something is laid over it: a rebuild with nothing assumed and
-        // no plan costs no copy.
-        let mut keep = BTreeMap::new();
-        for (key, a) in std::mem::take(&mut self.assumed) {
-            if snap.allocation(&key).is_some() || expire.is_some_and(|(now, ttl)| now.saturating_sub(a.at_ms) > ttl) {
-                continue;
-            }
-            let alloc = Allocation {
-                pod: key.clone(),
-                node: a.placement.node.clone(),
-                cpu_milli: a.demand.cpu_milli,
-                memory_mib: a.demand.memory_mib,
-                grants: a.placement.grants.clone(),
-                priority: a.demand.priority,
-                gang: a.demand.gang.as_ref().map(|g| g.name.clone()),
-                reserved_until_ms: None,
-                extended: a.demand.rules.extended.clone(),
-            };
-            // The instances may exist by now (node agent done); if not, create them again.
-            let s = Arc::make_mut(&mut snap);
-            let ok = s.allocate(alloc).is_ok() || a.placement.apply(s, &a.demand, None).is_ok();
-            if ok {
-                keep.insert(key, a);
-            } else {
-                tracing::warn!(pod = %key, node = %a.placement.node, "Assumed pod no longer fits the observed state; forgetting it");
-            }
-        }
-        self.assumed = keep;
+    pub(crate) fn lay_over(&mut self, snap: Arc<Snapshot>, expire: Option<(u64, u64)>) {
+        let (snap, broken) = self.cache.lay_over(snap, expire, &self.gangs);
         self.snap = snap;
-        // Gang reservations exist only here: lay them over the rebuilt state again.
-        let mut broken = Vec::new();
-        let plans: Vec<(String, GangPlan)> = self.gangs.plans();
-        for (name, plan) in plans {
-            for (pod, placement) in &plan.members {
-                if self.snap.allocation(pod).is_some() {
-                    continue;
-                }
-                let Some(demand) = self.gangs.get(&name).and_then(|st| st.members.get(pod)).map(|(d, _)| d.clone())
-                else {
-                    broken.push(name.clone());
-                    break;
-                };
-                let alloc = Allocation {
-                    pod: pod.clone(),
-                    node: placement.node.clone(),
-                    cpu_milli: demand.cpu_milli,
-                    memory_mib: demand.memory_mib,
-                    grants: placement.grants.clone(),
-                    priority: demand.priority,
-                    gang: Some(name.clone()),
-                    reserved_until_ms: Some(plan.deadline_ms),
-                    extended: demand.rules.extended.clone(),
-                };
-                let ok = Arc::make_mut(&mut self.snap).allocate(alloc).is_ok()
-                    || placement.apply(Arc::make_mut(&mut self.snap), &demand, Some(plan.deadline_ms)).is_ok();
-                if !ok {
-                    broken.push(name.clone());
-                    break;
-                }
-            }
-        }
         let mut released = false;
         for name in broken {
             tracing::warn!(gang = %name, "Gang plan no longer fits the observed state; dropped");
@@ -180,7 +117,7 @@ impl Inner {
             self.outbox.clear(pod);
         }
         for pod in &dropped.released {
-            self.assumed.remove(pod);
+            self.cache.remove(pod);
         }
         if !dropped.released.is_empty() {
             self.generation += 1;
@@ -296,12 +233,11 @@ impl Scheduler {
                 filtered: 0,
                 seen: Bounded::new(SEEN_PODS),
                 uids: HashMap::new(),
-                assumed: BTreeMap::new(),
+                cache: AssumeCache::default(),
                 mig_uuids: HashMap::new(),
                 base_reconfigs,
                 gangs: GangBook::default(),
                 outbox: Outbox::new(settings.persist_reservations),
-                base: None,
                 reconfigs_done: 0,
                 inflight: HashMap::new(),
                 bound_here: HashMap::new(),

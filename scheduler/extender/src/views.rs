@@ -53,7 +53,7 @@ impl Scheduler {
             .snap
             .allocations()
             .values()
-            .filter(|a| a.reserved_until_ms.is_some() || inner.assumed.contains_key(&a.pod))
+            .filter(|a| a.reserved_until_ms.is_some() || inner.cache.contains_key(&a.pod))
             .count();
         self.metrics.reservations.set(reserved as i64);
         (all, pools)
@@ -153,7 +153,7 @@ impl Scheduler {
             .map(|a| AllocationView {
                 state: if a.reserved_until_ms.is_some() {
                     AllocationState::Reserved
-                } else if inner.assumed.contains_key(&a.pod) {
+                } else if inner.cache.contains_key(&a.pod) {
                     AllocationState::Assumed
                 } else {
                     AllocationState::Bound
