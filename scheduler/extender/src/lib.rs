@@ -46,6 +46,7 @@ mod preempt;
 pub mod preemption;
 mod prioritize;
 pub mod reservations;
+mod restore;
 pub mod settings;
 pub mod state;
 pub mod tls;
