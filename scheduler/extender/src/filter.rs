@@ -156,7 +156,7 @@ impl Scheduler {
             }
             None => (format!("pod {}", d.pod), vec![d.clone()]),
         };
-        inner.want_preemption(key, members, now);
+        inner.preemptions.want(key, members, now);
         drop(inner);
         self.preempts_ready();
     }

@@ -27,6 +27,7 @@ use crate::binder::Binder;
 use crate::bounded::{Bounded, Seen};
 use crate::live::Deleted;
 use crate::metrics::Metrics;
+use crate::preemption::PreemptQueue;
 use crate::reservations::Outbox;
 
 pub use crate::bind::gpu_spec;
@@ -64,11 +65,8 @@ pub(crate) struct Inner {
     /// (a retried bind of one of them is answered from here).
     pub(crate) bound_here: HashMap<PodKey, (String, u64)>,
     pub(crate) deleted: VecDeque<Deleted>,
-    /// Preemptions started, by preemptor (pod or gang), and when (ms): not repeated while
-    /// their victims terminate.
-    pub(crate) preempting: HashMap<String, u64>,
-    /// Preemptors waiting for the preemption task: (key, members' demands).
-    pub(crate) preempt_queue: VecDeque<(String, Vec<Demand>)>,
+    /// Preemptors queued for tessera's own preemption, and those served lately.
+    pub(crate) preemptions: PreemptQueue,
     /// PodGroup status writes waiting for the writer, and the last status queued per group.
     pub(crate) group_writes: Vec<(String, String, tessera_api::podgroup::PodGroupStatus)>,
     pub(crate) group_written: HashMap<String, tessera_api::podgroup::PodGroupStatus>,
@@ -242,8 +240,7 @@ impl Scheduler {
                 inflight: HashMap::new(),
                 bound_here: HashMap::new(),
                 deleted: VecDeque::new(),
-                preempting: HashMap::new(),
-                preempt_queue: VecDeque::new(),
+                preemptions: PreemptQueue::default(),
                 group_writes: Vec::new(),
                 group_written: HashMap::new(),
             }),
