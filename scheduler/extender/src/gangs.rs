@@ -2,13 +2,23 @@
 //! its lifecycle as one [`Phase`]:
 //!
 //! ```text
-//!             plan (minMember pending, the plan fits)
-//!   Waiting ─────────────────────────────────────────► Planned ── every member reached bind ──► Open
-//!      ▲                                                  │                                      │
-//!      │                    deadline passed, member       │                                      │
-//!      │                    deleted, node refused, a      ▼                                      │
-//!      └──── next filter ◄──── Failed(why) ◄──── bind failed, cluster changed ◄──────────────────┘
-//!            replans                                                     every member bound: forgotten
+//!                                   restored from the
+//!                                   members' annotations
+//!                                            │
+//!                                            ▼
+//!   ┌─────────┐  minMember pending,     ┌─────────┐  every planned member   ┌──────┐
+//!   │ Waiting │ ──────────────────────► │ Planned │ ──────────────────────► │ Open │
+//!   └─────────┘  the plan fits          └─────────┘  reached bind           └──────┘
+//!                                         │     ▲                               │
+//!            deadline passed, a member    │     │ next filter: minMember        │ any of the
+//!            deleted, a node refused,     │     │ pending, the plan fits        │ same causes
+//!            a bind failed, the cluster   │     │                               │
+//!            changed under the plan       ▼     │                               │
+//!                                       ┌─────────────┐                         │
+//!                                       │ Failed(why) │ ◄───────────────────────┘
+//!                                       └─────────────┘
+//!   Planned or Open with every planned member bound: forgotten.
+//!   No plan, and no member filtered for two minutes: forgotten.
 //! ```
 //!
 //! The book holds no snapshot and reads no clock: its methods take the snapshot and the time

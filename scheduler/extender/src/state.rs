@@ -38,32 +38,41 @@ pub use crate::lookup::{Lookup, MemoryLookup};
 pub use crate::settings::Settings;
 pub use crate::views::allocation_workload;
 
+/// Everything behind the scheduler's lock: the snapshot and the components the verbs share.
 #[derive(Debug)]
 pub(crate) struct Inner {
     /// Shared with filters evaluating outside the lock; writers copy on write.
     pub(crate) snap: Arc<Snapshot>,
     /// Bumped on every change of `snap`; cached verdicts are valid only for their generation.
     pub(crate) generation: u64,
+    /// The expected workload (FGD's target), from the recent demands.
     pub(crate) workload: Arc<Workload>,
     pub(crate) recent: VecDeque<Demand>,
+    /// Filters answered, for how often the workload is worked out again.
     pub(crate) filtered: u64,
+    /// The last filter of each pod, for prioritize, bind and the views.
     pub(crate) seen: Bounded<Seen>,
+    /// Pod keys by UID (preempt names victims by UID).
     pub(crate) uids: HashMap<String, PodKey>,
+    /// Assumed pods and the last rebuild they are laid over.
     pub(crate) cache: AssumeCache,
     /// MIG instance UUIDs by (node, gpu, start), as the node agents report them.
     pub(crate) mig_uuids: HashMap<(NodeName, u32, u8), String>,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     pub(crate) base_reconfigs: u64,
+    /// Every gang's members, refusals and lifecycle.
     pub(crate) gangs: GangBook,
     /// Reservation annotations to write or remove (the leader's [`crate::reservations::writer`]).
     pub(crate) outbox: Outbox,
     /// MIG operations (instances created or destroyed, mode switches) that nodes applied for
     /// this replica's binds.
     pub(crate) reconfigs_done: u64,
+    /// Binds in progress, joined by kube-scheduler's retries.
     pub(crate) inflight: HashMap<PodKey, Inflight>,
     /// Pods this replica bound, with the node, until the informer has surely reported them
     /// (a retried bind of one of them is answered from here).
     pub(crate) bound_here: HashMap<PodKey, (String, u64)>,
+    /// Pods deleted lately, which a lagging rebuild must not bring back.
     pub(crate) deleted: VecDeque<Deleted>,
     /// Preemptors queued for tessera's own preemption, and those served lately.
     pub(crate) preemptions: PreemptQueue,
