@@ -144,3 +144,46 @@ impl AssumeCache {
         (snap, broken)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tessera_core::{GpuDemand, Grant, Node, NodeName};
+
+    use super::*;
+
+    fn whole(pod: &str, gpu: u32) -> (Placement, Demand) {
+        let placement =
+            Placement { node: NodeName("n1".into()), grants: vec![Grant::Whole { gpu }], ops: Vec::new(), score: 0.0 };
+        (placement, Demand::new(pod, GpuDemand::Whole { count: 1 }))
+    }
+
+    #[test]
+    fn assumed_pods_are_laid_over_a_rebuild_until_it_shows_them_or_they_expire() {
+        let rebuild = || Arc::new(Snapshot::new([Node::test("n1").with_gpus(2, "H100-80GB")]).unwrap());
+        let mut cache = AssumeCache::default();
+        for (pod, gpu, at_ms) in [("ml/a", 0, 0), ("ml/b", 1, 9_000)] {
+            let (placement, demand) = whole(pod, gpu);
+            cache.insert(PodKey::from(pod), Assumed { placement, demand, at_ms });
+        }
+        let base = rebuild();
+        let (snap, broken) = cache.lay_over(base.clone(), None, &GangBook::default());
+        assert!(broken.is_empty());
+        assert!(snap.allocation(&PodKey::from("ml/a")).is_some() && snap.allocation(&PodKey::from("ml/b")).is_some());
+        // The rebuild itself is left as the API showed it.
+        assert!(base.allocation(&PodKey::from("ml/a")).is_none());
+        assert_eq!(cache.len(), 2);
+
+        // A rebuild that shows ml/a bound takes it out of the cache; ml/a is older than the ttl.
+        let mut shown = Snapshot::new([Node::test("n1").with_gpus(2, "H100-80GB")]).unwrap();
+        let (placement, demand) = whole("ml/a", 0);
+        placement.apply(&mut shown, &demand, None).unwrap();
+        let (snap, _) = cache.lay_over(Arc::new(shown), Some((10_000, 5_000)), &GangBook::default());
+        assert!(!cache.contains_key(&PodKey::from("ml/a")) && cache.contains_key(&PodKey::from("ml/b")));
+        assert!(snap.allocation(&PodKey::from("ml/b")).is_some());
+
+        // Past its ttl, ml/b is forgotten too; the last rebuild is then the state as it is.
+        let (snap, _) = cache.lay_over(rebuild(), Some((20_000, 5_000)), &GangBook::default());
+        assert_eq!(cache.len(), 0);
+        assert!(snap.allocations().is_empty());
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tessera_core::policy::NodeVerdict;
-use tessera_core::{Demand, PodKey};
+use tessera_core::{Demand, PodKey, Snapshot};
 
 /// What the last filter saw for one pod.
 #[derive(Clone, Debug)]
@@ -51,5 +51,30 @@ impl<V> Bounded<V> {
     }
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
         self.map.values()
+    }
+}
+
+impl Bounded<Seen> {
+    /// Whether a member of `gang` was filtered (and is still remembered).
+    pub(crate) fn saw_gang(&self, gang: &str) -> bool {
+        self.values().any(|s| s.demand.as_ref().is_ok_and(|d| d.gang.as_ref().is_some_and(|g| g.name == gang)))
+    }
+
+    /// Pods refused on every node at their last filter within the ten minutes before `now_ms`,
+    /// holding nothing in `snap`: with `any_reason`, also those refused only for what a node
+    /// lacks (no GPUs yet, no GPU of the model), which a node's new GPUs may change.
+    pub(crate) fn refused_everywhere(&self, snap: &Snapshot, now_ms: u64, any_reason: bool) -> Vec<PodKey> {
+        self.iter()
+            .filter(|(k, s)| {
+                now_ms.saturating_sub(s.at_ms) <= 10 * 60_000
+                    && snap.allocation(k).is_none()
+                    && s.demand.is_ok()
+                    && !s.verdicts.is_empty()
+                    && s.verdicts.iter().all(|v| v.outcome.is_err())
+                    && (any_reason
+                        || s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable())))
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }

@@ -328,6 +328,17 @@ impl GangBook {
         self.dropped.insert((gang, deadline), until_ms);
     }
 
+    /// Records at `now_ms` that kube-scheduler did not take the plan's node for members of
+    /// `gang` that never reached bind, so the next plan leaves those nodes out for them.
+    pub(crate) fn refuse_unarrived(&mut self, gang: &str, now_ms: u64) {
+        if let Some(st) = self.gangs.get_mut(gang) {
+            for (pod, node) in st.unarrived() {
+                tracing::info!(%gang, %pod, %node, "Member never reached bind on its planned node; the next plan avoids it");
+                st.refuse(&pod, &node, now_ms);
+            }
+        }
+    }
+
     /// Gangs whose plan holds any of `pods`.
     pub(crate) fn planning_any(&self, pods: &[PodKey]) -> Vec<String> {
         self.gangs.iter().filter(|(_, st)| pods.iter().any(|p| st.planned(p))).map(|(n, _)| n.clone()).collect()

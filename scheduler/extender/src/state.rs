@@ -138,44 +138,25 @@ impl Inner {
 
     /// Whether this replica filtered a member of `gang` recently.
     pub(crate) fn seen_gang(&self, gang: &str) -> bool {
-        self.seen.values().any(|s| s.demand.as_ref().is_ok_and(|d| d.gang.as_ref().is_some_and(|g| g.name == gang)))
+        self.seen.saw_gang(gang)
     }
 
     /// Records that kube-scheduler did not take the plan's node for members that never reached
     /// bind, so the next plan of the gang leaves those nodes out for them.
     pub(crate) fn refuse_unarrived(&mut self, gang: &str, now_ms: u64) {
-        if let Some(st) = self.gangs.get_mut(gang) {
-            for (pod, node) in st.unarrived() {
-                tracing::info!(%gang, %pod, %node, "Member never reached bind on its planned node; the next plan avoids it");
-                st.refuse(&pod, &node, now_ms);
-            }
-        }
+        self.gangs.refuse_unarrived(gang, now_ms);
     }
 
     /// Pods this replica refused for lack of free devices at their last filter, not holding
     /// anything now, filtered within the last ten minutes: the ones kube-scheduler may park
     /// until its periodic flush.
     pub(crate) fn waiting_for_capacity(&self, now_ms: u64) -> Vec<PodKey> {
-        self.refused_everywhere(now_ms, false)
+        self.seen.refused_everywhere(&self.snap, now_ms, false)
     }
 
-    /// Pods refused on every node at their last filter within the last ten minutes, holding
-    /// nothing: with `any_reason`, also those refused only for what a node lacks (no GPUs yet,
-    /// no GPU of the model), which a node's new GPUs may change.
+    /// [`Bounded::refused_everywhere`] on the state as it is.
     pub(crate) fn refused_everywhere(&self, now_ms: u64, any_reason: bool) -> Vec<PodKey> {
-        self.seen
-            .iter()
-            .filter(|(k, s)| {
-                now_ms.saturating_sub(s.at_ms) <= 10 * 60_000
-                    && self.snap.allocation(k).is_none()
-                    && s.demand.is_ok()
-                    && !s.verdicts.is_empty()
-                    && s.verdicts.iter().all(|v| v.outcome.is_err())
-                    && (any_reason
-                        || s.verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable())))
-            })
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.seen.refused_everywhere(&self.snap, now_ms, any_reason)
     }
 }
 
