@@ -27,6 +27,7 @@ use crate::binder::Binder;
 use crate::bounded::{Bounded, Seen};
 use crate::live::Deleted;
 use crate::metrics::Metrics;
+use crate::podgroups::GroupWrites;
 use crate::preemption::PreemptQueue;
 use crate::reservations::Outbox;
 
@@ -77,8 +78,7 @@ pub(crate) struct Inner {
     /// Preemptors queued for tessera's own preemption, and those served lately.
     pub(crate) preemptions: PreemptQueue,
     /// PodGroup status writes waiting for the writer, and the last status queued per group.
-    pub(crate) group_writes: Vec<(String, String, tessera_api::podgroup::PodGroupStatus)>,
-    pub(crate) group_written: HashMap<String, tessera_api::podgroup::PodGroupStatus>,
+    pub(crate) group_writes: GroupWrites,
 }
 
 impl Inner {
@@ -231,8 +231,7 @@ impl Scheduler {
                 bound_here: HashMap::new(),
                 deleted: VecDeque::new(),
                 preemptions: PreemptQueue::default(),
-                group_writes: Vec::new(),
-                group_written: HashMap::new(),
+                group_writes: GroupWrites::default(),
             }),
             memos: (0..settings.threads.clamp(1, 8)).map(|_| Mutex::new(policy::Memo::new())).collect(),
             policy,
