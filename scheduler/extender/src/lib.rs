@@ -12,9 +12,12 @@
 //! - [`binder`]: the seam for effects (Binding, `GpuNode.spec`), for Kubernetes and in memory.
 //! - [`cluster`]: reflectors of Nodes, Pods, GpuNodes, PodGroups → core snapshot.
 //! - [`leader`]: which replica binds (follows its kube-scheduler's Lease).
-//! - [`reservations`]: gang reservations written on member pods, restored after a restart.
-//! - [`podgroups`]: PodGroup status (`phase`, `scheduled`, ...) as scheduler-plugins writes it.
-//! - [`preemption`]: priority preemption tessera performs itself (Eviction API), whole gangs only.
+//! - [`reservations`]: gang reservations written on member pods, restored after a restart (the
+//!   format, the pure restore, the outbox and its writer); `restore`: the scheduler's side.
+//! - [`podgroups`]: PodGroup status (`phase`, `scheduled`, ...) as scheduler-plugins writes it,
+//!   and the queue of status writes.
+//! - [`preemption`]: priority preemption tessera performs itself (Eviction API), whole gangs only,
+//!   and its queue of preemptors.
 //! - [`metrics`]: `tessera_*` metrics.
 //! - [`dashboard`]: the web GPU map at `GET /`.
 //! - [`demo`]: the in-memory demo cluster and model mix.
