@@ -7,7 +7,7 @@
 //! queues a status write when it differs from what the object shows; the annotation writer
 //! task performs the writes ([`Scheduler::write_reservations`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -84,6 +84,47 @@ pub fn status_of(
     }
 }
 
+/// A PodGroup status write: namespace, name, status.
+pub(crate) type GroupWrite = (String, String, PodGroupStatus);
+
+/// PodGroup status writes waiting for the writer, and the last status queued per group (so a
+/// status is queued once, not at every rebuild until the watch shows it).
+#[derive(Debug, Default)]
+pub(crate) struct GroupWrites {
+    pending: Vec<GroupWrite>,
+    written: HashMap<String, PodGroupStatus>,
+}
+
+impl GroupWrites {
+    /// Queues `want` for the group unless the object shows it or it was queued already.
+    /// Returns whether it was queued.
+    pub(crate) fn want(
+        &mut self,
+        ns: &str,
+        name: &str,
+        current: Option<&PodGroupStatus>,
+        want: PodGroupStatus,
+    ) -> bool {
+        let key = format!("{ns}/{name}");
+        if current == Some(&want) || self.written.get(&key) == Some(&want) {
+            return false;
+        }
+        self.written.insert(key, want.clone());
+        self.pending.push((ns.to_owned(), name.to_owned(), want));
+        true
+    }
+
+    /// The queued writes, in order; the queue is left empty.
+    pub(crate) fn take(&mut self) -> Vec<GroupWrite> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// A write failed: the status may be queued again.
+    pub(crate) fn failed(&mut self, ns: &str, name: &str) {
+        self.written.remove(&format!("{ns}/{name}"));
+    }
+}
+
 impl Scheduler {
     /// Queues status writes for the PodGroups tessera schedules (a member was filtered by this
     /// replica, or holds devices here) whose status differs from what it should be.
@@ -94,7 +135,7 @@ impl Scheduler {
         let counts = members(pods);
         let now = self.wall_at(self.now_ms()).to_string();
         let mut inner = self.lock();
-        let mut writes = Vec::new();
+        let mut queued = false;
         for g in groups {
             let (Some(ns), Some(name)) = (g.metadata.namespace.as_deref(), g.metadata.name.as_deref()) else {
                 continue;
@@ -106,16 +147,11 @@ impl Scheduler {
             if !ours {
                 continue;
             }
-            let planned = inner.gangs.get(&key).is_some_and(|st| st.plan.is_some());
+            let planned = inner.gangs.has_plan(&key);
             let m = counts.get(&key).copied().unwrap_or_default();
             let want = status_of(g.spec.min_member, m, planned, g.status.as_ref(), &now);
-            if g.status.as_ref() != Some(&want) && inner.group_written.get(&key) != Some(&want) {
-                inner.group_written.insert(key.clone(), want.clone());
-                writes.push((ns.to_owned(), name.to_owned(), want));
-            }
+            queued |= inner.group_writes.want(ns, name, g.status.as_ref(), want);
         }
-        let queued = !writes.is_empty();
-        inner.group_writes.extend(writes);
         drop(inner);
         if queued {
             self.writes_ready();
@@ -124,7 +160,7 @@ impl Scheduler {
 
     /// Performs the queued PodGroup status writes; returns how many succeeded.
     pub async fn write_pod_group_status(&self) -> usize {
-        let writes = std::mem::take(&mut self.lock().group_writes);
+        let writes = self.lock().group_writes.take();
         if writes.is_empty() || !self.is_leader() {
             return 0;
         }
@@ -133,7 +169,7 @@ impl Scheduler {
             match self.binder().pod_group_status(&ns, &name, &status).await {
                 Ok(()) => done += 1,
                 Err(e) => {
-                    self.lock().group_written.remove(&format!("{ns}/{name}"));
+                    self.lock().group_writes.failed(&ns, &name);
                     tracing::warn!(group = %format!("{ns}/{name}"), error = %e.chain(), "Writing PodGroup status failed");
                 }
             }
@@ -160,5 +196,19 @@ mod tests {
         assert_eq!((s.scheduled, s.running, s.schedule_start_time.as_deref()), (3, 1, Some("2026-01-01T00:00:00Z")));
         let kept = status_of(3, m(3, 3, 3, 0, 0), false, Some(&s), "later");
         assert_eq!(kept.schedule_start_time.as_deref(), Some("2026-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_status_is_queued_once_and_again_after_a_failed_write() {
+        let m = Members { total: 3, scheduled: 3, ..Members::default() };
+        let want = status_of(3, m, false, None, "t");
+        let mut w = GroupWrites::default();
+        assert!(!w.want("ml", "g", Some(&want), want.clone()), "the object shows it already");
+        assert!(w.want("ml", "g", None, want.clone()));
+        assert!(!w.want("ml", "g", None, want.clone()), "queued already");
+        assert_eq!(w.take().len(), 1);
+        assert!(w.take().is_empty());
+        w.failed("ml", "g");
+        assert!(w.want("ml", "g", None, want));
     }
 }

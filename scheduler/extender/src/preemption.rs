@@ -19,6 +19,7 @@
 //! [`PREEMPT_BACKOFF_MS`] while its victims terminate; their deletion frees the devices and
 //! nudges kube-scheduler to retry the pending pods.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tessera_core::gang;
 use tessera_core::{Context, Demand, GpuDemand, PodKey};
 
-use crate::state::{Inner, Scheduler};
+use crate::state::Scheduler;
 
 /// How long a preemptor waits before tessera evicts for it again.
 pub const PREEMPT_BACKOFF_MS: u64 = 60_000;
@@ -42,16 +43,37 @@ pub fn may_preempt(pod: &Pod) -> bool {
     pod.spec.as_ref().and_then(|s| s.preemption_policy.as_deref()) != Some("Never")
 }
 
-impl Inner {
+/// Preemptors waiting for the preemption task, and those served lately.
+#[derive(Debug, Default)]
+pub(crate) struct PreemptQueue {
+    /// Preemptions started, by preemptor (pod or gang), and when (ms): not repeated while
+    /// their victims terminate.
+    started: HashMap<String, u64>,
+    /// Preemptors waiting for the preemption task: (key, members' demands).
+    queue: VecDeque<(String, Vec<Demand>)>,
+}
+
+impl PreemptQueue {
     /// Queues a preemptor (a pod, or a gang by name with its pending members) unless it is
-    /// queued already or was served within [`PREEMPT_BACKOFF_MS`].
-    pub(crate) fn want_preemption(&mut self, key: String, members: Vec<Demand>, now_ms: u64) {
-        if self.preempting.get(&key).is_some_and(|at| now_ms.saturating_sub(*at) < PREEMPT_BACKOFF_MS)
-            || self.preempt_queue.iter().any(|(k, _)| *k == key)
+    /// queued already or was served within [`PREEMPT_BACKOFF_MS`] of `now_ms`.
+    pub(crate) fn want(&mut self, key: String, members: Vec<Demand>, now_ms: u64) {
+        if self.started.get(&key).is_some_and(|at| now_ms.saturating_sub(*at) < PREEMPT_BACKOFF_MS)
+            || self.queue.iter().any(|(k, _)| *k == key)
         {
             return;
         }
-        self.preempt_queue.push_back((key, members));
+        self.queue.push_back((key, members));
+    }
+
+    /// Every queued preemptor, in order; the queue is left empty.
+    pub(crate) fn take(&mut self) -> Vec<(String, Vec<Demand>)> {
+        self.queue.drain(..).collect()
+    }
+
+    /// `preemptor` is served at `now_ms`; older services past the backoff are forgotten.
+    pub(crate) fn start(&mut self, preemptor: &str, now_ms: u64) {
+        self.started.insert(preemptor.to_owned(), now_ms);
+        self.started.retain(|_, at| now_ms.saturating_sub(*at) < PREEMPT_BACKOFF_MS);
     }
 }
 
@@ -59,7 +81,7 @@ impl Scheduler {
     /// Serves every queued preemptor: chooses victims on the current state, checks every
     /// eviction in dry run, then evicts them. Returns the pods evicted. Only the leader evicts.
     pub async fn preempt_pass(&self) -> Vec<PodKey> {
-        let queued: Vec<(String, Vec<Demand>)> = self.lock().preempt_queue.drain(..).collect();
+        let queued: Vec<(String, Vec<Demand>)> = self.lock().preemptions.take();
         if queued.is_empty() || !self.is_leader() {
             return Vec::new();
         }
@@ -68,8 +90,7 @@ impl Scheduler {
             let now = self.now_ms();
             let victims = {
                 let mut inner = self.lock();
-                inner.preempting.insert(preemptor.clone(), now);
-                inner.preempting.retain(|_, at| now.saturating_sub(*at) < PREEMPT_BACKOFF_MS);
+                inner.preemptions.start(&preemptor, now);
                 let ctx = Context { workload: &inner.workload, seed: self.seed() };
                 gang::preemption_victims(&inner.snap, &members, self.policy_ref(), &ctx)
             };

@@ -6,24 +6,26 @@
 //! writes each planned member's reservation onto the member pod (`tessera.dev/reservation`, a
 //! [`Reservation`]) and removes it when the member binds or the plan is dropped; on every
 //! rebuild of the cluster state, plans found complete and unexpired on pending pods are reserved
-//! again ([`Scheduler::restore_reservations`]), with their original deadline.
+//! again (`restore`, from `Scheduler::restore_reservations`), with their original deadline.
 //!
-//! Writes go through an outbox drained by one task ([`writer`]), so filter and bind never wait
-//! for the API server; only the leader writes.
+//! Writes go through an outbox drained by one task ([`writer`]), so filter and bind never
+//! wait for the API server; only the leader writes. This module holds the annotation format, the
+//! pure restore over a snapshot and the gang book, the outbox and the writer task; it never sees
+//! the scheduler.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tessera_api::annotations::RESERVATION;
 use tessera_api::pod as podparse;
 use tessera_core::gang::GangPlan;
-use tessera_core::{Grant, MigOp, NodeName, Placement, PodKey};
+use tessera_core::{Demand, Grant, MigOp, NodeName, Placement, PodKey, Snapshot};
 
-use crate::state::{GangState, Scheduler};
+use crate::gangs::{GangBook, GangState};
 
 /// One planned member's reservation, as written on the pod.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,7 +166,7 @@ impl Outbox {
     }
 
     /// The writes in order, keeping only the last one per pod and key.
-    fn take(&mut self) -> Vec<(PodKey, &'static str, Option<String>)> {
+    pub(crate) fn take(&mut self) -> Vec<(PodKey, &'static str, Option<String>)> {
         let all = std::mem::take(&mut self.pending);
         let last: BTreeMap<(&PodKey, &str), usize> =
             all.iter().enumerate().map(|(i, (k, a, _))| ((k, *a), i)).collect();
@@ -173,172 +175,116 @@ impl Outbox {
     }
 }
 
-impl Scheduler {
-    /// The wall-clock time of a [`Scheduler::now_ms`] instant.
-    pub fn wall_at(&self, ms: u64) -> Timestamp {
-        let ahead = SignedDuration::from_millis(i64::try_from(ms).unwrap_or(i64::MAX));
-        self.origin_wall().checked_add(ahead).unwrap_or(Timestamp::MAX)
-    }
+/// A plan found on pods: the gang, its deadline as annotated, and each member's demand (read
+/// through the PodGroup lookup) with its reservation.
+pub(crate) type Carried = (String, String, Vec<(Demand, Reservation)>);
 
-    /// The reservation annotation of a plan member.
-    pub(crate) fn reservation_of(&self, plan: &GangPlan, placement: &Placement) -> Reservation {
-        Reservation {
-            gang: plan.gang.clone(),
-            node: placement.node.clone(),
-            grants: placement.grants.clone(),
-            ops: placement.ops.clone(),
-            deadline: deadline_text(self.wall_at(plan.deadline_ms)),
-            members: u32::try_from(plan.members.len()).unwrap_or(u32::MAX),
+/// Reserves again in `snap` the complete, unexpired `plans` unless `gangs` already holds a plan
+/// for the gang or dropped that very plan, and enters them in `gangs` as planned; queues in
+/// `outbox` the removal of the `stale` reservations (pod, why, pending) and of plans that do not
+/// fit. `now` is the wall-clock time, `now_ms` the same instant in the scheduler's clock.
+/// Returns the gangs restored.
+pub(crate) fn restore(
+    plans: Vec<Carried>,
+    stale: Vec<(PodKey, String, bool)>,
+    snap: &mut Arc<Snapshot>,
+    gangs: &mut GangBook,
+    outbox: &mut Outbox,
+    now: Timestamp,
+    now_ms: u64,
+) -> Vec<String> {
+    let mut restored = Vec::new();
+    for (pod, why, pending) in stale {
+        // A pending pod of a plan this replica holds is left alone: its writes are in flight.
+        let live = pending && (snap.allocation(&pod).is_some() || gangs.values().any(|st| st.planned(&pod)));
+        if !live {
+            tracing::info!(%pod, reason = %why, "Removing a gang reservation that will not be used");
+            outbox.clear(pod);
         }
     }
-
-    /// Reserves again the complete, unexpired gang plans that pending pods carry, unless this
-    /// replica already holds a plan for the gang or dropped that very plan; queues the removal
-    /// of reservations that will never be used. Returns the gangs restored.
-    pub fn restore_reservations(&self, pods: &[Arc<Pod>]) -> Vec<String> {
-        self.restore_reservations_at(pods, Timestamp::now())
-    }
-
-    /// [`Scheduler::restore_reservations`] at wall-clock `now`.
-    pub fn restore_reservations_at(&self, pods: &[Arc<Pod>], now: Timestamp) -> Vec<String> {
-        let found = collect(pods, now);
-        if found.plans.is_empty() && found.stale.is_empty() {
-            return Vec::new();
+    for (gang, deadline, members) in plans {
+        let held = gangs.has_plan(&gang);
+        let dropped = gangs.was_dropped(&gang, &deadline);
+        let Some(gang_ref) = members.first().and_then(|(d, _)| d.gang.clone()) else { continue };
+        if held || dropped || members.len() != members.first().map_or(0, |(_, r)| r.members as usize) {
+            continue;
         }
-        // Demands first: the PodGroup lookup takes its own locks.
-        let mut plans = Vec::new();
-        let mut stale = found.stale;
-        'plans: for ((gang, deadline), members) in found.plans {
-            let mut with_demand = Vec::new();
-            for (pod, r) in members {
-                let Ok(key) = podparse::pod_key(&pod) else { continue 'plans };
-                match self.demand_of(&pod) {
-                    Ok(d) if d.gang.as_ref().is_some_and(|g| g.name == gang) => with_demand.push((d, r)),
-                    Ok(_) => stale.push((key, format!("the pod is no longer a member of gang {gang}"), true)),
-                    Err(e) => stale.push((key, e.to_string(), true)),
-                }
-            }
-            plans.push((gang, deadline, with_demand));
+        if members.iter().any(|(d, _)| snap.allocation(&d.pod).is_some()) {
+            continue;
         }
-        let now_ms = self.now_ms();
-        let mut restored = Vec::new();
-        let mut inner = self.lock();
-        for (pod, why, pending) in stale {
-            // A pending pod of a plan this replica holds is left alone: its writes are in flight.
-            let live =
-                pending && (inner.snap.allocation(&pod).is_some() || inner.gangs.values().any(|st| st.planned(&pod)));
-            if !live {
-                tracing::info!(%pod, reason = %why, "Removing a gang reservation that will not be used");
-                inner.outbox.clear(pod);
+        let Some(left) = members.first().and_then(|(_, r)| r.deadline_at().ok()).map(|at| at.duration_since(now))
+        else {
+            continue;
+        };
+        // The annotation is pod data anyone who may edit the pod can write: it is trusted
+        // only as far as a plan of this gang could go. It never outlives the gang's own
+        // timeout, covers at least `minMember` pods, and each member's devices are what its
+        // demand asks for on a node that may host it.
+        let left_ms = u64::try_from(left.as_millis()).unwrap_or(0).min(gang_ref.timeout_ms);
+        let deadline_ms = now_ms.saturating_add(left_ms);
+        let snap = Arc::make_mut(snap);
+        let cp = snap.checkpoint();
+        let mut failed = (members.len() < gang_ref.min_member as usize)
+            .then(|| format!("{} members planned, the gang needs {}", members.len(), gang_ref.min_member));
+        for (d, r) in &members {
+            if failed.is_some() {
+                break;
             }
-        }
-        for (gang, deadline, members) in plans {
-            let held = inner.gangs.get(&gang).is_some_and(|st| st.plan.is_some());
-            let dropped = inner.dropped_plans.contains_key(&(gang.clone(), deadline.clone()));
-            let Some(gang_ref) = members.first().and_then(|(d, _)| d.gang.clone()) else { continue };
-            if held || dropped || members.len() != members.first().map_or(0, |(_, r)| r.members as usize) {
-                continue;
-            }
-            if members.iter().any(|(d, _)| inner.snap.allocation(&d.pod).is_some()) {
-                continue;
-            }
-            let Some(left) = members.first().and_then(|(_, r)| r.deadline_at().ok()).map(|at| at.duration_since(now))
-            else {
-                continue;
+            let fits = match snap.node(&r.node) {
+                Some(node) => tessera_core::placement::check_grants(node, d, &r.grants, &r.ops),
+                None => Err(format!("node {} is unknown", r.node)),
             };
-            // The annotation is pod data anyone who may edit the pod can write: it is trusted
-            // only as far as a plan of this gang could go. It never outlives the gang's own
-            // timeout, covers at least `minMember` pods, and each member's devices are what its
-            // demand asks for on a node that may host it.
-            let left_ms = u64::try_from(left.as_millis()).unwrap_or(0).min(gang_ref.timeout_ms);
-            let deadline_ms = now_ms.saturating_add(left_ms);
-            let snap = Arc::make_mut(&mut inner.snap);
-            let cp = snap.checkpoint();
-            let mut failed = (members.len() < gang_ref.min_member as usize)
-                .then(|| format!("{} members planned, the gang needs {}", members.len(), gang_ref.min_member));
-            for (d, r) in &members {
-                if failed.is_some() {
-                    break;
-                }
-                let fits = match snap.node(&r.node) {
-                    Some(node) => tessera_core::placement::check_grants(node, d, &r.grants, &r.ops),
-                    None => Err(format!("node {} is unknown", r.node)),
-                };
-                if let Err(e) =
-                    fits.and_then(|()| r.placement().apply(snap, d, Some(deadline_ms)).map_err(|e| e.to_string()))
-                {
-                    failed = Some(format!("pod {}: {e}", d.pod));
-                }
+            if let Err(e) =
+                fits.and_then(|()| r.placement().apply(snap, d, Some(deadline_ms)).map_err(|e| e.to_string()))
+            {
+                failed = Some(format!("pod {}: {e}", d.pod));
             }
-            if let Some(why) = failed {
-                snap.rollback(cp);
-                tracing::warn!(%gang, reason = %why, "A persisted gang plan does not fit its members or the cluster; dropped");
-                for (d, _) in &members {
-                    inner.outbox.clear(d.pod.clone());
-                }
-                inner.dropped_plans.insert((gang, deadline), deadline_ms);
-                continue;
+        }
+        if let Some(why) = failed {
+            snap.rollback(cp);
+            tracing::warn!(%gang, reason = %why, "A persisted gang plan does not fit its members or the cluster; dropped");
+            for (d, _) in &members {
+                outbox.clear(d.pod.clone());
             }
-            let plan = GangPlan {
-                gang: gang.clone(),
-                members: members.iter().map(|(d, r)| (d.pod.clone(), r.placement())).collect(),
-                deadline_ms,
-            };
-            let mut st = GangState::new(&gang_ref);
-            st.members = members.iter().map(|(d, _)| (d.pod.clone(), (d.clone(), now_ms))).collect();
-            st.plan = Some(plan);
-            st.deadline = Some(deadline);
-            inner.gangs.insert(gang.clone(), st);
-            inner.generation += 1;
-            tracing::info!(%gang, members = members.len(), "Gang reservation restored from its members' annotations");
-            restored.push(gang);
+            gangs.remember_dropped(gang, deadline, deadline_ms);
+            continue;
         }
-        let has_writes = !inner.outbox.is_empty();
-        drop(inner);
-        if has_writes {
-            self.writes_ready();
-        }
-        restored
+        let plan = GangPlan {
+            gang: gang.clone(),
+            members: members.iter().map(|(d, r)| (d.pod.clone(), r.placement())).collect(),
+            deadline_ms,
+        };
+        let mut st = GangState::new(&gang_ref);
+        st.members = members.iter().map(|(d, _)| (d.pod.clone(), (d.clone(), now_ms))).collect();
+        st.planned_with(plan, Some(deadline));
+        gangs.insert(gang.clone(), st);
+        tracing::info!(%gang, members = members.len(), "Gang reservation restored from its members' annotations");
+        restored.push(gang);
     }
-
-    /// Performs the queued annotation writes; returns how many succeeded. A follower drops them:
-    /// only the leader writes (it is the one that plans and binds).
-    pub async fn write_reservations(&self) -> usize {
-        let writes = self.lock().outbox.take();
-        if writes.is_empty() || !self.is_leader() {
-            return 0;
-        }
-        let mut done = 0;
-        for (pod, key, value) in writes {
-            // A pod deleted while its write waited: nothing to write to.
-            if self.is_deleted(&pod) {
-                continue;
-            }
-            match self.binder().annotate(&pod, key, value.as_deref()).await {
-                Ok(()) => done += 1,
-                // A lost write costs only the plan's survival across a restart (or one early
-                // retry), never a bind.
-                Err(e) => tracing::warn!(%pod, annotation = key, error = %e.chain(), "Writing a pod annotation failed"),
-            }
-        }
-        done
-    }
+    restored
 }
 
 /// A deadline as written in the annotation: RFC 3339, UTC, whole milliseconds.
-fn deadline_text(t: Timestamp) -> String {
+pub(crate) fn deadline_text(t: Timestamp) -> String {
     Timestamp::from_millisecond(t.as_millisecond()).unwrap_or(t).to_string()
 }
 
+/// What the [`writer`] drains: a signal that something is queued, and one round of writes.
+pub trait Drain: Send + Sync + 'static {
+    /// Resolves when something is queued.
+    fn wait(&self) -> impl Future<Output = ()> + Send;
+    /// Performs what is queued.
+    fn drain(&self) -> impl Future<Output = ()> + Send;
+}
+
 /// Drains the outbox whenever something is queued (and at least every second).
-pub async fn writer(scheduler: Arc<Scheduler>) {
+pub async fn writer<D: Drain>(queue: Arc<D>) {
     loop {
         tokio::select! {
-            () = scheduler.writes_wait() => {}
+            () = queue.wait() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        scheduler.write_reservations().await;
-        scheduler.write_pod_group_status().await;
+        queue.drain().await;
     }
 }
 
