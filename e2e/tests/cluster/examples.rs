@@ -157,9 +157,17 @@ async fn example(ctx: Ctx, file: String) -> Result<()> {
                 ensure!(a.devices.len() == 2, "{:?} asked nvidia.com/gpu: 2, got {a:?}", p.metadata.name);
             }
             no_device_twice(m.iter().map(|(_, _, a)| a))?;
-            let pg: tessera_api::PodGroup = kube::Api::namespaced(c.client.clone(), "default").get("finetune").await?;
-            let status = serde_json::to_value(&pg)?["status"].clone();
-            ensure!(status["scheduled"].as_i64() == Some(4), "PodGroup status should count 4 scheduled: {status}");
+            // The status is written after the rebuild that shows the binds, a moment later.
+            let groups: kube::Api<tessera_api::PodGroup> = kube::Api::namespaced(c.client.clone(), "default");
+            tessera_e2e::until("the PodGroup status to count 4 scheduled", Duration::from_secs(30), || {
+                let groups = groups.clone();
+                async move {
+                    let status = serde_json::to_value(groups.get("finetune").await?)?["status"].clone();
+                    ensure!(status["scheduled"].as_i64() == Some(4), "PodGroup status: {status}");
+                    Ok(Some(()))
+                }
+            })
+            .await?;
         }
         "gang-annotations.yaml" => {
             let m = c.wait_all_bound("default", "app=shard", 4, WAIT).await?;
