@@ -211,13 +211,19 @@ where
         .filter_map(assignment_of)
         .flat_map(|a| a.devices.iter().map(|d| (a.node.clone(), d.index)).collect::<Vec<_>>())
         .collect();
+    let mut layouts = Vec::new();
+    let mut built_nodes = Vec::new();
     for kn in nodes.iter().map(Borrow::borrow) {
         let Some(name) = kn.metadata.name.as_deref() else { continue };
         let gn = by_name.get(name).copied();
         let Some((node, ops)) = node_of(kn, gn, &assigned, &mut b.warnings) else { continue };
-        let nn = node.name.clone();
-        if let Err(e) = b.snap.add_node(node) {
-            b.warnings.push(e.to_string());
+        layouts.push((node.name.clone(), gn, ops));
+        built_nodes.push(node);
+    }
+    // All at once: one sort and one index for the whole cluster.
+    b.warnings.extend(b.snap.add_nodes(built_nodes).iter().map(ToString::to_string));
+    for (nn, gn, ops) in layouts {
+        if b.snap.node(&nn).is_none() {
             continue;
         }
         for op in ops {

@@ -134,3 +134,34 @@ fn reservations_are_confirmed_in_place() {
     assert_eq!(s.allocation(&"a/p1".into()).and_then(|a| a.reserved_until_ms), None);
     assert_eq!(s.audit(), Ok(()));
 }
+
+#[test]
+fn nodes_added_at_once_are_sorted_indexed_and_checked_like_one_by_one() {
+    let mut s = snap(vec![Node::test("b").with_gpus(1, "H100-80GB")]);
+    let mut busy = Node::test("x").with_gpus(1, "H100-80GB");
+    busy.used_cpu_milli = 1;
+    let errors = s.add_nodes([
+        Node::test("d").with_gpus(2, "H100-80GB"),
+        Node::test("a").with_gpus(1, "H100-80GB"),
+        Node::test("b").with_gpus(1, "H100-80GB"),
+        Node::test("c"),
+        Node::test("a"),
+        busy,
+    ]);
+    let why: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(why.len(), 3, "{why:?}");
+    assert!(matches!(errors[0], Error::DuplicateNode(ref n) if n.0 == "b"), "{why:?}");
+    assert!(matches!(errors[1], Error::DuplicateNode(ref n) if n.0 == "a"), "{why:?}");
+    assert!(why[2].contains("added with allocations"), "{why:?}");
+    let names: Vec<&str> = s.nodes().iter().map(|n| n.name.0.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    for (i, n) in s.nodes().iter().enumerate() {
+        assert_eq!(s.node_index(&n.name), Some(i));
+    }
+    assert_eq!(s.max_node_gpus(), 2);
+    // Journaled like add_node: a rollback takes them out again.
+    let cp = s.checkpoint();
+    assert!(s.add_nodes([Node::test("e")]).is_empty());
+    s.rollback(cp);
+    assert!(s.node(&"e".into()).is_none());
+}
