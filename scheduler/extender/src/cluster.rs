@@ -96,6 +96,9 @@ impl Events {
     }
 }
 
+/// kubectl's record of the object it last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// A reflector whose every change (added, modified, deleted, relisted) wakes `changed`, and
 /// whose events go to `on_event` after the store has taken them.
 fn spawn_reflector<K>(
@@ -107,7 +110,16 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    // The caches keep every object of the cluster: drop the parts tessera never reads (the
+    // field-manager records and kubectl's copy of the applied object), often most of a Pod.
+    let slim = watcher(api, watcher::Config::default()).modify(|o: &mut K| {
+        let meta = o.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+    });
+    let stream = reflector::reflector(writer, slim).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
