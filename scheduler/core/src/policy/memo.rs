@@ -246,6 +246,29 @@ pub fn place_memo(
     result
 }
 
+/// Finds node names in a snapshot, expecting each name to follow the previous one in node
+/// order: kube-scheduler lists the nodes it offers in its own node order (all of them, or a
+/// window of them that wraps around once), so one name comparison usually replaces a search of
+/// the name index.
+#[derive(Debug, Default)]
+pub struct NameCursor {
+    next: usize,
+}
+
+impl NameCursor {
+    /// The index of `name` in `snap`'s nodes.
+    pub fn find(&mut self, snap: &Snapshot, name: &crate::cluster::NodeName) -> Option<usize> {
+        let nodes = snap.nodes();
+        let ni = match nodes.get(self.next) {
+            Some(n) if n.name == *name => self.next,
+            _ if self.next == nodes.len() && nodes.first().is_some_and(|n| n.name == *name) => 0,
+            _ => snap.node_index(name)?,
+        };
+        self.next = ni + 1;
+        Some(ni)
+    }
+}
+
 /// [`super::evaluate`] with a memo: per-node verdicts for every node (or the named ones), as
 /// the extender's filter needs them, reusing verdicts of nodes whose state has not changed.
 pub fn evaluate_memo(
@@ -262,16 +285,17 @@ pub fn evaluate_memo(
     demand.validate()?;
     memo.ready(snap, policy, ctx);
     let sh = demand_shape(demand);
-    let indices: Vec<Result<usize, &crate::cluster::NodeName>> = match only {
-        None => (0..snap.nodes().len()).map(Ok).collect(),
-        Some(names) => names.iter().map(|n| snap.node_index(n).ok_or(n)).collect(),
-    };
     let ask = Ask { snap, demand, policy, ctx };
     let (table, scratch) = memo.table(sh, snap.nodes().len());
     let (mut hits, mut misses) = (0u64, 0u64);
-    let mut out = Vec::with_capacity(indices.len());
-    for i in indices {
-        let ni = match i {
+    let mut out = Vec::with_capacity(only.map_or(snap.nodes().len(), <[_]>::len));
+    let mut at = NameCursor::default();
+    for i in 0..only.map_or(snap.nodes().len(), <[_]>::len) {
+        let found = match only {
+            None => Ok(i),
+            Some(names) => at.find(snap, &names[i]).ok_or(&names[i]),
+        };
+        let ni = match found {
             Ok(ni) => ni,
             Err(name) => {
                 out.push(super::NodeVerdict {
