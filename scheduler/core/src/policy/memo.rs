@@ -113,11 +113,22 @@ impl Memo {
 
     fn ready(&mut self, snap: &Snapshot, policy: &dyn Policy, ctx: &Context<'_>) {
         let key = (policy.name(), ctx.seed, fingerprint(ctx), snap.max_node_cpu_milli(), snap.max_node_gpus());
-        if self.context != Some(key) || self.cells > MAX_CELLS {
+        if self.cells > MAX_CELLS {
             self.tables.clear();
             self.cells = 0;
-            self.context = Some(key);
+        } else if self.context.is_some() && self.context != Some(key) {
+            // Scores depend on the policy, the workload, the seed and the largest node; whether
+            // a node can host a shape, and why not, depends only on the node and the shape. A new
+            // context forgets the cells of nodes that fit and keeps the refusals.
+            for t in self.tables.values_mut() {
+                for (v, e) in t.version.iter_mut().zip(&t.verdict) {
+                    if matches!(e, Entry::Fits(..) | Entry::Open(_)) {
+                        *v = EMPTY;
+                    }
+                }
+            }
         }
+        self.context = Some(key);
     }
 
     /// `shape`'s table, sized for the snapshot's nodes, and the scratch buffers.

@@ -653,3 +653,52 @@ fn extender_scores_of_covered_names_equal_the_scores_by_name() {
     let ghost: Vec<NodeName> = fit.iter().cloned().chain([NodeName::from("ghost")]).collect();
     assert_eq!(extender_scores_covering(&v, &ghost), None);
 }
+
+#[test]
+fn memo_stays_exact_when_the_workload_seed_or_policy_change() {
+    // A new context keeps the cached refusals (they depend on the node and the shape only) and
+    // scores the nodes that fit afresh.
+    let mut a = crate::testing::synth_cluster(12, 30);
+    let mut b = a.clone();
+    let w1 = mig_workload();
+    let w2 = Workload::from_demands(
+        [
+            Demand::new("ns/w", GpuDemand::Whole { count: 2 }),
+            Demand::new("ns/s", GpuDemand::Share { milli: 500 }),
+            Demand::new("ns/s2", GpuDemand::Share { milli: 500 }),
+        ]
+        .iter(),
+    );
+    let shapes = [
+        GpuDemand::Whole { count: 8 },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+        GpuDemand::Share { milli: 700 },
+        GpuDemand::Whole { count: 2 },
+    ];
+    let names: Vec<NodeName> = a.nodes().iter().map(|n| n.name.clone()).collect();
+    let mut memo = Memo::new();
+    let (mut placed, mut refused) = (0, 0);
+    for i in 0..96 {
+        let w = if (i / 5) % 2 == 0 { &w1 } else { &w2 };
+        let policy = ["tessera", "fgd", "tessera", "random"][(i / 7) % 4];
+        let p = by_name(policy).unwrap_or_else(|| panic!("{policy}"));
+        let ctx = Context { workload: w, seed: (i / 11) as u64 };
+        let d = Demand::new(PodKey(format!("ns/p{i}")), shapes[i % shapes.len()].clone()).with_cpu(4000, 4096);
+        let fresh = evaluate(&a, &d, p.as_ref(), &ctx, Some(&names)).unwrap_or_else(|e| panic!("{e}"));
+        let cached = evaluate_memo(&b, &d, p.as_ref(), &ctx, Some(&names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fresh, cached, "{policy} verdicts {i}");
+        let fresh = place(&a, &d, p.as_ref(), &ctx);
+        let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
+        assert_eq!(fresh, cached, "{policy} decision {i}");
+        match fresh {
+            Ok(pl) => {
+                placed += 1;
+                pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(placed > 10 && refused > 5, "{placed} placed, {refused} refused");
+    assert!(memo.hits > 0);
+}
