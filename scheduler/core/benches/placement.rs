@@ -7,11 +7,13 @@
 //! state of a running scheduler, where only nodes changed since the last decision of the same
 //! shape are evaluated again. Group `steady`: as `memo`, but each iteration also binds the
 //! chosen placement and releases it again, so every decision finds one node changed since the
-//! last one (a running scheduler between two binds).
+//! last one (a running scheduler between two binds). Group `verdicts`: the extender's filter
+//! with every node of a 5,000-node cluster named, memo warm (name lookups, verdict copies).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tessera_core::cluster::NodeName;
 use tessera_core::demand::{Demand, GpuDemand};
-use tessera_core::policy::{Context, Memo, Workload, by_name, place, place_memo};
+use tessera_core::policy::{Context, Memo, Workload, by_name, evaluate_memo, place, place_memo};
 use tessera_core::testing::synth_cluster;
 
 fn demands() -> Vec<(&'static str, Demand)> {
@@ -85,5 +87,33 @@ fn warm(c: &mut Criterion, name: &str, bind: bool) {
     group.finish();
 }
 
-criterion_group!(benches, filter_and_score, memoised, steady);
+/// The extender's filter at full cluster size: per-node verdicts for all 5,000 nodes named in
+/// the request (`evaluate_memo` with every name), memo warm. The time is the name lookups and
+/// the verdict copies the filter reply is written from.
+fn verdicts_by_name(c: &mut Criterion) {
+    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
+    let workload = Workload::from_demands(mix.iter());
+    let mut group = c.benchmark_group("verdicts");
+    group.sample_size(20);
+    let snap = synth_cluster(7, 5_000);
+    let names: Vec<NodeName> = snap.nodes().iter().map(|n| n.name.clone()).collect();
+    // kube-scheduler's order: its node list from a rotating start.
+    let rotated: Vec<NodeName> = names[1234..].iter().chain(&names[..1234]).cloned().collect();
+    let p = by_name("tessera").unwrap_or_else(|| unreachable!());
+    let ctx = Context { workload: &workload, seed: 1 };
+    for (order, names) in [("sorted", &names), ("rotated", &rotated)] {
+        for (kind, d) in demands() {
+            let mut memo = Memo::new();
+            let _ = evaluate_memo(&snap, &d, p.as_ref(), &ctx, Some(names), &mut memo);
+            let param = format!("nodes=5000,named=5000,order={order},policy=tessera,demand={kind}");
+            group.throughput(Throughput::Elements(1));
+            group.bench_function(BenchmarkId::from_parameter(param), |b| {
+                b.iter(|| evaluate_memo(&snap, &d, p.as_ref(), &ctx, Some(names), &mut memo));
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, filter_and_score, memoised, steady, verdicts_by_name);
 criterion_main!(benches);

@@ -159,6 +159,54 @@ fn main() {
             println!("core evaluate alone (one thread, same workload): p50 {:.2} ms p99 {:.2} ms", pct(&mut times, 0.5).as_secs_f64() * 1000.0, pct(&mut times, 0.99).as_secs_f64() * 1000.0);
         }
 
+        // Where a pair's time goes, in process (no HTTP): decode, the verb, reply encoding. Run
+        // after a warm-up of every shape, so these are the memo's steady state.
+        {
+            let sched = Scheduler::new(
+                tessera_core::testing::synth_cluster(7, o.nodes),
+                tessera_core::policy::by_name("tessera").expect("policy"),
+                Arc::new(MemoryBinder::default()),
+                Arc::new(MemoryLookup::default()),
+                Settings::default(),
+            );
+            for b in bodies[0].iter().take(12) {
+                let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_slice(b).expect("decode");
+                let _ = sched.filter_reply(args);
+            }
+            let reps = 60.min(bodies[0].len());
+            let (mut dec, mut fil, mut fenc, mut pri, mut penc) = (vec![], vec![], vec![], vec![], vec![]);
+            let mut out = Vec::new();
+            for b in bodies[0].iter().skip(12).take(reps) {
+                let t = Instant::now();
+                let args: tessera_scheduler::wire::ExtenderArgs = serde_json::from_slice(b).expect("decode");
+                let args2 = args.clone();
+                dec.push(t.elapsed());
+                let t = Instant::now();
+                let reply = sched.filter_reply(args);
+                fil.push(t.elapsed());
+                let t = Instant::now();
+                out.clear();
+                serde_json::to_writer(&mut out, &reply).expect("encode");
+                fenc.push(t.elapsed());
+                let t = Instant::now();
+                let list = sched.prioritize(args2).expect("prioritize");
+                pri.push(t.elapsed());
+                let t = Instant::now();
+                out.clear();
+                serde_json::to_writer(&mut out, &list).expect("encode");
+                penc.push(t.elapsed());
+            }
+            let us = |v: &mut Vec<Duration>| pct(v, 0.5).as_secs_f64() * 1e6;
+            println!(
+                "in process, p50 of {reps}: decode {:.0} us, filter {:.0} us, filter reply encode {:.0} us, prioritize {:.0} us, prioritize reply encode {:.0} us",
+                us(&mut dec),
+                us(&mut fil),
+                us(&mut fenc),
+                us(&mut pri),
+                us(&mut penc)
+            );
+        }
+
         // Warm-up.
         let mut s = TcpStream::connect(addr).await.expect("connect");
         let mut buf = Vec::new();

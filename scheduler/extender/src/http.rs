@@ -66,9 +66,20 @@ pub struct App {
 
 type Resp = Response<Full<Bytes>>;
 
+/// Largest buffer a reply starts with (about 50,000 node names).
+const MAX_REPLY_HINT: usize = 1 << 20;
+
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
-    let body =
-        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"Error\":\"encoding reply: {e}\"}}").into_bytes());
+    json_sized(status, value, 0)
+}
+
+/// [`json`] into a buffer of `size_hint` bytes to begin with: filter and prioritize replies
+/// name about as many nodes as their request, so its size saves growing the buffer in steps.
+fn json_sized<T: Serialize>(status: StatusCode, value: &T, size_hint: usize) -> Resp {
+    let mut body = Vec::with_capacity(size_hint.clamp(128, MAX_REPLY_HINT));
+    if let Err(e) = serde_json::to_writer(&mut body, value) {
+        body = format!("{{\"Error\":\"encoding reply: {e}\"}}").into_bytes();
+    }
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -224,14 +235,14 @@ impl App {
             "/filter" => {
                 let _t = Timer::start(&s.metrics, "filter");
                 match decode("filter", &body) {
-                    Ok(args) => json(StatusCode::OK, &s.filter_reply(args)),
+                    Ok(args) => json_sized(StatusCode::OK, &s.filter_reply(args), body.len()),
                     Err(e) => self.verb_error(path, &e),
                 }
             }
             "/prioritize" => {
                 let _t = Timer::start(&s.metrics, "prioritize");
                 match decode("prioritize", &body).and_then(|args| s.prioritize(args)) {
-                    Ok(list) => json(StatusCode::OK, &list),
+                    Ok(list) => json_sized(StatusCode::OK, &list, body.len()),
                     Err(e) => {
                         s.metrics.decision("prioritize", e.kind());
                         error_response(&e)

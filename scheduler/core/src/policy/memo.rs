@@ -113,11 +113,22 @@ impl Memo {
 
     fn ready(&mut self, snap: &Snapshot, policy: &dyn Policy, ctx: &Context<'_>) {
         let key = (policy.name(), ctx.seed, fingerprint(ctx), snap.max_node_cpu_milli(), snap.max_node_gpus());
-        if self.context != Some(key) || self.cells > MAX_CELLS {
+        if self.cells > MAX_CELLS {
             self.tables.clear();
             self.cells = 0;
-            self.context = Some(key);
+        } else if self.context.is_some() && self.context != Some(key) {
+            // Scores depend on the policy, the workload, the seed and the largest node; whether
+            // a node can host a shape, and why not, depends only on the node and the shape. A new
+            // context forgets the cells of nodes that fit and keeps the refusals.
+            for t in self.tables.values_mut() {
+                for (v, e) in t.version.iter_mut().zip(&t.verdict) {
+                    if matches!(e, Entry::Fits(..) | Entry::Open(_)) {
+                        *v = EMPTY;
+                    }
+                }
+            }
         }
+        self.context = Some(key);
     }
 
     /// `shape`'s table, sized for the snapshot's nodes, and the scratch buffers.
@@ -246,6 +257,29 @@ pub fn place_memo(
     result
 }
 
+/// Finds node names in a snapshot, expecting each name to follow the previous one in node
+/// order: kube-scheduler lists the nodes it offers in its own node order (all of them, or a
+/// window of them that wraps around once), so one name comparison usually replaces a search of
+/// the name index.
+#[derive(Debug, Default)]
+pub struct NameCursor {
+    next: usize,
+}
+
+impl NameCursor {
+    /// The index of `name` in `snap`'s nodes.
+    pub fn find(&mut self, snap: &Snapshot, name: &crate::cluster::NodeName) -> Option<usize> {
+        let nodes = snap.nodes();
+        let ni = match nodes.get(self.next) {
+            Some(n) if n.name == *name => self.next,
+            _ if self.next == nodes.len() && nodes.first().is_some_and(|n| n.name == *name) => 0,
+            _ => snap.node_index(name)?,
+        };
+        self.next = ni + 1;
+        Some(ni)
+    }
+}
+
 /// [`super::evaluate`] with a memo: per-node verdicts for every node (or the named ones), as
 /// the extender's filter needs them, reusing verdicts of nodes whose state has not changed.
 pub fn evaluate_memo(
@@ -262,16 +296,17 @@ pub fn evaluate_memo(
     demand.validate()?;
     memo.ready(snap, policy, ctx);
     let sh = demand_shape(demand);
-    let indices: Vec<Result<usize, &crate::cluster::NodeName>> = match only {
-        None => (0..snap.nodes().len()).map(Ok).collect(),
-        Some(names) => names.iter().map(|n| snap.node_index(n).ok_or(n)).collect(),
-    };
     let ask = Ask { snap, demand, policy, ctx };
     let (table, scratch) = memo.table(sh, snap.nodes().len());
     let (mut hits, mut misses) = (0u64, 0u64);
-    let mut out = Vec::with_capacity(indices.len());
-    for i in indices {
-        let ni = match i {
+    let mut out = Vec::with_capacity(only.map_or(snap.nodes().len(), <[_]>::len));
+    let mut at = NameCursor::default();
+    for i in 0..only.map_or(snap.nodes().len(), <[_]>::len) {
+        let found = match only {
+            None => Ok(i),
+            Some(names) => at.find(snap, &names[i]).ok_or(&names[i]),
+        };
+        let ni = match found {
             Ok(ni) => ni,
             Err(name) => {
                 out.push(super::NodeVerdict {

@@ -20,7 +20,7 @@ use crate::placement::{Candidate, Placement, Rejection, node_candidates};
 
 pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
 pub use fgd::Fgd;
-pub use memo::{Memo, demand_shape, evaluate_memo, place_memo};
+pub use memo::{Memo, NameCursor, demand_shape, evaluate_memo, place_memo};
 pub use tessera::Tessera;
 
 /// Every policy name, ours first.
@@ -416,16 +416,48 @@ pub(crate) fn summarize_rejections<'a>(
 /// Maps node scores to kube-scheduler's extender range 0..=10 (min-max over the feasible
 /// nodes; all-equal scores give 10).
 pub fn extender_scores(verdicts: &[NodeVerdict]) -> Vec<(NodeName, i64)> {
-    let scores: Vec<(NodeName, f64)> =
-        verdicts.iter().filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v.node.clone(), s.node))).collect();
-    let (lo, hi) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, s)| (lo.min(*s), hi.max(*s)));
-    scores
-        .into_iter()
-        .map(|(n, s)| {
-            let v = if hi - lo < 1e-12 { 10.0 } else { 10.0 * (s - lo) / (hi - lo) };
-            (n, v.round().clamp(0.0, 10.0) as i64)
-        })
+    let range = score_range(verdicts);
+    verdicts
+        .iter()
+        .filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| (v.node.clone(), extender_score(range, s.node))))
         .collect()
+}
+
+/// [`extender_scores`] of the offered `names`, in their order (0 for a name whose verdict does
+/// not fit), when `names` are the verdicts' nodes in order with only nodes that do not fit left
+/// out: what kube-scheduler offers prioritize after a filter. No name is copied or hashed.
+/// `None` when `names` are not covered so (then the scores over `verdicts` would not be the
+/// offered nodes' scores).
+pub fn extender_scores_covering(verdicts: &[NodeVerdict], names: &[NodeName]) -> Option<Vec<i64>> {
+    let range = score_range(verdicts);
+    let mut out = Vec::with_capacity(names.len());
+    let mut vs = verdicts.iter();
+    for n in names {
+        loop {
+            let v = vs.next()?;
+            if v.node == *n {
+                out.push(v.outcome.as_ref().map_or(0, |(_, s)| extender_score(range, s.node)));
+                break;
+            }
+            if v.outcome.is_ok() {
+                return None;
+            }
+        }
+    }
+    vs.all(|v| v.outcome.is_err()).then_some(out)
+}
+
+/// Lowest and highest node score among the verdicts that fit.
+fn score_range(verdicts: &[NodeVerdict]) -> (f64, f64) {
+    verdicts
+        .iter()
+        .filter_map(|v| v.outcome.as_ref().ok().map(|(_, s)| s.node))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| (lo.min(s), hi.max(s)))
+}
+
+fn extender_score((lo, hi): (f64, f64), s: f64) -> i64 {
+    let v = if hi - lo < 1e-12 { 10.0 } else { 10.0 * (s - lo) / (hi - lo) };
+    v.round().clamp(0.0, 10.0) as i64
 }
 
 #[cfg(test)]

@@ -598,3 +598,107 @@ fn a_rebuilt_snapshot_keeps_the_versions_of_unchanged_nodes_and_the_memo_its_ver
     assert_eq!((memo.hits - hits, memo.misses - misses), (29, 1), "only the changed node is evaluated again");
     assert_eq!(again, place(&new, &d, p.as_ref(), &ctx), "identical to a fresh decision");
 }
+
+#[test]
+fn memoised_verdicts_equal_fresh_ones_in_any_name_order() {
+    // kube-scheduler offers its nodes from a rotating start, a sample of them, and may repeat
+    // or name nodes tessera does not know: the name lookup must find each one wherever it is.
+    let s = crate::testing::synth_cluster(8, 25);
+    let w = mig_workload();
+    let p = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let ctx = Context { workload: &w, seed: 3 };
+    let all: Vec<NodeName> = s.nodes().iter().map(|n| n.name.clone()).collect();
+    let rotated: Vec<NodeName> = all[17..].iter().chain(&all[..17]).cloned().collect();
+    let sampled: Vec<NodeName> = all.iter().step_by(3).chain(all.iter().skip(1).step_by(4)).cloned().collect();
+    let mixed: Vec<NodeName> = [&all[4], &all[4], &all[0], &NodeName::from("ghost"), &all[24], &all[0], &all[1]]
+        .into_iter()
+        .cloned()
+        .collect();
+    let reversed: Vec<NodeName> = all.iter().rev().cloned().collect();
+    let mut memo = Memo::new();
+    for (i, names) in [rotated, sampled, mixed, reversed, Vec::new()].iter().enumerate() {
+        for shape in [GpuDemand::Mig { profile: "1g.10gb".into() }, GpuDemand::Whole { count: 3 }] {
+            let d = Demand::new(PodKey(format!("ns/p{i}")), shape);
+            let fresh = evaluate(&s, &d, p.as_ref(), &ctx, Some(names)).unwrap_or_else(|e| panic!("{e}"));
+            let cached =
+                evaluate_memo(&s, &d, p.as_ref(), &ctx, Some(names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(fresh.len(), names.len());
+            assert_eq!(fresh, cached, "name list {i}");
+        }
+    }
+}
+
+#[test]
+fn extender_scores_of_covered_names_equal_the_scores_by_name() {
+    let s = crate::testing::synth_cluster(6, 30);
+    let w = mig_workload();
+    let p = by_name("tessera").unwrap_or_else(|| panic!("tessera"));
+    let ctx = Context { workload: &w, seed: 4 };
+    let d = Demand::new("ns/p", GpuDemand::Mig { profile: "3g.40gb".into() });
+    let v = evaluate(&s, &d, p.as_ref(), &ctx, None).unwrap_or_else(|e| panic!("{e}"));
+    let fit: Vec<NodeName> = v.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.clone()).collect();
+    let all: Vec<NodeName> = v.iter().map(|v| v.node.clone()).collect();
+    assert!(fit.len() > 2 && fit.len() < all.len(), "the case needs nodes that fit and nodes that do not");
+    let by_name: std::collections::HashMap<NodeName, i64> = extender_scores(&v).into_iter().collect();
+    let expect =
+        |names: &[NodeName]| -> Vec<i64> { names.iter().map(|n| by_name.get(n).copied().unwrap_or(0)).collect() };
+    // The nodes that passed, or all of them: covered, and scored as by name.
+    assert_eq!(extender_scores_covering(&v, &fit), Some(expect(&fit)));
+    assert_eq!(extender_scores_covering(&v, &all), Some(expect(&all)));
+    assert!(expect(&fit).contains(&10) && expect(&fit).iter().any(|&x| x < 10));
+    // A node that fits left out, another order, or an unknown name: not covered.
+    assert_eq!(extender_scores_covering(&v, &fit[1..]), None);
+    let swapped: Vec<NodeName> = [fit[1].clone(), fit[0].clone()].into_iter().chain(fit[2..].iter().cloned()).collect();
+    assert_eq!(extender_scores_covering(&v, &swapped), None);
+    let ghost: Vec<NodeName> = fit.iter().cloned().chain([NodeName::from("ghost")]).collect();
+    assert_eq!(extender_scores_covering(&v, &ghost), None);
+}
+
+#[test]
+fn memo_stays_exact_when_the_workload_seed_or_policy_change() {
+    // A new context keeps the cached refusals (they depend on the node and the shape only) and
+    // scores the nodes that fit afresh.
+    let mut a = crate::testing::synth_cluster(12, 30);
+    let mut b = a.clone();
+    let w1 = mig_workload();
+    let w2 = Workload::from_demands(
+        [
+            Demand::new("ns/w", GpuDemand::Whole { count: 2 }),
+            Demand::new("ns/s", GpuDemand::Share { milli: 500 }),
+            Demand::new("ns/s2", GpuDemand::Share { milli: 500 }),
+        ]
+        .iter(),
+    );
+    let shapes = [
+        GpuDemand::Whole { count: 8 },
+        GpuDemand::Mig { profile: "3g.40gb".into() },
+        GpuDemand::Share { milli: 700 },
+        GpuDemand::Whole { count: 2 },
+    ];
+    let names: Vec<NodeName> = a.nodes().iter().map(|n| n.name.clone()).collect();
+    let mut memo = Memo::new();
+    let (mut placed, mut refused) = (0, 0);
+    for i in 0..96 {
+        let w = if (i / 5) % 2 == 0 { &w1 } else { &w2 };
+        let policy = ["tessera", "fgd", "tessera", "random"][(i / 7) % 4];
+        let p = by_name(policy).unwrap_or_else(|| panic!("{policy}"));
+        let ctx = Context { workload: w, seed: (i / 11) as u64 };
+        let d = Demand::new(PodKey(format!("ns/p{i}")), shapes[i % shapes.len()].clone()).with_cpu(4000, 4096);
+        let fresh = evaluate(&a, &d, p.as_ref(), &ctx, Some(&names)).unwrap_or_else(|e| panic!("{e}"));
+        let cached = evaluate_memo(&b, &d, p.as_ref(), &ctx, Some(&names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fresh, cached, "{policy} verdicts {i}");
+        let fresh = place(&a, &d, p.as_ref(), &ctx);
+        let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
+        assert_eq!(fresh, cached, "{policy} decision {i}");
+        match fresh {
+            Ok(pl) => {
+                placed += 1;
+                pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
+                pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(placed > 10 && refused > 5, "{placed} placed, {refused} refused");
+    assert!(memo.hits > 0);
+}
