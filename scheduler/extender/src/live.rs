@@ -73,17 +73,27 @@ impl Scheduler {
         inner.uids = uids;
         inner.mig_uuids = mig_uuids;
         inner.bound_here.retain(|_, (_, at)| now.saturating_sub(*at) <= ttl);
+        let mut waiting = Vec::new();
         if gained {
-            let waiting = inner.refused_everywhere(now, true);
+            waiting = inner.refused_everywhere(now, true);
             if !waiting.is_empty() {
                 tracing::info!(
                     pods = waiting.len(),
                     "A node gained GPUs; asking kube-scheduler to retry the pods it refused"
                 );
-                let stamp = self.wall_at(now).to_string();
-                for p in waiting {
-                    inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
-                }
+            }
+        }
+        self.nudge_and_unlock(inner, waiting, now);
+    }
+
+    /// Asks kube-scheduler to retry `pods` now (a `tessera.dev/requeue` annotation is a pod
+    /// update it watches), then publishes the reservation gauge, unlocks, and wakes the
+    /// annotation writer if anything is queued.
+    fn nudge_and_unlock(&self, mut inner: std::sync::MutexGuard<'_, Inner>, pods: Vec<PodKey>, now: u64) {
+        if !pods.is_empty() {
+            let stamp = self.wall_at(now).to_string();
+            for p in pods {
+                inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
             }
         }
         let queued = !inner.outbox.is_empty();
@@ -163,19 +173,11 @@ impl Scheduler {
             // The plan's MIG instances no node created go with it.
             inner.rebase();
         }
+        let mut waiting = Vec::new();
         if freed {
             inner.generation += 1;
-            let waiting = inner.waiting_for_capacity(now);
-            let stamp = self.wall_at(now).to_string();
-            for p in waiting {
-                inner.outbox.annotate(p, annotations::REQUEUE, Some(stamp.clone()));
-            }
+            waiting = inner.waiting_for_capacity(now);
         }
-        let queued = !inner.outbox.is_empty();
-        self.metrics.reservations.set(inner.cache.len() as i64);
-        drop(inner);
-        if queued {
-            self.writes_ready();
-        }
+        self.nudge_and_unlock(inner, waiting, now);
     }
 }
