@@ -64,7 +64,7 @@ fn weight(d: &Demand) -> u64 {
         GpuDemand::Whole { count } => u64::from(*count) * 1000,
         GpuDemand::Share { milli } => u64::from(*milli),
         GpuDemand::Mig { profile } => {
-            profile.split('g').next().and_then(|c| c.parse::<u64>().ok()).unwrap_or(1) * 1000 / 7
+            crate::mig::profile_named(profile).map_or(1, |p| u64::from(p.compute_slices)) * 1000 / 7
         }
         GpuDemand::Model { memory_mib, .. } => *memory_mib / 100,
     }

@@ -172,6 +172,13 @@ pub fn all_nvidia_resource_names() -> Vec<String> {
     names
 }
 
+/// The profile named `name` (either form [`Geometry::profile_by_name`] takes) on the first
+/// product in [`MigProduct::ALL`] that has it. A name fixes its compute slices on every product
+/// that has it (the tests pin this), so those can be read from whichever product comes first.
+pub fn profile_named(name: &str) -> Option<&'static Profile> {
+    MigProduct::ALL.iter().find_map(|p| p.geometry().profile_by_name(name))
+}
+
 /// The placement table of one product.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Geometry {

@@ -148,3 +148,18 @@ fn preemption_evicts_whole_gangs_or_single_pods_never_part_of_a_gang() {
     let d = Demand::new("x/all", GpuDemand::Whole { count: 8 }).with_priority(100);
     assert_eq!(preemption_victims(&s, &[d], p.as_ref(), &ctx), None);
 }
+
+#[test]
+fn a_mig_member_weighs_its_profiles_compute_slices_from_the_geometry() {
+    let mig = |name: &str| Demand::new("ml/m", GpuDemand::Mig { profile: name.into() });
+    for product in crate::mig::MigProduct::ALL {
+        for p in product.geometry().profiles {
+            assert_eq!(weight(&mig(p.name)), u64::from(p.compute_slices) * 1000 / 7, "{product} {}", p.name);
+        }
+    }
+    // Names match without regard to case (as validation accepts them): a 3g is still a 3g.
+    assert_eq!(weight(&mig("3G.40GB")), 3000 / 7);
+    assert_eq!(weight(&mig("4G.24GB")), 4000 / 7);
+    // The resource form of a media profile.
+    assert_eq!(weight(&mig("2g.12gb.me")), 2000 / 7);
+}

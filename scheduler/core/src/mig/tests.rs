@@ -309,3 +309,17 @@ fn the_generated_block_replaces_only_what_is_between_the_markers() {
     assert!(!out.contains("stale"));
     assert_eq!(with_generated_managed_resources("a: 1\n"), Err("no BEGIN marker".to_string()));
 }
+
+#[test]
+fn a_profile_name_has_the_same_compute_slices_on_every_product_that_has_it() {
+    for product in MigProduct::ALL {
+        for p in product.geometry().profiles {
+            let found = crate::mig::profile_named(p.name).map(|f| f.compute_slices);
+            assert_eq!(found, Some(p.compute_slices), "{product} {}", p.name);
+            let resource = p.name.replace('+', ".");
+            let found = crate::mig::profile_named(&resource).map(|f| f.compute_slices);
+            assert_eq!(found, Some(p.compute_slices), "{product} {resource}");
+        }
+    }
+    assert_eq!(crate::mig::profile_named("5g.50gb"), None);
+}
