@@ -109,7 +109,7 @@ impl Outcome {
             node: None,
             devices: Vec::new(),
             mig_changes: Vec::new(),
-            reason: Some(r.reason().to_owned()),
+            reason: Some(r.to_string()),
             unresolvable: r.is_unresolvable(),
         }
     }

@@ -92,22 +92,22 @@ pub fn plan_gang_avoiding(
     refused: &dyn Fn(&PodKey, &crate::cluster::NodeName) -> Option<String>,
 ) -> Result<GangPlan, Rejection> {
     let Some(first) = members.first() else {
-        return Err(Rejection::Unresolvable("gang has no members".into()));
+        return Err(Rejection::unresolvable("gang has no members"));
     };
     let gang = first.gang.as_ref().map_or_else(|| first.pod.0.clone(), |g| g.name.clone());
     let min_member = first.gang.as_ref().map_or(1, |g| g.min_member) as usize;
     let timeout_ms = first.gang.as_ref().map_or(DEFAULT_TIMEOUT_MS, |g| g.timeout_ms);
     for m in members {
         if m.gang.as_ref().map(|g| g.name.as_str()) != first.gang.as_ref().map(|g| g.name.as_str()) {
-            return Err(Rejection::Unresolvable(format!("pod {} is not a member of gang {gang}", m.pod)));
+            return Err(Rejection::unresolvable(format!("pod {} is not a member of gang {gang}", m.pod)));
         }
-        m.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+        m.validate().map_err(|e| Rejection::unresolvable(e.to_string()))?;
         if snap.allocation(&m.pod).is_some() {
-            return Err(Rejection::Unresolvable(format!("gang {gang}: pod {} already holds an allocation", m.pod)));
+            return Err(Rejection::unresolvable(format!("gang {gang}: pod {} already holds an allocation", m.pod)));
         }
     }
     if members.len() < min_member {
-        return Err(Rejection::Unschedulable(format!(
+        return Err(Rejection::unschedulable(format!(
             "gang {gang}: {} of {min_member} members exist; waiting for the rest",
             members.len()
         )));
@@ -124,14 +124,14 @@ pub fn plan_gang_avoiding(
             Ok(v) => v,
             Err(e) => {
                 snap.rollback(cp);
-                return Err(Rejection::Unresolvable(e.to_string()));
+                return Err(Rejection::unresolvable(e.to_string()));
             }
         };
         for v in &mut verdicts {
             if v.outcome.is_ok()
                 && let Some(why) = refused(&d.pod, &v.node)
             {
-                v.outcome = Err(Rejection::Unschedulable(format!("node {}: {why}", v.node)));
+                v.outcome = Err(Rejection::unschedulable(why).at_node(v.node.clone()));
             }
         }
         let Some(best) = choose(&verdicts, ctx) else {
@@ -141,7 +141,7 @@ pub fn plan_gang_avoiding(
         };
         let Ok((cand, score)) = &best.outcome else {
             snap.rollback(cp);
-            return Err(Rejection::Unschedulable(format!("gang {gang}: no verdict for {}", d.pod)));
+            return Err(Rejection::unschedulable(format!("gang {gang}: no verdict for {}", d.pod)));
         };
         let placement = Placement {
             node: best.node.clone(),
@@ -151,7 +151,7 @@ pub fn plan_gang_avoiding(
         };
         if let Err(e) = placement.apply(snap, d, Some(deadline_ms)) {
             snap.rollback(cp);
-            return Err(Rejection::Unschedulable(format!("gang {gang}: {e}")));
+            return Err(Rejection::unschedulable(format!("gang {gang}: {e}")));
         }
         cohesive.nodes.insert(cand.node);
         planned.push((d.pod.clone(), placement));
@@ -163,12 +163,10 @@ pub fn plan_gang_avoiding(
 /// One rejection naming the member that did not fit and why.
 fn bottleneck(gang: &str, placed: usize, total: usize, d: &Demand, why: Rejection) -> Rejection {
     let msg = format!(
-        "gang {gang}: member {} ({}) does not fit after {placed} of {total} members were placed: {}",
-        d.pod,
-        d.gpu,
-        why.reason()
+        "gang {gang}: member {} ({}) does not fit after {placed} of {total} members were placed: {why}",
+        d.pod, d.gpu
     );
-    if why.is_unresolvable() { Rejection::Unresolvable(msg) } else { Rejection::Unschedulable(msg) }
+    if why.is_unresolvable() { Rejection::unresolvable(msg) } else { Rejection::unschedulable(msg) }
 }
 
 /// Marks a reserved member as bound: its allocation no longer lapses.

@@ -33,5 +33,5 @@ pub mod topology;
 pub use cluster::{Allocation, Checkpoint, Gpu, GpuMode, Grant, MigOp, Node, NodeName, PodKey, Snapshot};
 pub use demand::{Demand, GangRef, GpuDemand};
 pub use error::{Error, Result};
-pub use placement::{Candidate, Placement, Rejection};
+pub use placement::{Candidate, Placement, Rejection, RejectionKind};
 pub use policy::{Context, Policy, Workload, place};

@@ -12,30 +12,94 @@ use crate::cluster::{Gpu, GpuMode, Grant, MILLI_PER_GPU, MigOp, Node, NodeName, 
 use crate::demand::{Demand, GpuDemand, smallest_fitting_profile};
 use crate::mig::{Instance, Profile};
 
-/// Why a demand does not fit. `Unschedulable` may change as pods come and go; `Unresolvable`
-/// will not (maps to the extender's `FailedAndUnresolvableNodes`).
+/// Whether a rejection can change: `Unschedulable` may change as pods come and go;
+/// `Unresolvable` will not (maps to the extender's `FailedAndUnresolvableNodes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectionKind {
+    Unschedulable,
+    Unresolvable,
+}
+
+/// Why a demand does not fit: its kind, the node it is about (when it is about one) and the
+/// cause on that node. Its text ([`Rejection::reason`], `Display`) is `node NAME: cause`, or
+/// just the cause when no node is named.
+///
+/// Serialised as its kind and text (`{"kind": "unschedulable", "reason": "node a: ..."}`); a
+/// deserialised rejection names no node and carries the whole text as its cause, so it reads the
+/// same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "reason", rename_all = "kebab-case")]
-pub enum Rejection {
-    Unschedulable(String),
-    Unresolvable(String),
+#[serde(into = "RejectionWire", from = "RejectionWire")]
+pub struct Rejection {
+    pub kind: RejectionKind,
+    pub node: Option<NodeName>,
+    pub cause: String,
 }
 
 impl Rejection {
-    pub fn reason(&self) -> &str {
-        match self {
-            Rejection::Unschedulable(r) | Rejection::Unresolvable(r) => r,
+    /// A rejection that may change as pods come and go.
+    pub fn unschedulable(cause: impl Into<String>) -> Self {
+        Self { kind: RejectionKind::Unschedulable, node: None, cause: cause.into() }
+    }
+
+    /// A rejection that will not change.
+    pub fn unresolvable(cause: impl Into<String>) -> Self {
+        Self { kind: RejectionKind::Unresolvable, node: None, cause: cause.into() }
+    }
+
+    /// The same rejection, about `node`.
+    pub fn at_node(self, node: NodeName) -> Self {
+        Self { node: Some(node), ..self }
+    }
+
+    /// The text: `node NAME: cause`, or the cause alone when no node is named.
+    pub fn reason(&self) -> std::borrow::Cow<'_, str> {
+        match &self.node {
+            None => std::borrow::Cow::Borrowed(&self.cause),
+            Some(_) => std::borrow::Cow::Owned(self.to_string()),
         }
     }
 
     pub fn is_unresolvable(&self) -> bool {
-        matches!(self, Rejection::Unresolvable(_))
+        self.kind == RejectionKind::Unresolvable
     }
 }
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason())
+        match &self.node {
+            Some(n) => write!(f, "node {n}: {}", self.cause),
+            None => f.write_str(&self.cause),
+        }
+    }
+}
+
+/// The serialised form of a [`Rejection`].
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", content = "reason", rename_all = "kebab-case")]
+enum RejectionWire {
+    Unschedulable(String),
+    Unresolvable(String),
+}
+
+impl From<Rejection> for RejectionWire {
+    fn from(r: Rejection) -> Self {
+        let text = match r.node {
+            Some(_) => r.to_string(),
+            None => r.cause,
+        };
+        match r.kind {
+            RejectionKind::Unschedulable => Self::Unschedulable(text),
+            RejectionKind::Unresolvable => Self::Unresolvable(text),
+        }
+    }
+}
+
+impl From<RejectionWire> for Rejection {
+    fn from(w: RejectionWire) -> Self {
+        match w {
+            RejectionWire::Unschedulable(text) => Self::unschedulable(text),
+            RejectionWire::Unresolvable(text) => Self::unresolvable(text),
+        }
     }
 }
 
@@ -50,11 +114,11 @@ pub struct Candidate {
 }
 
 fn unsched(node: &Node, why: impl fmt::Display) -> Rejection {
-    Rejection::Unschedulable(format!("node {}: {why}", node.name))
+    Rejection::unschedulable(why.to_string()).at_node(node.name.clone())
 }
 
 fn never(node: &Node, why: impl fmt::Display) -> Rejection {
-    Rejection::Unresolvable(format!("node {}: {why}", node.name))
+    Rejection::unresolvable(why.to_string()).at_node(node.name.clone())
 }
 
 /// A cheap, conservative test: `true` only when the node certainly cannot host the demand
@@ -166,7 +230,7 @@ fn check_rules(node: &Node, demand: &Demand) -> Result<(), Rejection> {
 /// ([`Snapshot::allocate`] does that). For placements that come from outside this process,
 /// such as a persisted plan.
 pub fn check_grants(node: &Node, demand: &Demand, grants: &[Grant], ops: &[MigOp]) -> Result<(), String> {
-    check_node(node, demand).map_err(|r| r.reason().to_owned())?;
+    check_node(node, demand).map_err(|r| r.to_string())?;
     let mut gpus: smallvec::SmallVec<[&Gpu; 8]> = smallvec::SmallVec::new();
     for g in grants {
         let gpu = node.gpu(g.gpu()).ok_or_else(|| format!("node {}: no GPU {}", node.name, g.gpu()))?;
@@ -686,5 +750,26 @@ mod tests {
         assert!(r.reason().contains("node agent has not reported"), "{r}");
         labelled.device_plugin = true;
         assert_eq!(check_node(&labelled, &d), Ok(()));
+    }
+
+    #[test]
+    fn a_rejection_names_its_node_as_data_and_reads_as_before() {
+        let node = Node::test("n7").with_gpus(1, "H100-80GB");
+        let cpu = Demand::new("ns/c", GpuDemand::None).with_cpu(1 << 40, 0);
+        let r = check_node(&node, &cpu).expect_err("too much cpu");
+        assert_eq!(r.node, Some(NodeName::from("n7")));
+        assert!(r.is_unresolvable());
+        assert!(!r.cause.starts_with("node "), "{r}");
+        assert_eq!(r.reason(), format!("node n7: {}", r.cause));
+        assert_eq!(r.to_string(), r.reason());
+        // The serialised form is the kind and the whole text; reading it back reads the same.
+        let json = serde_json::to_value(&r).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json, serde_json::json!({ "kind": "unresolvable", "reason": r.reason() }));
+        let back: Rejection = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((back.reason(), back.is_unresolvable(), back.node.as_ref()), (r.reason(), true, None));
+        let plain = Rejection::unschedulable("gang g: waiting");
+        assert_eq!((plain.reason(), plain.to_string()), ("gang g: waiting".into(), "gang g: waiting".to_owned()));
+        let json = serde_json::to_string(&plain).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json, r#"{"kind":"unschedulable","reason":"gang g: waiting"}"#);
     }
 }

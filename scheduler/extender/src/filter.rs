@@ -88,9 +88,9 @@ impl Scheduler {
                 Err(e) => {
                     let reason = format!("pod {key}: {e}");
                     let r = if e.is_permanent() {
-                        Rejection::Unresolvable(reason)
+                        Rejection::unresolvable(reason)
                     } else {
-                        Rejection::Unschedulable(reason)
+                        Rejection::unschedulable(reason)
                     };
                     Verdicts::Done(
                         names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect(),
@@ -253,7 +253,7 @@ impl Scheduler {
                 .iter()
                 .map(|n| NodeVerdict {
                     node: n.clone(),
-                    outcome: Err(Rejection::Unresolvable(format!("pod {}: {e}", demand.pod))),
+                    outcome: Err(Rejection::unresolvable(format!("pod {}: {e}", demand.pod))),
                 })
                 .collect(),
         }
@@ -297,7 +297,7 @@ impl Scheduler {
                 } else if let Some(r) = never.remove(n) {
                     Err(r)
                 } else {
-                    Err(Rejection::Unschedulable(format!("node {n}: {held}")))
+                    Err(Rejection::unschedulable(held.as_str()).at_node(n.clone()))
                 },
             })
             .collect()
@@ -324,9 +324,9 @@ impl FilterReply {
         self.verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str())
     }
 
-    fn failing(&self, unresolvable: bool) -> impl Iterator<Item = (&str, &str)> {
+    fn failing(&self, unresolvable: bool) -> impl Iterator<Item = (&str, &Rejection)> {
         self.verdicts.iter().filter_map(move |v| match &v.outcome {
-            Err(r) if r.is_unresolvable() == unresolvable => Some((v.node.0.as_str(), r.reason())),
+            Err(r) if r.is_unresolvable() == unresolvable => Some((v.node.0.as_str(), r)),
             _ => None,
         })
     }
@@ -336,7 +336,7 @@ impl FilterReply {
         if let Some(e) = self.error {
             return ExtenderFilterResult::error(e);
         }
-        let map = |u| -> FailedNodesMap { self.failing(u).map(|(n, r)| (n.to_owned(), r.to_owned())).collect() };
+        let map = |u| -> FailedNodesMap { self.failing(u).map(|(n, r)| (n.to_owned(), r.to_string())).collect() };
         ExtenderFilterResult {
             node_names: self.nodes.is_none().then(|| self.passing().map(str::to_owned).collect()),
             failed_nodes: Some(map(false)),
@@ -356,10 +356,17 @@ impl Serialize for FilterReply {
                 s.collect_seq(self.0.take().into_iter().flatten())
             }
         }
-        struct Map<I>(std::cell::Cell<Option<I>>);
-        impl<'a, I: Iterator<Item = (&'a str, &'a str)>> Serialize for Map<I> {
+        // A rejection's text, written as it is formatted (no string built for it).
+        struct Reason<'a>(&'a Rejection);
+        impl Serialize for Reason<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_map(self.0.take().into_iter().flatten())
+                s.collect_str(self.0)
+            }
+        }
+        struct Map<I>(std::cell::Cell<Option<I>>);
+        impl<'a, I: Iterator<Item = (&'a str, &'a Rejection)>> Serialize for Map<I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.take().into_iter().flatten().map(|(n, r)| (n, Reason(r))))
             }
         }
         let mut st = serializer.serialize_struct("ExtenderFilterResult", 5)?;

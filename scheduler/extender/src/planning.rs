@@ -33,7 +33,7 @@ impl Scheduler {
         let all =
             |r: Rejection| names.iter().map(|n| NodeVerdict { node: n.clone(), outcome: Err(r.clone()) }).collect();
         if (members.len() as u64) < u64::from(st.min_member) {
-            return Some(all(Rejection::Unschedulable(format!(
+            return Some(all(Rejection::unschedulable(format!(
                 "gang {}: {} of {} members pending; waiting for the rest before planning",
                 g.name,
                 members.len(),
@@ -73,7 +73,7 @@ impl Scheduler {
                 }
                 match inner.snap.allocation(&demand.pod).map(|a| (a.node.clone(), a.grants.clone())) {
                     Some((here, grants)) => Some(self.pinned(inner, demand, &here, grants, names)),
-                    None => Some(all(Rejection::Unschedulable(format!(
+                    None => Some(all(Rejection::unschedulable(format!(
                         "gang {}: pod {} is not in the plan",
                         g.name, demand.pod
                     )))),

@@ -1,5 +1,6 @@
 //! Read-only views: packing, `/metrics`, the cluster map, explain and pending.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use tessera_api::views::{
@@ -195,7 +196,7 @@ impl Scheduler {
                         .map(|v| NodeReason {
                             node: v.node.0.clone(),
                             result: verdict_kind(v),
-                            reason: v.outcome.as_ref().err().map(|r| r.reason().to_owned()),
+                            reason: v.outcome.as_ref().err().map(|r| r.to_string()),
                             score: v.outcome.as_ref().ok().map(|(_, s)| s.node),
                         })
                         .collect()
@@ -247,22 +248,20 @@ impl Scheduler {
                     };
                     // Counted without the `node NAME: ` prefix, so one cause on many nodes adds up.
                     // Reasons that can change (unschedulable now) come before "never fits".
-                    let mut reasons: BTreeMap<(bool, &str), usize> = BTreeMap::new();
+                    let mut reasons: BTreeMap<(bool, Cow<'_, str>), usize> = BTreeMap::new();
                     for v in seen.verdicts.iter() {
                         if let Err(r) = &v.outcome {
-                            let why = r.reason();
-                            let why = why
-                                .strip_prefix("node ")
-                                .and_then(|w| w.strip_prefix(v.node.0.as_str()))
-                                .and_then(|w| w.strip_prefix(": "))
-                                .unwrap_or(why);
+                            let why = match &r.node {
+                                Some(n) if *n != v.node => r.reason(),
+                                _ => Cow::Borrowed(r.cause.as_str()),
+                            };
                             *reasons.entry((!r.is_unresolvable(), why)).or_default() += 1;
                         }
                     }
                     let reason = reasons
                         .iter()
-                        .max_by_key(|((changeable, why), n)| (*changeable, **n, std::cmp::Reverse(*why)))
-                        .map(|((_, why), _)| (*why).to_owned());
+                        .max_by_key(|((changeable, why), n)| (*changeable, **n, std::cmp::Reverse(why)))
+                        .map(|((_, why), _)| why.to_string());
                     Some(PendingView {
                         pod: key.0.clone(),
                         state,

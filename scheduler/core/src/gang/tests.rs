@@ -82,7 +82,7 @@ fn a_gang_waits_for_its_members_without_reserving() {
     let mut members = gang("g", 4, 1);
     members.truncate(3);
     let r = plan(&mut s, &members).expect_err("3 of 4");
-    assert_eq!(r, Rejection::Unschedulable("gang g: 3 of 4 members exist; waiting for the rest".into()));
+    assert_eq!(r, Rejection::unschedulable("gang g: 3 of 4 members exist; waiting for the rest"));
     assert!(s.allocations().is_empty());
 }
 

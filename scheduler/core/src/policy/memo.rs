@@ -204,7 +204,7 @@ pub fn place_memo(
     ctx: &Context<'_>,
     memo: &mut Memo,
 ) -> Result<Placement, Rejection> {
-    demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+    demand.validate().map_err(|e| Rejection::unresolvable(e.to_string()))?;
     memo.ready(snap, policy, ctx);
     let sh = demand_shape(demand);
     let n = snap.nodes().len();
@@ -311,7 +311,7 @@ pub fn evaluate_memo(
             Err(name) => {
                 out.push(super::NodeVerdict {
                     node: name.clone(),
-                    outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
+                    outcome: Err(Rejection::unresolvable("unknown to tessera").at_node(name.clone())),
                 });
                 continue;
             }
@@ -330,7 +330,7 @@ pub fn evaluate_memo(
             Entry::Refused(r) => Err(r.clone()),
             // `refresh` with reasons never leaves a cell unknown, and this policy is memoizable.
             Entry::Unknown | Entry::Open(_) => {
-                Err(Rejection::Unschedulable(format!("node {}: not evaluated", snap.nodes()[ni].name)))
+                Err(Rejection::unschedulable("not evaluated").at_node(snap.nodes()[ni].name.clone()))
             }
         };
         out.push(super::NodeVerdict { node: snap.nodes()[ni].name.clone(), outcome });

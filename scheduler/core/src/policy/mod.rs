@@ -278,7 +278,7 @@ pub fn evaluate(
                     Some(ni) => out.extend(evaluate_at(snap, demand, policy, ctx, std::iter::once(ni))),
                     None => out.push(NodeVerdict {
                         node: name.clone(),
-                        outcome: Err(Rejection::Unresolvable(format!("node {name}: unknown to tessera"))),
+                        outcome: Err(Rejection::unresolvable("unknown to tessera").at_node(name.clone())),
                     }),
                 }
             }
@@ -372,7 +372,7 @@ pub fn choose<'a>(verdicts: &'a [NodeVerdict], ctx: &Context<'_>) -> Option<&'a 
 /// none fits. Nodes that certainly cannot host the demand are skipped without building their
 /// reasons; the reasons are built only when no node fits.
 pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Context<'_>) -> Result<Placement, Rejection> {
-    demand.validate().map_err(|e| Rejection::Unresolvable(e.to_string()))?;
+    demand.validate().map_err(|e| Rejection::unresolvable(e.to_string()))?;
     let n = snap.nodes().len();
     let open: Vec<bool> = snap.nodes().iter().map(|node| !crate::placement::quick_reject(node, demand)).collect();
     let verdicts = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| open[i]));
@@ -401,8 +401,8 @@ pub(crate) fn summarize_rejections<'a>(
     let (mut count, mut all_never) = (0usize, true);
     for r in rejections {
         if count < 3 {
-            msg.push_str("; ");
-            msg.push_str(r.reason());
+            use std::fmt::Write;
+            let _ = write!(msg, "; {r}");
         }
         count += 1;
         all_never &= r.is_unresolvable();
@@ -410,7 +410,7 @@ pub(crate) fn summarize_rejections<'a>(
     if count > 3 {
         msg.push_str(&format!("; and {} more", count - 3));
     }
-    if count > 0 && all_never { Rejection::Unresolvable(msg) } else { Rejection::Unschedulable(msg) }
+    if count > 0 && all_never { Rejection::unresolvable(msg) } else { Rejection::unschedulable(msg) }
 }
 
 /// Maps node scores to kube-scheduler's extender range 0..=10 (min-max over the feasible

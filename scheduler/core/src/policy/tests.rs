@@ -169,7 +169,7 @@ fn multi_gpu_demand_stays_on_one_nvlink_island() {
     let r = decide(&s, &d8, "tessera", &w).expect_err("only 7 free");
     assert_eq!(
         r,
-        Rejection::Unschedulable("0/1 nodes can host ns/tp8 (8 whole GPUs); node a: needs 8 whole GPUs, 7 free".into())
+        Rejection::unschedulable("0/1 nodes can host ns/tp8 (8 whole GPUs); node a: needs 8 whole GPUs, 7 free")
     );
 }
 
