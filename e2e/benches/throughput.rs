@@ -14,6 +14,7 @@
 //!
 //! Both kube-schedulers get the same client limits (`--qps`, default 500; burst twice it), so
 //! the comparison measures scheduling, not kube-scheduler's default 50 QPS.
+#![allow(clippy::disallowed_methods)] // a benchmark: it times the cluster
 
 use std::time::{Duration, Instant};
 

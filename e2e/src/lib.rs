@@ -3,6 +3,7 @@
 //! fake-backend tessera-mig-manager per node from this workspace's build, each as its own process
 //! on loopback. Every test starts its own cluster; see docs/testing.md. [`kubelet`] is a real
 //! kubelet node (kubelet + containerd + runc + the agent as its device plugin) for such a cluster.
+#![allow(clippy::disallowed_methods)] // a test harness: it waits on real processes and clusters in real time
 
 pub mod apply;
 pub mod bins;

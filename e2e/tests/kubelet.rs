@@ -10,6 +10,7 @@
 //! containerd, runc, containernetworking-plugins, busybox-static). `TESSERA_E2E_ROUNDS` sets the
 //! rounds of the concurrency test (default 50); `TESSERA_E2E_KEEP=1` keeps the logs. Without the
 //! prerequisites every test is ignored with one line; under `CI=true` each fails instead.
+#![allow(clippy::disallowed_methods)] // tests wait on real processes with deadlines
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -4,6 +4,7 @@
 //! ```text
 //! RAYON_NUM_THREADS=1 cargo run --release -p tessera-runtime --example length_groups_ab -- .cache/models/minilm
 //! ```
+#![allow(clippy::disallowed_methods)] // a benchmark program: it times what it compares
 
 use std::time::Instant;
 

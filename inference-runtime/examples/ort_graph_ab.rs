@@ -7,6 +7,7 @@
 //! cargo run --release -p tessera-runtime --example ort_graph_ab -- \
 //!   .cache/models/onnxruntime/libonnxruntime.so.1.31.1 .cache/models/minilm-onnx .cache/models/minilm-onnx-padded
 //! ```
+#![allow(clippy::disallowed_methods)] // a benchmark program: it times what it compares
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -191,6 +191,7 @@ impl Worker {
     }
 
     /// Gathers embedding jobs for one forward pass, starting with `first`.
+    #[allow(clippy::disallowed_methods)] // a batch waits for more jobs up to a wall-clock deadline
     fn collect(&mut self, first: EmbedJob) -> Vec<EmbedJob> {
         let deadline = Instant::now() + self.limits.max_wait;
         let mut size = first.inputs.len();

@@ -65,8 +65,10 @@ impl Kubectl {
             s
         });
         let mut forward = Forward { child, port: 0 };
+        #[allow(clippy::disallowed_methods)] // the port-forward wait is bounded on the monotonic clock
         let deadline = std::time::Instant::now() + PORT_FORWARD_TIMEOUT;
         loop {
+            #[allow(clippy::disallowed_methods)] // the port-forward wait is bounded on the monotonic clock
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {

@@ -79,6 +79,7 @@ impl Agent {
 
     /// One pass; returns the status it published (or tried to).
     pub async fn pass(&mut self) -> GpuNodeStatus {
+        #[allow(clippy::disallowed_methods)] // times a pass for its metric
         let started = Instant::now();
         let pods: Option<Vec<PodInfo>> = match self.pods.pods().await {
             Ok(p) => {
@@ -190,6 +191,7 @@ impl Agent {
             has_spec,
             registered,
         };
+        #[allow(clippy::disallowed_methods)] // condition transition times are wall-clock stamps
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
         let conditions = status::conditions(&report, &self.previous, &now);
         self.previous = conditions.clone();

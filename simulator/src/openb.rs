@@ -104,6 +104,7 @@ pub fn replay(
     seed: u64,
     progress: &dyn Fn(u64, u64),
 ) -> anyhow::Result<Run> {
+    #[allow(clippy::disallowed_methods)] // times the replay for its report
     let started = std::time::Instant::now();
     let mut snap = Snapshot::new(nodes.iter().cloned())?;
     let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
@@ -207,6 +208,7 @@ pub fn run_policy<B: Bar>(
     bar: &(dyn Fn(&str, u64) -> B + Sync),
 ) -> anyhow::Result<PolicyReport> {
     let p = tessera_core::policy::by_name(policy).with_context(|| format!("unknown policy {policy:?}"))?;
+    #[allow(clippy::disallowed_methods)] // times the runs for their report
     let started = std::time::Instant::now();
     let mut runs = crate::seeds::each("replay", seeds, &|seed| {
         let b = bar(policy, seed);

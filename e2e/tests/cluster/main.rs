@@ -3,6 +3,7 @@
 //! Run: `KUBEBUILDER_ASSETS=... cargo test -p tessera-e2e` (scripts/test.sh sets it). Tests run
 //! `TESSERA_E2E_PARALLEL` at a time (default 2). Without the Kubernetes binaries the tests are
 //! ignored with one line, except under `CI=true`, where that is a failure.
+#![allow(clippy::disallowed_methods)] // tests wait on a real cluster with deadlines
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -7,6 +7,7 @@
 //! ```text
 //! tessera-loadgen --url http://127.0.0.1:8000 --model minilm --requests 2000 --concurrency 32
 //! ```
+#![allow(clippy::disallowed_methods)] // a binary: it times the requests it sends
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,6 +4,7 @@
 //! `scripts/fetch-models.sh`: the models, the ONNX export of MiniLM and the ONNX Runtime
 //! library. Without it these tests fail under CI (`CI` set) and skip with one printed line
 //! elsewhere.
+#![allow(clippy::disallowed_methods)] // tests wait on a real server with deadlines
 
 mod chat;
 mod drain;

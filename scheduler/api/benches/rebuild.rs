@@ -6,6 +6,7 @@
 //! Nodes have 8 A100-80GB GPUs each, reported by a GpuNode; pods are bound, each holding one
 //! GPU through a signed `tessera.dev/assignment` (the checked path a live scheduler runs),
 //! spread over the nodes; pods beyond 8 per node ask only for cpu.
+#![allow(clippy::disallowed_methods)] // a benchmark: it times the rebuild
 
 use std::time::Instant;
 

@@ -8,6 +8,7 @@
 //! Run: `cargo bench -p tessera-scheduler --bench load -- [--nodes 5000] [--offered 500]
 //! [--pairs 3000] [--clients 2] [--workers 2]`. `--offered` is how many node names each request
 //! carries (kube-scheduler's `percentageOfNodesToScore` sample; 5000 = every node).
+#![allow(clippy::disallowed_methods)] // a benchmark: it times the verbs
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -197,6 +197,7 @@ impl Watch {
                 }
                 None => None,
             };
+            #[allow(clippy::disallowed_methods)] // times a rebuild for its metric
             let started = std::time::Instant::now();
             // Whole-cluster work: off the runtime's workers, which serve the verbs meanwhile.
             let (nodes, gpunodes, pods) = (self.nodes.state(), self.gpunodes.state(), self.pods.state());

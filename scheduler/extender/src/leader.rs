@@ -30,6 +30,7 @@ pub fn held_by(lease: &Lease, hostname: &str, now: Timestamp) -> bool {
 }
 
 /// Follows the Lease `namespace/name` every `period`, setting the scheduler's leadership.
+#[allow(clippy::disallowed_methods)] // a Lease is judged against the wall clock of this follower
 pub async fn follow(
     client: Client,
     namespace: String,

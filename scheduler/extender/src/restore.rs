@@ -35,6 +35,7 @@ impl Scheduler {
     /// Reserves again the complete, unexpired gang plans that pending pods carry, unless this
     /// replica already holds a plan for the gang or dropped that very plan; queues the removal
     /// of reservations that will never be used. Returns the gangs restored.
+    #[allow(clippy::disallowed_methods)] // the entry point for a live rebuild; restore_reservations_at takes the time
     pub fn restore_reservations(&self, pods: &[Arc<Pod>]) -> Vec<String> {
         self.restore_reservations_at(pods, Timestamp::now())
     }

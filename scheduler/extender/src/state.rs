@@ -204,6 +204,7 @@ impl Scheduler {
 const SEEN_PODS: usize = 256;
 
 impl Scheduler {
+    #[allow(clippy::disallowed_methods)] // the scheduler's clock starts here: one wall and one monotonic origin, read once
     pub fn new(
         snap: Snapshot,
         policy: Box<dyn Policy>,
