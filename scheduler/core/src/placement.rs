@@ -30,31 +30,56 @@ pub enum RejectionKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "RejectionWire", from = "RejectionWire")]
 pub struct Rejection {
-    pub kind: RejectionKind,
-    pub node: Option<NodeName>,
-    pub cause: String,
+    kind: RejectionKind,
+    /// Shared, because verdicts copy a node's rejection out of the memo on every filter.
+    about: std::sync::Arc<About>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct About {
+    node: Option<NodeName>,
+    cause: String,
 }
 
 impl Rejection {
+    fn new(kind: RejectionKind, node: Option<NodeName>, cause: String) -> Self {
+        Self { kind, about: std::sync::Arc::new(About { node, cause }) }
+    }
+
     /// A rejection that may change as pods come and go.
     pub fn unschedulable(cause: impl Into<String>) -> Self {
-        Self { kind: RejectionKind::Unschedulable, node: None, cause: cause.into() }
+        Self::new(RejectionKind::Unschedulable, None, cause.into())
     }
 
     /// A rejection that will not change.
     pub fn unresolvable(cause: impl Into<String>) -> Self {
-        Self { kind: RejectionKind::Unresolvable, node: None, cause: cause.into() }
+        Self::new(RejectionKind::Unresolvable, None, cause.into())
     }
 
     /// The same rejection, about `node`.
     pub fn at_node(self, node: NodeName) -> Self {
-        Self { node: Some(node), ..self }
+        let About { cause, .. } = std::sync::Arc::unwrap_or_clone(self.about);
+        Self::new(self.kind, Some(node), cause)
+    }
+
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The node the rejection is about, if it names one.
+    pub fn node(&self) -> Option<&NodeName> {
+        self.about.node.as_ref()
+    }
+
+    /// The cause, without the node.
+    pub fn cause(&self) -> &str {
+        &self.about.cause
     }
 
     /// The text: `node NAME: cause`, or the cause alone when no node is named.
     pub fn reason(&self) -> std::borrow::Cow<'_, str> {
-        match &self.node {
-            None => std::borrow::Cow::Borrowed(&self.cause),
+        match self.node() {
+            None => std::borrow::Cow::Borrowed(self.cause()),
             Some(_) => std::borrow::Cow::Owned(self.to_string()),
         }
     }
@@ -66,9 +91,9 @@ impl Rejection {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.node {
-            Some(n) => write!(f, "node {n}: {}", self.cause),
-            None => f.write_str(&self.cause),
+        match self.node() {
+            Some(n) => write!(f, "node {n}: {}", self.cause()),
+            None => f.write_str(self.cause()),
         }
     }
 }
@@ -83,9 +108,9 @@ enum RejectionWire {
 
 impl From<Rejection> for RejectionWire {
     fn from(r: Rejection) -> Self {
-        let text = match r.node {
+        let text = match r.node() {
             Some(_) => r.to_string(),
-            None => r.cause,
+            None => r.cause().to_owned(),
         };
         match r.kind {
             RejectionKind::Unschedulable => Self::Unschedulable(text),
@@ -114,11 +139,11 @@ pub struct Candidate {
 }
 
 fn unsched(node: &Node, why: impl fmt::Display) -> Rejection {
-    Rejection::unschedulable(why.to_string()).at_node(node.name.clone())
+    Rejection::new(RejectionKind::Unschedulable, Some(node.name.clone()), why.to_string())
 }
 
 fn never(node: &Node, why: impl fmt::Display) -> Rejection {
-    Rejection::unresolvable(why.to_string()).at_node(node.name.clone())
+    Rejection::new(RejectionKind::Unresolvable, Some(node.name.clone()), why.to_string())
 }
 
 /// A cheap, conservative test: `true` only when the node certainly cannot host the demand
@@ -757,16 +782,16 @@ mod tests {
         let node = Node::test("n7").with_gpus(1, "H100-80GB");
         let cpu = Demand::new("ns/c", GpuDemand::None).with_cpu(1 << 40, 0);
         let r = check_node(&node, &cpu).expect_err("too much cpu");
-        assert_eq!(r.node, Some(NodeName::from("n7")));
+        assert_eq!(r.node(), Some(&NodeName::from("n7")));
         assert!(r.is_unresolvable());
-        assert!(!r.cause.starts_with("node "), "{r}");
-        assert_eq!(r.reason(), format!("node n7: {}", r.cause));
+        assert!(!r.cause().starts_with("node "), "{r}");
+        assert_eq!(r.reason(), format!("node n7: {}", r.cause()));
         assert_eq!(r.to_string(), r.reason());
         // The serialised form is the kind and the whole text; reading it back reads the same.
         let json = serde_json::to_value(&r).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(json, serde_json::json!({ "kind": "unresolvable", "reason": r.reason() }));
         let back: Rejection = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((back.reason(), back.is_unresolvable(), back.node.as_ref()), (r.reason(), true, None));
+        assert_eq!((back.reason(), back.is_unresolvable(), back.node()), (r.reason(), true, None));
         let plain = Rejection::unschedulable("gang g: waiting");
         assert_eq!((plain.reason(), plain.to_string()), ("gang g: waiting".into(), "gang g: waiting".to_owned()));
         let json = serde_json::to_string(&plain).unwrap_or_else(|e| panic!("{e}"));

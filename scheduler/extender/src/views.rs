@@ -251,9 +251,9 @@ impl Scheduler {
                     let mut reasons: BTreeMap<(bool, Cow<'_, str>), usize> = BTreeMap::new();
                     for v in seen.verdicts.iter() {
                         if let Err(r) = &v.outcome {
-                            let why = match &r.node {
+                            let why = match r.node() {
                                 Some(n) if *n != v.node => r.reason(),
-                                _ => Cow::Borrowed(r.cause.as_str()),
+                                _ => Cow::Borrowed(r.cause()),
                             };
                             *reasons.entry((!r.is_unresolvable(), why)).or_default() += 1;
                         }
