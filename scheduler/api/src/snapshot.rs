@@ -318,7 +318,7 @@ where
             if let Err(e) = b.snap.allocate(gpu_only) {
                 b.warnings.push(format!("pod {key}: {e}"));
                 if keys.is_some() && matches!(trust, Trust::Signed | Trust::Running) {
-                    let refusal = held_by(&b.snap, &alloc, &e);
+                    let refusal = refusal_for(&b.snap, &alloc, &e);
                     let uid = pod.metadata.uid.clone().unwrap_or_default();
                     b.refused.retain(|r| r.uid != uid || uid.is_empty());
                     b.refused.push(Refused { pod: key.clone(), uid, node: node.0.clone(), refusal, counted: false });
@@ -393,7 +393,7 @@ fn trust_of(pod: &Pod, keys: Option<&Keyring>, refused: &mut Vec<Refused>) -> Tr
 
 /// The refusal for an allocation that failed with `err`: the pod holding one of its GPUs when
 /// there is one, else why the node cannot give them.
-fn held_by(snap: &Snapshot, alloc: &Allocation, err: &tessera_core::Error) -> Refusal {
+fn refusal_for(snap: &Snapshot, alloc: &Allocation, err: &tessera_core::Error) -> Refusal {
     let gpus: Vec<u32> = alloc.grants.iter().map(Grant::gpu).collect();
     let holder = snap
         .allocations()

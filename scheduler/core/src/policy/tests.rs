@@ -403,6 +403,30 @@ fn memoised_decisions_equal_fresh_ones_over_a_sequence() {
     }
 }
 
+/// One decision on `a` without and on `b` with the memo: they must agree; a placement is
+/// applied to both. Returns whether the pod was placed.
+fn decide_both(
+    a: &mut Snapshot,
+    b: &mut Snapshot,
+    d: &Demand,
+    p: &dyn Policy,
+    ctx: &Context<'_>,
+    memo: &mut Memo,
+    what: &str,
+) -> bool {
+    let fresh = place(a, d, p, ctx);
+    let cached = place_memo(b, d, p, ctx, memo);
+    assert_eq!(fresh, cached, "{what}");
+    match fresh {
+        Ok(pl) => {
+            pl.apply(a, d, None).unwrap_or_else(|e| panic!("{e}"));
+            pl.apply(b, d, None).unwrap_or_else(|e| panic!("{e}"));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 #[test]
 fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
     // The memo's tables are indexed by node position; adding or removing a node shifts
@@ -437,16 +461,10 @@ fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
             }
             let d =
                 Demand::new(PodKey(format!("ns/{policy}-{i}")), shapes[i % shapes.len()].clone()).with_cpu(2000, 1024);
-            let fresh = place(&a, &d, p.as_ref(), &ctx);
-            let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
-            assert_eq!(fresh, cached, "{policy} decision {i}");
-            match fresh {
-                Ok(pl) => {
-                    placed += 1;
-                    pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
-                    pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
-                }
-                Err(_) => refused += 1,
+            if decide_both(&mut a, &mut b, &d, p.as_ref(), &ctx, &mut memo, &format!("{policy} decision {i}")) {
+                placed += 1;
+            } else {
+                refused += 1;
             }
         }
         assert!(placed > 10 && refused > 10, "{policy}: {placed} placed, {refused} refused");
@@ -687,16 +705,10 @@ fn memo_stays_exact_when_the_workload_seed_or_policy_change() {
         let fresh = evaluate(&a, &d, p.as_ref(), &ctx, Some(&names)).unwrap_or_else(|e| panic!("{e}"));
         let cached = evaluate_memo(&b, &d, p.as_ref(), &ctx, Some(&names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(fresh, cached, "{policy} verdicts {i}");
-        let fresh = place(&a, &d, p.as_ref(), &ctx);
-        let cached = place_memo(&b, &d, p.as_ref(), &ctx, &mut memo);
-        assert_eq!(fresh, cached, "{policy} decision {i}");
-        match fresh {
-            Ok(pl) => {
-                placed += 1;
-                pl.apply(&mut a, &d, None).unwrap_or_else(|e| panic!("{e}"));
-                pl.apply(&mut b, &d, None).unwrap_or_else(|e| panic!("{e}"));
-            }
-            Err(_) => refused += 1,
+        if decide_both(&mut a, &mut b, &d, p.as_ref(), &ctx, &mut memo, &format!("{policy} decision {i}")) {
+            placed += 1;
+        } else {
+            refused += 1;
         }
     }
     assert!(placed > 10 && refused > 5, "{placed} placed, {refused} refused");
