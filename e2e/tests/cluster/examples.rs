@@ -121,7 +121,8 @@ async fn example(ctx: Ctx, file: String) -> Result<()> {
             }
             for (p, _, a) in &ocr {
                 let prof = a.devices.first().and_then(|d| d.profile.clone()).unwrap_or_default();
-                let compute: u32 = prof.split('g').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                // From the geometry table, not the profile's name.
+                let compute = tessera_core::mig::profile_named(&prof).map_or(0, |p| p.compute_slices);
                 ensure!(compute >= 2, "{:?}: gpu-compute 2 wants 2 compute slices: {a:?}", p.metadata.name);
             }
             let all: Vec<&Assignment> = emb.iter().chain(&ocr).map(|(_, _, a)| a).collect();
