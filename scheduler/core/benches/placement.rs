@@ -9,6 +9,7 @@
 //! chosen placement and releases it again, so every decision finds one node changed since the
 //! last one (a running scheduler between two binds). Group `verdicts`: the extender's filter
 //! with every node of a 5,000-node cluster named, memo warm (name lookups, verdict copies).
+//! Group `cold`: the same with an empty memo, the first filter of a new demand shape.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_core::cluster::NodeName;
@@ -115,5 +116,29 @@ fn verdicts_by_name(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, filter_and_score, memoised, steady, verdicts_by_name);
+/// The extender's first filter of a new demand shape: `evaluate_memo` with all 5,000 names and
+/// an empty memo, as a filter after a workload change or for a shape never seen. Unlike
+/// `filter` (`place`), every refusal carries its reason, as the filter reply needs.
+fn cold_by_name(c: &mut Criterion) {
+    let mix: Vec<Demand> = demands().into_iter().map(|(_, d)| d).collect();
+    let workload = Workload::from_demands(mix.iter());
+    let mut group = c.benchmark_group("cold");
+    group.sample_size(20);
+    let snap = synth_cluster(7, 5_000);
+    let names: Vec<NodeName> = snap.nodes().iter().map(|n| n.name.clone()).collect();
+    let ctx = Context { workload: &workload, seed: 1 };
+    for policy in ["tessera", "fgd"] {
+        let p = by_name(policy).unwrap_or_else(|| unreachable!());
+        for (kind, d) in demands() {
+            let param = format!("nodes=5000,named=5000,policy={policy},demand={kind}");
+            group.throughput(Throughput::Elements(1));
+            group.bench_function(BenchmarkId::from_parameter(param), |b| {
+                b.iter(|| evaluate_memo(&snap, &d, p.as_ref(), &ctx, Some(&names), &mut Memo::new()));
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, filter_and_score, memoised, steady, verdicts_by_name, cold_by_name);
 criterion_main!(benches);

@@ -32,6 +32,9 @@ pub struct GpuView<'a> {
     pub extra: Option<Instance>,
     /// Starts of `instances` a candidate would destroy (repartitioning free instances).
     pub gone: u8,
+    /// [`GpuView::free`], computed when the view is made or changed: scoring asks for it
+    /// many times per candidate.
+    free_now: u32,
 }
 
 impl<'a> GpuView<'a> {
@@ -48,7 +51,15 @@ impl<'a> GpuView<'a> {
             instances: layout.map_or(&[], |l| l.instances()),
             extra: None,
             gone: 0,
+            free_now: 0,
         }
+        .refreshed()
+    }
+
+    /// The view with its cached free capacity recomputed (after its fields changed).
+    fn refreshed(mut self) -> Self {
+        self.free_now = self.compute_free();
+        self
     }
 
     fn instance_iter(&self) -> impl Iterator<Item = Instance> + '_ {
@@ -57,6 +68,10 @@ impl<'a> GpuView<'a> {
 
     /// Free capacity in milli-GPU: shares as is; MIG by compute slices not held by pods.
     pub fn free(&self) -> u32 {
+        self.free_now
+    }
+
+    fn compute_free(&self) -> u32 {
         if !self.healthy {
             return 0;
         }
@@ -414,10 +429,29 @@ pub fn views_after<'a>(node: &'a Node, cand: &crate::placement::Candidate) -> Vi
     vs
 }
 
+/// Positions (in `node.gpus`) of the GPUs a candidate grants or reconfigures.
+pub(crate) fn touched(node: &Node, c: &crate::placement::Candidate) -> smallvec::SmallVec<[usize; 8]> {
+    let mut out: smallvec::SmallVec<[usize; 8]> = smallvec::SmallVec::new();
+    let ids = c.grants.iter().map(|g| g.gpu()).chain(c.ops.iter().map(|op| match *op {
+        crate::cluster::MigOp::SetMode { gpu, .. }
+        | crate::cluster::MigOp::Create { gpu, .. }
+        | crate::cluster::MigOp::Destroy { gpu, .. } => gpu,
+    }));
+    for id in ids {
+        if let Some(p) = node.gpus.iter().position(|g| g.index == id)
+            && !out.contains(&p)
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Applies a candidate to views of `node`'s GPUs (same order as `node.gpus`).
 pub fn apply_candidate(vs: &mut [GpuView<'_>], node: &Node, cand: &crate::placement::Candidate) {
     use crate::cluster::{Grant, MigOp};
     let pos = |gpu: u32| node.gpus.iter().position(|g| g.index == gpu);
+    let changed = touched(node, cand);
     for op in &cand.ops {
         match *op {
             MigOp::SetMode { gpu, mode } => {
@@ -453,6 +487,11 @@ pub fn apply_candidate(vs: &mut [GpuView<'_>], node: &Node, cand: &crate::placem
             Grant::Whole { .. } => v.free_milli = 0,
             Grant::Share { milli, .. } => v.free_milli = v.free_milli.saturating_sub(milli),
             Grant::Mig { start, .. } => v.busy |= 1 << start,
+        }
+    }
+    for i in changed {
+        if let Some(v) = vs.get_mut(i) {
+            *v = v.refreshed();
         }
     }
 }

@@ -3,13 +3,11 @@
 //! `floor(100 · sigmoid((F_before − F_after) / 1000))`, as the artifact computes it; inside
 //! the node, the GPU with the best (integer) score, lowest index first.
 
-use smallvec::SmallVec;
-
 use super::baselines::{MAX_NODE_SCORE, first_fit_position, node_of};
 use super::{Context, Policy, Score};
-use crate::cluster::{MigOp, Node, Snapshot};
+use crate::cluster::{Node, Snapshot};
 use crate::demand::Demand;
-use crate::metrics::{FragBase, GpuView, Views, apply_candidate, node_model, views};
+use crate::metrics::{FragBase, GpuView, Views, apply_candidate, node_model, touched, views};
 use crate::placement::Candidate;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,25 +51,13 @@ impl<'a> Before<'a> {
     }
 }
 
-/// Positions (in `node.gpus`) of the GPUs a candidate grants or reconfigures.
-pub(crate) fn touched(node: &Node, c: &Candidate) -> SmallVec<[usize; 8]> {
-    let mut out: SmallVec<[usize; 8]> = SmallVec::new();
-    let ids = c.grants.iter().map(|g| g.gpu()).chain(c.ops.iter().map(|op| match *op {
-        MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
-    }));
-    for id in ids {
-        if let Some(p) = node.gpus.iter().position(|g| g.index == id)
-            && !out.contains(&p)
-        {
-            out.push(p);
-        }
-    }
-    out
-}
-
 impl Policy for Fgd {
     fn name(&self) -> &'static str {
         "fgd"
+    }
+
+    fn twins(&self) -> bool {
+        true
     }
 
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use super::{Context, Policy, Score, best_candidate, hash_str, mix, node_verdict, summarize_rejections};
+use super::{Context, Policy, Score, best_candidate, hash_str, mix, summarize_rejections};
 use crate::cluster::Snapshot;
 use crate::demand::Demand;
 use crate::placement::{Candidate, Placement, Rejection, node_candidates, quick_reject};
@@ -33,6 +33,8 @@ pub struct Memo {
 struct Scratch {
     cands: Vec<Candidate>,
     scores: Vec<Score>,
+    /// Equal nodes evaluated in this pass; emptied at the start of every pass.
+    twins: super::twins::Twins,
 }
 
 /// One demand shape's verdicts, indexed like [`Snapshot::nodes`]. A cell is valid while its
@@ -141,6 +143,8 @@ impl Memo {
             table.tie.resize(n, 0);
             table.verdict.resize_with(n, Entry::default);
         }
+        // A pass's twins hold verdicts for this snapshot, demand and context only.
+        self.scratch.twins = Default::default();
         (table, &mut self.scratch)
     }
 }
@@ -178,8 +182,15 @@ impl Table {
                 Err(r) => Entry::Refused(r),
             };
         } else {
-            let v =
-                node_verdict(ask.snap, ni, ask.demand, ask.policy, ask.ctx, &mut scratch.cands, &mut scratch.scores);
+            let v = scratch.twins.verdict(
+                ask.snap,
+                ni,
+                ask.demand,
+                ask.policy,
+                ask.ctx,
+                &mut scratch.cands,
+                &mut scratch.scores,
+            );
             self.verdict[ni] = match v {
                 Ok((c, s)) => {
                     self.score[ni] = s.node;

@@ -9,6 +9,7 @@ mod baselines;
 mod fgd;
 mod memo;
 mod tessera;
+mod twins;
 
 use std::fmt;
 
@@ -239,6 +240,13 @@ pub trait Policy: fmt::Debug + Send + Sync {
         true
     }
 
+    /// Whether a node's verdict follows from its GPUs, cpu, memory and interconnect alone
+    /// (after its node-level checks): then nodes in equal states share one evaluation per
+    /// decision (`twins`). Not for scores that read the node's name or its pods.
+    fn twins(&self) -> bool {
+        false
+    }
+
     /// Scores all candidates of one node into `out` (same order). Policies whose score has a
     /// per-node part override this to compute it once.
     fn score_node(
@@ -297,10 +305,11 @@ pub(crate) fn evaluate_at(
 ) -> Vec<NodeVerdict> {
     let mut cands = Vec::new();
     let mut scores = Vec::new();
+    let mut twins = twins::Twins::default();
     indices
         .map(|ni| NodeVerdict {
             node: snap.nodes()[ni].name.clone(),
-            outcome: node_verdict(snap, ni, demand, policy, ctx, &mut cands, &mut scores),
+            outcome: twins.verdict(snap, ni, demand, policy, ctx, &mut cands, &mut scores),
         })
         .collect()
 }

@@ -65,15 +65,22 @@ impl Policy for Tessera {
         "tessera"
     }
 
+    fn twins(&self) -> bool {
+        true
+    }
+
     fn score(&self, snap: &Snapshot, d: &Demand, c: &Candidate, ctx: &Context<'_>) -> Score {
-        self.score_with(d, c, ctx, &Before::of(node_of(snap, c), ctx), cpu_per_gpu(ctx))
+        let before = Before::of(node_of(snap, c), ctx);
+        let headroom = Headroom::of(before.node, &before, d, ctx);
+        self.score_with(d, c, ctx, &before, &headroom, cpu_per_gpu(ctx))
     }
 
     fn score_node(&self, snap: &Snapshot, d: &Demand, cands: &[Candidate], ctx: &Context<'_>, out: &mut Vec<Score>) {
         let Some(first) = cands.first() else { return };
         let before = Before::of(node_of(snap, first), ctx);
+        let headroom = Headroom::of(before.node, &before, d, ctx);
         let ratio = cpu_per_gpu(ctx);
-        out.extend(cands.iter().map(|c| self.score_with(d, c, ctx, &before, ratio)));
+        out.extend(cands.iter().map(|c| self.score_with(d, c, ctx, &before, &headroom, ratio)));
     }
 }
 
@@ -134,43 +141,72 @@ fn whole_slots(node: &Node, views: &[crate::metrics::GpuView<'_>], class: &GpuDe
     }
 }
 
+/// What [`headroom_loss`] needs that is the same for every candidate on a node: per expected
+/// class that could use the node's whole GPUs, its weight, its size and its slots before.
+struct Headroom {
+    classes: smallvec::SmallVec<[(usize, f64, f64, u32); 8]>,
+}
+
+impl Headroom {
+    fn of(node: &Node, before: &Before<'_>, d: &Demand, ctx: &Context<'_>) -> Self {
+        let mut classes = smallvec::SmallVec::new();
+        // Only slices pay for whole-GPU room (see `score_with`).
+        if !matches!(d.gpu, GpuDemand::Mig { .. } | GpuDemand::Model { .. }) {
+            return Self { classes };
+        }
+        let w = ctx.workload.whole_request_weights();
+        let model = crate::metrics::node_model(node);
+        for (k, (m, &wm)) in ctx.workload.classes.iter().zip(w).enumerate() {
+            if wm == 0.0 || !(m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model))) {
+                continue;
+            }
+            let b = whole_slots(node, &before.views, &m.gpu, m.cpu_milli <= node.free_cpu_milli());
+            let size = match m.gpu {
+                GpuDemand::Whole { count } => f64::from(count),
+                _ => 1.0,
+            };
+            classes.push((k, wm, size, b));
+        }
+        Self { classes }
+    }
+}
+
 /// Milli-GPU of whole-GPU room for the expected large classes a candidate takes away on its
 /// node: per class, slots lost × its size × its share of the expected GPU request.
 fn headroom_loss(
     node: &Node,
-    before: &Before<'_>,
+    base: &Headroom,
     after: &[crate::metrics::GpuView<'_>],
     d: &Demand,
     ctx: &Context<'_>,
 ) -> f64 {
-    let w = ctx.workload.whole_request_weights();
     let cpu_after = node.free_cpu_milli().saturating_sub(d.cpu_milli);
     let mut loss = 0.0;
-    for (m, &wm) in ctx.workload.classes.iter().zip(w) {
-        let model = crate::metrics::node_model(node);
-        if wm == 0.0 || !(m.gpu_models.is_empty() || m.gpu_models.iter().any(|x| x.eq_ignore_ascii_case(model))) {
-            continue;
-        }
-        let b = whole_slots(node, &before.views, &m.gpu, m.cpu_milli <= node.free_cpu_milli());
+    for &(k, wm, size, b) in &base.classes {
+        let m = &ctx.workload.classes[k];
         let a = whole_slots(node, after, &m.gpu, m.cpu_milli <= cpu_after);
-        let size = match m.gpu {
-            GpuDemand::Whole { count } => f64::from(count),
-            _ => 1.0,
-        };
         loss += wm * f64::from(b.saturating_sub(a)) * size * f64::from(crate::cluster::MILLI_PER_GPU);
     }
     loss
 }
 
 impl Tessera {
-    fn score_with(&self, d: &Demand, c: &Candidate, ctx: &Context<'_>, before: &Before<'_>, ratio: f64) -> Score {
+    fn score_with(
+        &self,
+        d: &Demand,
+        c: &Candidate,
+        ctx: &Context<'_>,
+        before: &Before<'_>,
+        base: &Headroom,
+        ratio: f64,
+    ) -> Score {
         let node = before.node;
         let after = before.after(c);
         let gain = if ctx.workload.is_empty() { 0.0 } else { before.gain(d, c, &after, ctx) };
         // Only slices pay for whole-GPU room: shares and whole GPUs are what FGD's measure is
         // about, and they keep its behaviour (the openb replay is unchanged).
         let headroom = match d.gpu {
-            GpuDemand::Mig { .. } | GpuDemand::Model { .. } => headroom_loss(node, before, &after, d, ctx),
+            GpuDemand::Mig { .. } | GpuDemand::Model { .. } => headroom_loss(node, base, &after, d, ctx),
             _ => 0.0,
         };
         let node_free: f64 = after.iter().map(|v| f64::from(v.free())).sum();

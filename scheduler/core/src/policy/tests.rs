@@ -523,7 +523,7 @@ fn incremental_fragmentation_equals_recomputing_the_node() {
             for c in &cands {
                 let after = views_after(node, c);
                 // Only the GPUs the candidate grants or reconfigures, as the policies do.
-                let touched = super::fgd::touched(node, c);
+                let touched = crate::metrics::touched(node, c);
                 let fresh = FragBase::new(&after, &w).fragmentation(1 << 40, node_model(node), &w);
                 let incr = base.with_change(&before, &after, &touched, &w).fragmentation(1 << 40, node_model(node), &w);
                 assert!((fresh - incr).abs() < 1e-6, "{fresh} vs {incr}");
