@@ -145,7 +145,7 @@ pub fn plan_gang_avoiding(
         };
         let placement = Placement {
             node: best.node.clone(),
-            grants: cand.grants.clone(),
+            grants: cand.grants.to_vec(),
             ops: cand.ops.clone(),
             score: score.node - if cohesive.nodes.contains(&cand.node) { TOGETHER } else { 0.0 },
         };

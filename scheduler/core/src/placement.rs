@@ -128,12 +128,16 @@ impl From<RejectionWire> for Rejection {
     }
 }
 
+/// A candidate's grants: inline up to two (nearly every pod), so copying a verdict does not
+/// allocate.
+pub type Grants = smallvec::SmallVec<[Grant; 2]>;
+
 /// One feasible option on one node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     /// Index of the node in [`Snapshot::nodes`].
     pub node: usize,
-    pub grants: Vec<Grant>,
+    pub grants: Grants,
     /// MIG steps to apply (in order) before the grants exist.
     pub ops: Vec<MigOp>,
 }
@@ -316,7 +320,7 @@ pub fn node_candidates(snap: &Snapshot, ni: usize, demand: &Demand, out: &mut Ve
         });
     }
     match &demand.gpu {
-        GpuDemand::None => out.push(Candidate { node: ni, grants: Vec::new(), ops: Vec::new() }),
+        GpuDemand::None => out.push(Candidate { node: ni, grants: Grants::new(), ops: Vec::new() }),
         GpuDemand::Share { milli } => share(node, ni, &gpus, *milli, out)?,
         GpuDemand::Whole { count } => whole(node, ni, &gpus, *count, out)?,
         GpuDemand::Mig { profile } => {
@@ -359,7 +363,11 @@ fn share(node: &Node, ni: usize, gpus: &[&Gpu], milli: u32, out: &mut Vec<Candid
     for g in &shared {
         if g.healthy && g.free_milli() >= milli && !seen.contains(&g.free_milli()) {
             seen.push(g.free_milli());
-            out.push(Candidate { node: ni, grants: vec![Grant::Share { gpu: g.index, milli }], ops: Vec::new() });
+            out.push(Candidate {
+                node: ni,
+                grants: smallvec::smallvec![Grant::Share { gpu: g.index, milli }],
+                ops: Vec::new(),
+            });
         }
     }
     if out.iter().all(|c| c.node != ni) {
@@ -485,7 +493,7 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
             for inst in g.free_instances().filter(|i| i.class == p.class) {
                 out.push(Candidate {
                     node: ni,
-                    grants: vec![Grant::Mig { gpu: g.index, class: inst.class, start: inst.start }],
+                    grants: smallvec::smallvec![Grant::Mig { gpu: g.index, class: inst.class, start: inst.start }],
                     ops: Vec::new(),
                 });
             }
@@ -493,7 +501,7 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
                 for start in layout.placements(p.class) {
                     out.push(Candidate {
                         node: ni,
-                        grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }],
+                        grants: smallvec::smallvec![Grant::Mig { gpu: g.index, class: p.class, start }],
                         ops: vec![MigOp::Create { gpu: g.index, class: p.class, start }],
                     });
                 }
@@ -506,7 +514,7 @@ fn mig_on_gpu(g: &Gpu, ni: usize, p: &Profile, out: &mut Vec<Candidate>) {
             for &start in p.starts {
                 out.push(Candidate {
                     node: ni,
-                    grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }],
+                    grants: smallvec::smallvec![Grant::Mig { gpu: g.index, class: p.class, start }],
                     ops: vec![
                         MigOp::SetMode { gpu: g.index, mode: GpuMode::Mig },
                         MigOp::Create { gpu: g.index, class: p.class, start },
@@ -541,7 +549,11 @@ fn repartition(g: &Gpu, ni: usize, layout: &crate::mig::MigLayout, p: &Profile, 
         let mut ops: Vec<MigOp> =
             in_the_way.iter().map(|i| MigOp::Destroy { gpu: g.index, class: i.class, start: i.start }).collect();
         ops.push(MigOp::Create { gpu: g.index, class: p.class, start });
-        out.push(Candidate { node: ni, grants: vec![Grant::Mig { gpu: g.index, class: p.class, start }], ops });
+        out.push(Candidate {
+            node: ni,
+            grants: smallvec::smallvec![Grant::Mig { gpu: g.index, class: p.class, start }],
+            ops,
+        });
     }
 }
 
@@ -575,7 +587,11 @@ fn model(
                         if inst.class != p.class && fits_instance(ip, memory_mib, compute) {
                             out.push(Candidate {
                                 node: ni,
-                                grants: vec![Grant::Mig { gpu: g.index, class: inst.class, start: inst.start }],
+                                grants: smallvec::smallvec![Grant::Mig {
+                                    gpu: g.index,
+                                    class: inst.class,
+                                    start: inst.start
+                                }],
                                 ops: Vec::new(),
                             });
                         }
@@ -588,7 +604,7 @@ fn model(
                 if g.mode() != GpuMode::Shared
                     && let Some(ops) = whole_ready(g)
                 {
-                    out.push(Candidate { node: ni, grants: vec![Grant::Whole { gpu: g.index }], ops });
+                    out.push(Candidate { node: ni, grants: smallvec::smallvec![Grant::Whole { gpu: g.index }], ops });
                 }
             }
             None => {}

@@ -340,7 +340,9 @@ impl Scheduler {
         let verdicts =
             policy::evaluate(&inner.snap, demand, self.policy.as_ref(), &ctx, Some(std::slice::from_ref(node)))?;
         match verdicts.into_iter().next().map(|v| v.outcome) {
-            Some(Ok((c, s))) => Ok(Placement { node: node.clone(), grants: c.grants, ops: c.ops, score: s.node }),
+            Some(Ok((c, s))) => {
+                Ok(Placement { node: node.clone(), grants: c.grants.into_vec(), ops: c.ops, score: s.node })
+            }
             Some(Err(r)) => Err(Error::Unplaceable { pod: demand.pod.clone(), reason: r.to_string() }),
             None => Err(Error::Unplaceable { pod: demand.pod.clone(), reason: format!("node {node} not evaluated") }),
         }

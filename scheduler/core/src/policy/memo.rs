@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use super::{Context, Policy, Score, best_candidate, hash_str, mix, summarize_rejections};
-use crate::cluster::Snapshot;
+use crate::cluster::{NodeName, Snapshot};
 use crate::demand::Demand;
 use crate::placement::{Candidate, Placement, Rejection, node_candidates, quick_reject};
 
@@ -250,7 +250,7 @@ pub fn place_memo(
     });
     let result = match chosen {
         Some((ni, c, score)) => {
-            Ok(Placement { node: snap.nodes()[ni].name.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score })
+            Ok(Placement { node: snap.nodes()[ni].name.clone(), grants: c.grants.to_vec(), ops: c.ops.clone(), score })
         }
         None => {
             // Nothing fits: explain over the whole cluster, as `place` does. Reasons are cached
@@ -298,36 +298,65 @@ pub fn evaluate_memo(
     demand: &Demand,
     policy: &dyn Policy,
     ctx: &Context<'_>,
-    only: Option<&[crate::cluster::NodeName]>,
+    only: Option<&[NodeName]>,
     memo: &mut Memo,
 ) -> Result<Vec<super::NodeVerdict>, crate::Error> {
     if !policy.memoizable() {
         return super::evaluate(snap, demand, policy, ctx, only);
     }
     demand.validate()?;
-    memo.ready(snap, policy, ctx);
-    let sh = demand_shape(demand);
     let ask = Ask { snap, demand, policy, ctx };
+    Ok(match only {
+        None => memo_pass(&ask, memo, (0..snap.nodes().len()).map(|i| (Some(i), snap.nodes()[i].name.clone()))),
+        Some(names) => {
+            let mut at = NameCursor::default();
+            memo_pass(&ask, memo, names.iter().map(move |n| (at.find(snap, n), n.clone())))
+        }
+    })
+}
+
+/// [`evaluate_memo`] over offered names the caller owns: each verdict takes its name from
+/// `names` instead of a copy (the extender's filter, thousands of names per request). On an
+/// invalid demand the names come back with the error.
+pub fn evaluate_memo_offered(
+    snap: &Snapshot,
+    demand: &Demand,
+    policy: &dyn Policy,
+    ctx: &Context<'_>,
+    names: Vec<NodeName>,
+    memo: &mut Memo,
+) -> Result<Vec<super::NodeVerdict>, Box<(crate::Error, Vec<NodeName>)>> {
+    if let Err(e) = demand.validate() {
+        return Err(Box::new((e, names)));
+    }
+    if !policy.memoizable() {
+        return super::evaluate(snap, demand, policy, ctx, Some(&names)).map_err(|e| Box::new((e, names)));
+    }
+    let ask = Ask { snap, demand, policy, ctx };
+    let mut at = NameCursor::default();
+    Ok(memo_pass(&ask, memo, names.into_iter().map(move |n| (at.find(snap, &n), n))))
+}
+
+/// One memoised pass over the offered nodes: each item is the node's index (`None`: not in
+/// the snapshot) and the name its verdict carries.
+fn memo_pass(
+    ask: &Ask<'_, '_>,
+    memo: &mut Memo,
+    offered: impl ExactSizeIterator<Item = (Option<usize>, NodeName)>,
+) -> Vec<super::NodeVerdict> {
+    let snap = ask.snap;
+    memo.ready(snap, ask.policy, ask.ctx);
+    let sh = demand_shape(ask.demand);
     let (table, scratch) = memo.table(sh, snap.nodes().len());
     let (mut hits, mut misses) = (0u64, 0u64);
-    let mut out = Vec::with_capacity(only.map_or(snap.nodes().len(), <[_]>::len));
-    let mut at = NameCursor::default();
-    for i in 0..only.map_or(snap.nodes().len(), <[_]>::len) {
-        let found = match only {
-            None => Ok(i),
-            Some(names) => at.find(snap, &names[i]).ok_or(&names[i]),
+    let mut out = Vec::with_capacity(offered.len());
+    for (found, name) in offered {
+        let Some(ni) = found else {
+            let why = Rejection::unresolvable("unknown to tessera").at_node(name.clone());
+            out.push(super::NodeVerdict { node: name, outcome: Err(why) });
+            continue;
         };
-        let ni = match found {
-            Ok(ni) => ni,
-            Err(name) => {
-                out.push(super::NodeVerdict {
-                    node: name.clone(),
-                    outcome: Err(Rejection::unresolvable("unknown to tessera").at_node(name.clone())),
-                });
-                continue;
-            }
-        };
-        if table.refresh(&ask, ni, true, scratch) {
+        if table.refresh(ask, ni, true, scratch) {
             hits += 1;
         } else {
             misses += 1;
@@ -344,9 +373,9 @@ pub fn evaluate_memo(
                 Err(Rejection::unschedulable("not evaluated").at_node(snap.nodes()[ni].name.clone()))
             }
         };
-        out.push(super::NodeVerdict { node: snap.nodes()[ni].name.clone(), outcome });
+        out.push(super::NodeVerdict { node: name, outcome });
     }
     memo.hits += hits;
     memo.misses += misses;
-    Ok(out)
+    out
 }

@@ -21,7 +21,7 @@ use crate::placement::{Candidate, Placement, Rejection, node_candidates};
 
 pub use baselines::{BestFit, DotProd, FirstFit, GpuClustering, GpuPacking, Random};
 pub use fgd::Fgd;
-pub use memo::{Memo, NameCursor, demand_shape, evaluate_memo, place_memo};
+pub use memo::{Memo, NameCursor, demand_shape, evaluate_memo, evaluate_memo_offered, place_memo};
 pub use tessera::Tessera;
 
 /// Every policy name, ours first.
@@ -386,7 +386,7 @@ pub fn place(snap: &Snapshot, demand: &Demand, policy: &dyn Policy, ctx: &Contex
     let open: Vec<bool> = snap.nodes().iter().map(|node| !crate::placement::quick_reject(node, demand)).collect();
     let verdicts = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| open[i]));
     if let Some(NodeVerdict { node, outcome: Ok((c, s)) }) = choose(&verdicts, ctx) {
-        return Ok(Placement { node: node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: s.node });
+        return Ok(Placement { node: node.clone(), grants: c.grants.to_vec(), ops: c.ops.clone(), score: s.node });
     }
     // Every open node refused and says why: explain the skipped ones too, in node order.
     let mut skipped = evaluate_at(snap, demand, policy, ctx, (0..n).filter(|&i| !open[i])).into_iter();

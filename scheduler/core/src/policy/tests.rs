@@ -490,7 +490,7 @@ fn memoised_verdicts_equal_fresh_ones() {
         if let Some(v) = choose(&fresh, &ctx)
             && let Ok((c, sc)) = &v.outcome
         {
-            let pl = Placement { node: v.node.clone(), grants: c.grants.clone(), ops: c.ops.clone(), score: sc.node };
+            let pl = Placement { node: v.node.clone(), grants: c.grants.to_vec(), ops: c.ops.clone(), score: sc.node };
             pl.apply(&mut s, &d, None).unwrap_or_else(|e| panic!("{e}"));
         }
     }
@@ -642,7 +642,17 @@ fn memoised_verdicts_equal_fresh_ones_in_any_name_order() {
                 evaluate_memo(&s, &d, p.as_ref(), &ctx, Some(names), &mut memo).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(fresh.len(), names.len());
             assert_eq!(fresh, cached, "name list {i}");
+            let offered = evaluate_memo_offered(&s, &d, p.as_ref(), &ctx, names.clone(), &mut memo)
+                .unwrap_or_else(|e| panic!("{}", e.0));
+            assert_eq!(fresh, offered, "name list {i}, names moved into the verdicts");
         }
+    }
+    // An invalid demand hands the names back with the error.
+    let bad = Demand::new(PodKey("ns/bad".into()), GpuDemand::Mig { profile: "5g.1gb".into() });
+    let names = all[..3].to_vec();
+    match evaluate_memo_offered(&s, &bad, p.as_ref(), &ctx, names.clone(), &mut memo) {
+        Ok(v) => panic!("an unknown profile was evaluated: {v:?}"),
+        Err(failed) => assert_eq!(failed.1, names),
     }
 }
 

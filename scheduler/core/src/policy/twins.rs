@@ -187,7 +187,7 @@ mod tests {
                 {
                     let pl = Placement {
                         node: v.node.clone(),
-                        grants: c.grants.clone(),
+                        grants: c.grants.to_vec(),
                         ops: c.ops.clone(),
                         score: sc.node,
                     };
