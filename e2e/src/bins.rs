@@ -164,3 +164,39 @@ fn build_workspace_bins(dir: &Path) -> Result<(), String> {
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
 }
+
+/// `target/<profile>/<bin>` of this workspace, built first under cargo (`$CARGO` set; cargo's
+/// own freshness check decides) unless `TESSERA_E2E_NO_BUILD=1`: for binaries only some tests
+/// need, such as `tessera-runtime` for the real-kubelet suite's images.
+pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
+    let dir = workspace_bin_dir()?;
+    if let Some(cargo) = std::env::var_os("CARGO")
+        && std::env::var_os("TESSERA_E2E_NO_BUILD").is_none()
+        && let (Some(profile), Some(target)) = (dir.file_name().and_then(|n| n.to_str()), dir.parent())
+    {
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build").arg("--target-dir").arg(target).args(["-p", package, "--bin", bin]);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        if std::env::var_os("CARGO_NET_OFFLINE").is_some() {
+            cmd.arg("--offline");
+        }
+        let status = cmd.status().map_err(|e| format!("running cargo build -p {package}: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build -p {package} --bin {bin} failed ({status})"));
+        }
+    }
+    let p = dir.join(bin);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{} is missing: build it with `cargo build -p {package}`", p.display()))
+    }
+}

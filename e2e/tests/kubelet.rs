@@ -5,6 +5,13 @@
 //! print the `NVIDIA_VISIBLE_DEVICES` kubelet gave them. docs/testing.md says what each test
 //! shows.
 //!
+//! The last two tests run the manifests themselves (`e2e/fixtures/kubelet`, a kustomize overlay
+//! of `manifests/`): the images `scripts/build-images.sh` builds are imported into containerd, the
+//! agent runs as the DaemonSet and the runtime as the example Deployment.
+//!
+//! The whole suite runs in a private network namespace (`tessera_e2e::kubelet::net`), in which
+//! pods get addresses of 127.97.0.0/16 on a bridge that kubelet's probes and the test reach.
+//!
 //! The cluster and node start once, on the first test, and are shared: the tests run one at a
 //! time. Run: `cargo test -p tessera-e2e --test kubelet` (root; `KUBEBUILDER_ASSETS`; Debian
 //! containerd, runc, containernetworking-plugins, busybox-static). `TESSERA_E2E_ROUNDS` sets the
@@ -18,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::future::try_join_all;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Value, json};
 
@@ -29,8 +37,8 @@ use tessera_api::annotations::{ASSIGNMENT, ASSIGNMENT_SIGNATURE, RESOURCE_GPU};
 use tessera_api::gpunode::Mode;
 use tessera_api::signing::Keyring;
 use tessera_api::{AssignedDevice, Assignment, GpuNode};
-use tessera_e2e::kubelet::{BUSYBOX_IMAGE, KubeletNode, NODE_NAME, NodeConfig, Prerequisites, tail};
-use tessera_e2e::{Bins, Cluster, Options};
+use tessera_e2e::kubelet::{BUSYBOX_IMAGE, KubeletNode, NODE_NAME, NodeConfig, Prerequisites, net, tail};
+use tessera_e2e::{Bins, Cluster, Options, repo_root};
 
 const NS: &str = "default";
 /// Four whole GPUs and one in MIG mode (its instances are created through GpuNode spec).
@@ -39,6 +47,8 @@ const LABEL: &str = "tessera.dev/e2e";
 
 struct Suite {
     cluster: Cluster,
+    /// Forwards the `kubernetes` Service's ClusterIP to kube-apiserver (no kube-proxy here).
+    _vip: tokio::task::JoinHandle<()>,
     node: Mutex<KubeletNode>,
     keys: Keyring,
     _dir: tempfile::TempDir,
@@ -86,22 +96,46 @@ async fn setup(bins: &Bins, pre: &Prerequisites) -> Result<Suite> {
         fake_gpus: FAKE_GPUS.into(),
         agent_args: Vec::new(),
     };
+    let apiserver = apiserver_addr(&cluster)?;
+    let vip = net::serve_service_vip(apiserver).await?;
     let node = KubeletNode::start(pre, &cfg, &cluster.client).await?;
     let keys = cluster.keyring()?;
-    Ok(Suite { cluster, node: Mutex::new(node), keys, _dir: dir })
+    Ok(Suite { cluster, _vip: vip, node: Mutex::new(node), keys, _dir: dir })
+}
+
+/// kube-apiserver's address, from the admin kubeconfig's `server`.
+fn apiserver_addr(cluster: &Cluster) -> Result<std::net::SocketAddr> {
+    let cfg: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&cluster.admin_kubeconfig)?)?;
+    let server = cfg["clusters"][0]["cluster"]["server"].as_str().context("kubeconfig without server")?;
+    let addr = server.strip_prefix("https://").context("server is not https")?;
+    addr.parse().with_context(|| format!("server address {addr}"))
 }
 
 type Scenario = for<'a> fn(&'a Suite) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + 'a>>;
 
 fn main() {
+    // First, while single-threaded: the suite's private network namespace (re-executes).
+    if !std::env::args().any(|a| a == "--list")
+        && let Err(e) = net::enter()
+    {
+        eprintln!("kubelet suite: {e:#}");
+        std::process::exit(1);
+    }
     let mut args = Arguments::from_args();
     // One node for every test.
     args.test_threads = Some(1);
-    let tests: [(&str, Scenario); 4] = [
+    let tests: [(&str, Scenario); 6] = [
         ("tessera_scheduled_pods_see_their_assignment", |s| Box::pin(tessera_scheduled_pods_see_their_assignment(s))),
         ("tessera_scheduled_rounds_never_swap_devices", |s| Box::pin(tessera_scheduled_rounds_never_swap_devices(s))),
         ("concurrent_binds_never_swap_devices", |s| Box::pin(concurrent_binds_never_swap_devices(s))),
         ("forged_assignments_do_not_start", |s| Box::pin(forged_assignments_do_not_start(s))),
+        // These two replace the node's agent process by the DaemonSet's pod: they run last.
+        ("manifests_agent_daemonset_registers_device_plugin", |s| {
+            Box::pin(manifests_agent_daemonset_registers_device_plugin(s))
+        }),
+        ("manifests_runtime_deployment_passes_probes_and_serves", |s| {
+            Box::pin(manifests_runtime_deployment_passes_probes_and_serves(s))
+        }),
     ];
     let located = if args.list {
         Err(String::new())
@@ -116,14 +150,16 @@ fn main() {
                 Trial::test(name, move || {
                     let s = suite(&bins, &pre)?;
                     let t = Instant::now();
-                    let r = runtime().block_on(async { tokio::time::timeout(Duration::from_secs(240), f(&s)).await });
+                    // The manifest tests build the images first (the runtime's with ONNX Runtime).
+                    let limit = if name.starts_with("manifests_") { 900 } else { 240 };
+                    let r = runtime().block_on(async { tokio::time::timeout(Duration::from_secs(limit), f(&s)).await });
                     match r {
                         Ok(Ok(note)) => {
                             println!("{name}: {note} ({:.1} s)", t.elapsed().as_secs_f64());
                             Ok(())
                         }
                         Ok(Err(e)) => Err(Failed::from(format!("{e:#}\n{}", logs(&s)))),
-                        Err(_) => Err(Failed::from(format!("ran longer than 240 s\n{}", logs(&s)))),
+                        Err(_) => Err(Failed::from(format!("ran longer than {limit} s\n{}", logs(&s)))),
                     }
                 })
             })
@@ -491,4 +527,237 @@ async fn forged_assignments_do_not_start(s: &Suite) -> Result<String> {
     }
     delete_all(s).await?;
     Ok(notes.join(", "))
+}
+
+/// The overlay of `manifests/` the suite applies.
+const OVERLAY: &str = "e2e/fixtures/kubelet";
+/// The `models` PV's hostPath (inside the node's mount namespace, see the overlay).
+const MODELS_IN_NODE: &str = "/var/lib/tessera-models/all-minilm-l6-v2";
+const AGENT_LABEL: &str = "app.kubernetes.io/name=tessera-mig-manager";
+
+/// The manifests are installed once, by the first test that needs them.
+static INSTALLED: tokio::sync::Mutex<Option<Result<String, String>>> = tokio::sync::Mutex::const_new(None);
+
+async fn installed(s: &Suite) -> Result<String> {
+    let mut slot = INSTALLED.lock().await;
+    if slot.is_none() {
+        *slot = Some(install_manifests(s).await.map_err(|e| format!("{e:#}")));
+    }
+    match slot.as_ref() {
+        Some(Ok(note)) => Ok(note.clone()),
+        Some(Err(e)) => bail!("installing the manifests failed: {e}"),
+        None => bail!("not installed"),
+    }
+}
+
+fn model_cache() -> std::path::PathBuf {
+    std::env::var_os("TESSERA_MODEL_CACHE").map(Into::into).unwrap_or_else(|| repo_root().join(".cache/models"))
+}
+
+fn command_output(cmd: &mut std::process::Command, what: &str) -> Result<String> {
+    let out = cmd.stdin(std::process::Stdio::null()).output().with_context(|| format!("{what}: cannot start"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds the agent's and the runtime's images with `scripts/build-images.sh` from this build's
+/// binaries, imports them, replaces the node's agent process by nothing, starts what the
+/// manifests' workloads need from a control plane (kube-controller-manager, a default
+/// kube-scheduler for the DaemonSet's pods), labels the node and applies the overlay.
+async fn install_manifests(s: &Suite) -> Result<String> {
+    let t = Instant::now();
+    let minilm = model_cache().join("minilm");
+    ensure!(
+        minilm.join("model.safetensors").is_file(),
+        "{} has no model.safetensors: run scripts/fetch-models.sh",
+        minilm.display()
+    );
+    let runtime_bin = tessera_e2e::bins::workspace_bin("tessera-runtime", "tessera-runtime").map_err(|e| anyhow!(e))?;
+    let bin_dir = runtime_bin.parent().context("binary folder")?.to_path_buf();
+    let images = s._dir.path().join("images");
+    let built = command_output(
+        std::process::Command::new("bash")
+            .arg("scripts/build-images.sh")
+            .args(["tessera-mig-manager", "tessera-runtime"])
+            .env("TESSERA_BIN_DIR", &bin_dir)
+            .env("TESSERA_IMAGE_DIR", &images)
+            .env("TESSERA_MODEL_CACHE", model_cache())
+            .current_dir(repo_root()),
+        "scripts/build-images.sh",
+    )?;
+    let built_s = t.elapsed().as_secs_f64();
+    delete_all(s).await?;
+    {
+        let mut node = s.node.lock().map_err(|_| anyhow!("node lock"))?;
+        for name in ["tessera-mig-manager", "tessera-runtime"] {
+            node.import_image(&images.join(format!("{name}.tar")))?;
+        }
+        node.stop_agent();
+        node.bind_into(&minilm, MODELS_IN_NODE)?;
+    }
+    // The DaemonSet's agent reports the node afresh (its fake GPUs are other ones).
+    let gpunodes = Api::<GpuNode>::all(s.cluster.client.clone());
+    let _ = gpunodes.delete(NODE_NAME, &DeleteParams::default()).await;
+    s.cluster.start_controller_manager()?;
+    s.cluster.start_plain_kube_scheduler("default-scheduler")?;
+    let nodes: Api<Node> = Api::all(s.cluster.client.clone());
+    let label = json!({"metadata": {"labels": {"tessera.dev/gpu-node": "true"}}});
+    nodes.patch(NODE_NAME, &PatchParams::default(), &Patch::Merge(&label)).await?;
+    let kubectl = s.cluster.bins.kubectl.clone().context("kubectl is not on PATH (it renders the overlay)")?;
+    let rendered = command_output(
+        std::process::Command::new(kubectl)
+            .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone", OVERLAY])
+            .current_dir(repo_root()),
+        "kubectl kustomize",
+    )?;
+    let docs = tessera_e2e::apply::documents(&rendered)?;
+    for d in &docs {
+        tessera_e2e::apply::apply(&s.cluster.client, d).await?;
+    }
+    let sizes: Vec<String> = built.lines().filter(|l| l.starts_with("build-images:")).map(str::to_owned).collect();
+    Ok(format!("images built in {built_s:.1} s ({}); {} objects applied", sizes.join("; "), docs.len()))
+}
+
+/// One HTTP/1.0 request to `addr` (a pod IP), status and body.
+async fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr}"))??;
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut out)).await??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Why no pod of `pods` is ready yet: phases, reasons and waiting states, for the timeout message.
+fn pod_states(pods: &[Pod]) -> String {
+    pods.iter()
+        .map(|p| {
+            let st = p.status.clone().unwrap_or_default();
+            let waiting: Vec<String> = st
+                .container_statuses
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| c.state.as_ref()?.waiting.as_ref().map(|w| format!("{:?} {:?}", w.reason, w.message)))
+                .collect();
+            format!(
+                "{}: {:?} {:?} {:?} {waiting:?}",
+                p.metadata.name.clone().unwrap_or_default(),
+                st.phase,
+                st.reason,
+                st.conditions
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| (c.type_.clone(), c.status.clone()))
+                    .collect::<Vec<_>>()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The manifests' DaemonSet runs the agent as a pod from the locally built image: the pod
+/// becomes Ready, answers its liveness probe's URL on its pod IP, reports the overlay's fake
+/// GPUs in GpuNode status (so it reached the API server through the Service address), and
+/// registers its device plugin: the node's allocatable shows `tessera.dev/gpu` again.
+async fn manifests_agent_daemonset_registers_device_plugin(s: &Suite) -> Result<String> {
+    let install = installed(s).await?;
+    let t = Instant::now();
+    let api: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "tessera-system");
+    let until = Instant::now() + Duration::from_secs(180);
+    let pod = loop {
+        let list = api.list(&ListParams::default().labels(AGENT_LABEL)).await?.items;
+        if let Some(p) = list.iter().find(|p| ready(p)) {
+            break p.clone();
+        }
+        ensure!(Instant::now() < until, "no Ready agent pod after 180 s: {}", pod_states(&list));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let ready_s = t.elapsed().as_secs_f64();
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).context("agent pod without IP")?;
+    ensure!(ip.starts_with("127.97."), "agent pod IP {ip} is not on the pod bridge");
+    let (code, body) = http(&format!("{ip}:9400"), "GET", "/healthz", "").await?;
+    ensure!(code == 200, "GET http://{ip}:9400/healthz: {code} {body}");
+    let gpunodes = Api::<GpuNode>::all(s.cluster.client.clone());
+    let nodes: Api<Node> = Api::all(s.cluster.client.clone());
+    let until = Instant::now() + Duration::from_secs(60);
+    let (products, gpus) = loop {
+        let products: Vec<String> = gpunodes
+            .get_opt(NODE_NAME)
+            .await?
+            .and_then(|g| g.status)
+            .map(|st| st.gpus.into_iter().map(|g| g.product).collect())
+            .unwrap_or_default();
+        let gpus = nodes
+            .get(NODE_NAME)
+            .await?
+            .status
+            .and_then(|st| st.allocatable)
+            .and_then(|a| a.get(RESOURCE_GPU).and_then(|q| q.0.parse::<u64>().ok()))
+            .unwrap_or(0);
+        // The overlay's --fake-gpus=h100x4:mig,l4x2 (the node's own agent had A100s).
+        if products.len() == 6 && products.iter().any(|p| p.contains("L4")) && gpus > 0 {
+            break (products, gpus);
+        }
+        ensure!(Instant::now() < until, "after 60 s: GpuNode products {products:?}, allocatable {RESOURCE_GPU}={gpus}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    Ok(format!(
+        "{install}; agent pod {ip} Ready {ready_s:.1} s after the apply, /healthz 200, GpuNode {products:?}, allocatable {RESOURCE_GPU}={gpus}"
+    ))
+}
+
+/// The manifests' runtime example Deployment (scheduled by tessera with a signed assignment) gets a
+/// ready replica: kubelet's startup and readiness probes passed on its pod IP, and the runtime
+/// answers the test's own requests there.
+async fn manifests_runtime_deployment_passes_probes_and_serves(s: &Suite) -> Result<String> {
+    installed(s).await?;
+    let t = Instant::now();
+    let deployments: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), NS);
+    let api = pods(s);
+    let until = Instant::now() + Duration::from_secs(300);
+    let pod = loop {
+        let list = api.list(&ListParams::default().labels("app=minilm")).await?.items;
+        let available = deployments.get("minilm").await?.status.and_then(|st| st.ready_replicas).unwrap_or(0);
+        if available >= 1
+            && let Some(p) = list.iter().find(|p| ready(p))
+        {
+            break p.clone();
+        }
+        ensure!(Instant::now() < until, "minilm has no ready replica after 300 s: {}", pod_states(&list));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let ready_s = t.elapsed().as_secs_f64();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    // Signed by tessera: a MIG slice or a small whole GPU (an L4) fits `gpu-memory: 4Gi`.
+    let (_, a) = s.cluster.check_assignment(&pod)?;
+    ensure!(a.devices.len() == 1, "{name} got {a:?}");
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).context("runtime pod without IP")?;
+    ensure!(ip.starts_with("127.97."), "runtime pod IP {ip} is not on the pod bridge");
+    let addr = format!("{ip}:8000");
+    let (code, body) = http(&addr, "GET", "/v2/models/minilm/ready", "").await?;
+    ensure!(code == 200, "GET /v2/models/minilm/ready: {code} {body}");
+    let infer = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["tessera runs on a real kubelet"]}]});
+    let (code, body) = http(&addr, "POST", "/v2/models/minilm/infer", &infer.to_string()).await?;
+    ensure!(code == 200, "POST /v2/models/minilm/infer: {code} {body}");
+    let out: Value = serde_json::from_str(&body).with_context(|| format!("infer answer {body}"))?;
+    let dims = out["outputs"][0]["shape"].clone();
+    ensure!(dims == json!([1, 384]), "infer answered shape {dims} (MiniLM embeds in 384 dimensions): {body}");
+    Ok(format!("{name} ({ip}, {}) ready {ready_s:.1} s after the apply; infer 200, output shape {dims}", visible(&a)))
 }

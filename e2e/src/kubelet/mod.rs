@@ -5,12 +5,17 @@
 //!
 //! Everything runs inside a private mount namespace (`unshare --mount --propagation slave`) in
 //! which tmpfs covers kubelet's and containerd's fixed directories and stand-in files cover the
-//! six `/proc/sys` entries kubelet writes, so the host keeps its sysctls and mounts. Traffic stays
-//! on 127.0.0.1: kubelet is named `127.0.0.1` (`--hostname-override`), pods get only `lo`.
-//! Pod cgroups live under a cgroup root of the node's own, removed on stop.
+//! six `/proc/sys` entries kubelet writes, so the host keeps its sysctls and mounts. The node runs
+//! in the suite's private network namespace ([`net`]): kubelet is named `127.0.0.1`
+//! (`--hostname-override`), and the repository's CNI plugin (`cni-bridge.sh`) gives each pod a
+//! veth on the bridge `tbr0` with an address of 127.97.0.0/16, which kubelet's probes and the test
+//! reach. Pod cgroups live under a cgroup root of the node's own, removed on stop.
 //!
-//! The node needs root, and on `PATH`: containerd, ctr, runc, unshare, nsenter, ip, python3,
-//! busybox (static). [`Prerequisites::find`] names what is missing.
+//! The node needs root, the private network namespace, and on `PATH`: containerd, ctr, runc,
+//! unshare, nsenter, flock, ip, python3, busybox (static). [`Prerequisites::find`] names what is
+//! missing.
+
+pub mod net;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,7 +35,7 @@ pub const BUSYBOX_IMAGE: &str = "tessera.test/busybox:1";
 /// Reference of the sandbox ("pause") image containerd is configured with.
 pub const PAUSE_IMAGE: &str = "tessera.test/pause:1";
 
-const CNI_PLUGIN: &str = include_str!("cni-loopback.sh");
+const CNI_PLUGIN: &str = include_str!("cni-bridge.sh");
 const MOUNT_NS: &str = include_str!("mount-ns.sh");
 /// What kubelet writes; the host's values are compared before and after.
 pub const SYSCTLS: [&str; 6] = [
@@ -95,6 +100,7 @@ impl Prerequisites {
         let _ = tool("runc", "runc");
         let _ = tool("unshare", "util-linux");
         let _ = tool("nsenter", "util-linux");
+        let _ = tool("flock", "util-linux");
         let _ = tool("ip", "iproute2");
         let _ = tool("python3", "python3");
         let busybox = tool("busybox", "busybox-static");
@@ -109,6 +115,9 @@ impl Prerequisites {
         }
         if !is_root() {
             missing.push("root (kubelet and containerd need it)".to_owned());
+        } else if !net::private() {
+            missing
+                .push("the suite's private network namespace (tessera_e2e::kubelet::net::enter() in main)".to_owned());
         }
         match (kubelet, containerd, ctr, busybox, loopback) {
             (Some(kubelet), Some(containerd), Some(ctr), Some(busybox), Some(cni_loopback)) if missing.is_empty() => {
@@ -203,6 +212,7 @@ pub struct KubeletNode {
     dir: Option<tempfile::TempDir>,
     /// `sleep` holding the private mount namespace open.
     holder: Option<Child>,
+    holder_pid: u32,
     mount_ns: String,
     procs: Vec<Proc>,
     cgroup: String,
@@ -278,6 +288,7 @@ impl KubeletNode {
         let mut node = Self {
             dir: Some(dir),
             holder: None,
+            holder_pid: 0,
             mount_ns: String::new(),
             procs: Vec::new(),
             cgroup: format!("tessera-node-{}", std::process::id()),
@@ -304,7 +315,7 @@ impl KubeletNode {
         let [busybox_tar, pause_tar] = build_images(&pre.busybox, d)?;
 
         // CNI: containerd adds the loopback plugin itself (from bin_dir), then ours.
-        let plugin = d.join("cni/bin/tessera-loopback");
+        let plugin = d.join("cni/bin/tessera-bridge");
         std::fs::write(&plugin, CNI_PLUGIN)?;
         run(Command::new("chmod").arg("755").arg(&plugin), "chmod of the CNI plugin")?;
         std::os::unix::fs::symlink("/usr/lib/cni/loopback", d.join("cni/bin/loopback")).or_else(|_| {
@@ -315,7 +326,7 @@ impl KubeletNode {
         })?;
         std::fs::write(
             d.join("cni/conf/10-tessera.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"tessera-loopback","plugins":[{"type":"tessera-loopback"}]}"#,
+            r#"{"cniVersion":"0.4.0","name":"tessera-bridge","plugins":[{"type":"tessera-bridge"}]}"#,
         )?;
         std::fs::write(d.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
 
@@ -408,6 +419,7 @@ serializeImagePulls: false
             .context("unshare --mount")?;
         let hpid = holder.id();
         self.holder = Some(holder);
+        self.holder_pid = hpid;
         let own = std::fs::read_link("/proc/self/ns/mnt")?.display().to_string();
         let until = Instant::now() + Duration::from_secs(5);
         loop {
@@ -553,6 +565,37 @@ serializeImagePulls: false
         }
     }
 
+    /// Stops the agent process the node started (before the manifests' DaemonSet runs it as a
+    /// pod).
+    pub fn stop_agent(&mut self) {
+        if let Some(i) = self.procs.iter().position(|p| p.name == "agent") {
+            let mut p = self.procs.remove(i);
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Imports an image archive into containerd's `k8s.io` namespace (kubelet's).
+    pub fn import_image(&self, tar: &Path) -> anyhow::Result<()> {
+        let t = tar.display().to_string();
+        run(self.ctr().args(["-n", "k8s.io", "images", "import", &t]), "ctr images import")?;
+        Ok(())
+    }
+
+    /// Bind-mounts the host folder `from` at `to` inside the node's mount namespace only (for
+    /// hostPath volumes; `to` should lie under a folder the namespace covers with tmpfs, such
+    /// as `/var/lib`).
+    pub fn bind_into(&self, from: &Path, to: &str) -> anyhow::Result<()> {
+        let h = self.holder_pid.to_string();
+        run(
+            Command::new("nsenter")
+                .args(["-t", &h, "-m", "sh", "-c", r#"mkdir -p "$2" && mount -n --bind "$1" "$2""#, "sh"])
+                .arg(from)
+                .arg(to),
+            "bind-mounting into the node's mount namespace",
+        )?;
+        Ok(())
+    }
+
     /// The containerd client argv prefix for this node (`ctr --address SOCK`).
     pub fn ctr(&self) -> Command {
         let mut c = Command::new(&self.ctr);
@@ -577,8 +620,35 @@ serializeImagePulls: false
             .collect()
     }
 
+    /// Processes in the node's cgroup tree (the `pids` hierarchy, else `memory`).
+    fn cgroup_pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for h in ["pids", "memory"] {
+            let root = Path::new("/sys/fs/cgroup").join(h).join(&self.cgroup);
+            if !root.is_dir() {
+                continue;
+            }
+            let mut stack = vec![root];
+            while let Some(d) = stack.pop() {
+                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+                }
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            break;
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Stops everything: the agent and kubelet gracefully, then every process of the mount
-    /// namespace (containerd, shims, containers), then removes the cgroups and the folder.
+    /// namespace (containerd, shims) and of the node's cgroups (containers), then removes the
+    /// cgroups and the folder.
     /// Returns what could not be restored.
     pub fn stop(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -597,6 +667,21 @@ serializeImagePulls: false
                 signal(pid, "KILL");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // Containers have mount namespaces of their own and outlive their shims (reparented to
+        // init): every process left in the node's cgroups goes too.
+        for _ in 0..50 {
+            let pids = self.cgroup_pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                signal(pid, "KILL");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !self.cgroup_pids().is_empty() {
+            problems.push("processes in the node's cgroups survived SIGKILL".to_owned());
         }
         if let Some(mut h) = self.holder.take() {
             let _ = h.kill();
