@@ -16,6 +16,7 @@
 pub mod annotations;
 pub mod assignment;
 pub mod gpunode;
+pub mod incremental;
 pub mod kube_error;
 pub mod pod;
 pub mod podgroup;

@@ -188,44 +188,157 @@ enum Trust {
     Refused,
 }
 
+/// What one node's objects build ([`build_node`]): the core node with the allocations counted
+/// on it, and that node's share of the side tables of [`Built`].
+#[derive(Clone, Debug, Default)]
+pub struct NodePart {
+    /// The node as a snapshot holds it and its allocations; `None` when no Node object lists
+    /// it (pods bound there still leave uids, warnings and refusals).
+    pub node: Option<(Node, Vec<Allocation>)>,
+    /// MIG steps applied while building it (the snapshot's [`Snapshot::reconfigs`] share).
+    pub reconfigs: u64,
+    pub uids: Vec<(String, PodKey)>,
+    pub mig_uuids: Vec<((NodeName, u32, u8), String)>,
+    pub warnings: Vec<String>,
+    pub refused: Vec<Refused>,
+}
+
+/// The nodes whose state a pod's objects touch: the node it is bound to (`spec.nodeName`) and
+/// the node its `tessera.dev/assignment` names (a GPU an assignment names is not marked idle
+/// for a MIG reset, whether or not the pod is bound there). A watch event on a pod changes at
+/// most these nodes' [`build_node`] results, for the old and the new object.
+pub fn node_names_of(pod: &Pod) -> Vec<String> {
+    let mut names = Vec::with_capacity(2);
+    if let Some(n) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
+        names.push(n.clone());
+    }
+    if let Some(a) = assignment_of(pod)
+        && !names.contains(&a.node)
+    {
+        names.push(a.node);
+    }
+    names
+}
+
+fn terminal(p: &Pod) -> bool {
+    matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
 /// [`build`], checking each assignment's signature with `keys` (when given): an assignment
 /// that is unsigned, forged, signed for another pod or node, or names a device a trusted pod
 /// holds is listed in [`Built::refused`] and never displaces a trusted one.
+///
+/// Built node by node with [`build_node`] (what [`crate::incremental::Incremental`] rebuilds
+/// after one event), so a full and an incremental rebuild cannot disagree.
 pub fn build_checked<N, G, P>(nodes: &[N], gpunodes: &[G], pods: &[P], keys: Option<&Keyring>) -> Built
 where
     N: Borrow<KubeNode>,
     G: Borrow<GpuNode>,
     P: Borrow<Pod>,
 {
-    let mut b = Built::default();
+    let (parts, warnings) = build_parts(nodes, gpunodes, pods, keys);
+    let mut b = Built { warnings, ..Built::default() };
+    let mut built_nodes = Vec::with_capacity(parts.len());
+    let mut allocations = std::collections::BTreeMap::new();
+    let mut reconfigs = 0;
+    for (_, part) in parts {
+        if let Some((node, allocs)) = part.node {
+            built_nodes.push(node);
+            allocations.extend(allocs.into_iter().map(|a| (a.pod.clone(), a)));
+        }
+        reconfigs += part.reconfigs;
+        b.uids.extend(part.uids);
+        b.mig_uuids.extend(part.mig_uuids);
+        b.warnings.extend(part.warnings);
+        b.refused.extend(part.refused);
+    }
+    b.snap = Snapshot::from_parts(built_nodes, allocations, reconfigs);
+    b
+}
+
+/// Every node's [`NodePart`], by name, and the warnings about objects no node owns.
+pub(crate) fn build_parts<N, G, P>(
+    nodes: &[N],
+    gpunodes: &[G],
+    pods: &[P],
+    keys: Option<&Keyring>,
+) -> (std::collections::BTreeMap<String, NodePart>, Vec<String>)
+where
+    N: Borrow<KubeNode>,
+    G: Borrow<GpuNode>,
+    P: Borrow<Pod>,
+{
+    let mut warnings = Vec::new();
     let by_name: HashMap<&str, &GpuNode> = gpunodes
         .iter()
         .map(Borrow::borrow)
         .filter_map(|g: &GpuNode| g.metadata.name.as_deref().map(|n| (n, g)))
         .collect();
-    // GPUs that live pods' assignments name, by (node, index).
-    let assigned: std::collections::HashSet<(String, u32)> = pods
-        .iter()
-        .map(Borrow::borrow)
-        .filter(|p: &&Pod| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
-        .filter_map(assignment_of)
-        .flat_map(|a| a.devices.iter().map(|d| (a.node.clone(), d.index)).collect::<Vec<_>>())
-        .collect();
-    let mut layouts = Vec::new();
-    let mut built_nodes = Vec::new();
+    let mut kube: HashMap<&str, &KubeNode> = HashMap::with_capacity(nodes.len());
     for kn in nodes.iter().map(Borrow::borrow) {
         let Some(name) = kn.metadata.name.as_deref() else { continue };
-        let gn = by_name.get(name).copied();
-        let Some((node, ops)) = node_of(kn, gn, &assigned, &mut b.warnings) else { continue };
-        layouts.push((node.name.clone(), gn, ops));
-        built_nodes.push(node);
-    }
-    // All at once: one sort and one index for the whole cluster.
-    b.warnings.extend(b.snap.add_nodes(built_nodes).iter().map(ToString::to_string));
-    for (nn, gn, ops) in layouts {
-        if b.snap.node(&nn).is_none() {
-            continue;
+        match kube.entry(name) {
+            // The first one counts.
+            std::collections::hash_map::Entry::Occupied(_) => {
+                warnings.push(tessera_core::Error::DuplicateNode(NodeName(name.to_owned())).to_string());
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(kn);
+            }
         }
+    }
+    let mut pods_of: HashMap<String, Vec<&Pod>> = HashMap::with_capacity(kube.len());
+    for p in pods.iter().map(Borrow::borrow) {
+        for n in node_names_of(p) {
+            pods_of.entry(n).or_default().push(p);
+        }
+    }
+    let mut names: Vec<&str> = kube.keys().copied().collect();
+    names.extend(pods_of.keys().map(String::as_str).filter(|n| !kube.contains_key(n)));
+    let parts = names
+        .into_iter()
+        .map(|name| {
+            let pods = pods_of.get(name).map(Vec::as_slice).unwrap_or_default();
+            let part = build_node(name, kube.get(name).copied(), by_name.get(name).copied(), pods, keys);
+            (name.to_owned(), part)
+        })
+        .collect();
+    (parts, warnings)
+}
+
+/// One node's share of [`build_checked`]: the core node from its Node and `GpuNode` (with the
+/// MIG layout its agent reports), and the allocations of the bound, non-terminal pods on it.
+/// `pods` are the pods [`node_names_of`] names this node for (others are ignored); bound pods
+/// are counted by trust (signed, then running untrusted, then other plugins' guessed ones),
+/// then by pod key, so the result does not depend on the order of `pods`.
+pub fn build_node(
+    name: &str,
+    kn: Option<&KubeNode>,
+    gn: Option<&GpuNode>,
+    pods: &[&Pod],
+    keys: Option<&Keyring>,
+) -> NodePart {
+    let mut b = Built::default();
+    let mut part = NodePart::default();
+    // GPUs that live pods' assignments name here, by (node, index).
+    let assigned: std::collections::HashSet<(String, u32)> = pods
+        .iter()
+        .filter(|p| !terminal(p))
+        .filter_map(|p| assignment_of(p))
+        .filter(|a| a.node == name)
+        .flat_map(|a| a.devices.iter().map(|d| (a.node.clone(), d.index)).collect::<Vec<_>>())
+        .collect();
+    let nn = NodeName(name.to_owned());
+    let mut layout = None;
+    if let Some(kn) = kn.filter(|k| k.metadata.name.as_deref() == Some(name))
+        && let Some((node, ops)) = node_of(kn, gn, &assigned, &mut b.warnings)
+    {
+        b.warnings.extend(b.snap.add_nodes([node]).iter().map(ToString::to_string));
+        layout = Some(ops);
+    }
+    if let Some(ops) = layout
+        && b.snap.node(&nn).is_some()
+    {
         for op in ops {
             if let Err(e) = b.snap.apply(&nn, op) {
                 b.warnings.push(format!("GpuNode {nn}: {e}"));
@@ -235,19 +348,18 @@ where
             for g in &status.gpus {
                 for i in &g.instances {
                     if !i.uuid.is_empty() {
-                        b.mig_uuids.insert((nn.clone(), g.index, i.start), i.uuid.clone());
+                        part.mig_uuids.push(((nn.clone(), g.index, i.start), i.uuid.clone()));
                     }
                 }
             }
         }
     }
-    // What kubelet told each agent other plugins' pods hold (GpuNode.status.held).
-    let mut reported: HashMap<(String, String), Vec<Grant>> = HashMap::new();
-    for (node, gn) in &by_name {
-        let Some(status) = gn.status.as_ref() else { continue };
+    // What kubelet told the agent other plugins' pods hold (GpuNode.status.held).
+    let mut reported: HashMap<String, Vec<Grant>> = HashMap::new();
+    if let Some(status) = gn.and_then(|g| g.status.as_ref()) {
         for h in status.held.iter().filter(|h| h.resource != annotations::RESOURCE_GPU) {
-            if let Some(g) = grant_of_uuid(&b.snap, node, status, &h.uuid) {
-                let grants = reported.entry(((*node).to_owned(), h.pod.clone())).or_default();
+            if let Some(g) = grant_of_uuid(&b.snap, name, status, &h.uuid) {
+                let grants = reported.entry(h.pod.clone()).or_default();
                 if !grants.contains(&g) {
                     grants.push(g);
                 }
@@ -256,30 +368,27 @@ where
     }
     // Exact assignments first, so NVIDIA-plugin pods (whose devices we guess unless their node
     // reports them) never take the devices an annotated pod really holds; untrusted running
-    // pods after every trusted one.
-    let mut bound: Vec<(Trust, &Pod)> = pods
+    // pods after every trusted one. In pod-key order within each, whatever order the caches
+    // list them in.
+    let mut bound: Vec<(Trust, Option<PodKey>, &Pod)> = pods
         .iter()
-        .map(Borrow::borrow)
-        .filter(|p: &&Pod| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
-                && !matches!(phase, Some("Succeeded" | "Failed"))
-        })
-        .map(|p| (trust_of(p, keys, &mut b.refused), p))
+        .copied()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name) && !terminal(p))
+        .map(|p| (trust_of(p, keys, &mut b.refused), podparse::pod_key(p).ok(), p))
         .collect();
-    bound.sort_by_key(|(trust, _)| *trust);
-    for (trust, pod) in bound {
-        let Ok(key) = podparse::pod_key(pod) else { continue };
+    bound.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    for (trust, key, pod) in bound {
+        let Some(key) = key else { continue };
         if let Some(uid) = &pod.metadata.uid {
-            b.uids.insert(uid.clone(), key.clone());
+            part.uids.push((uid.clone(), key.clone()));
         }
-        let node = NodeName(pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default());
+        let node = nn.clone();
         if b.snap.node(&node).is_none() {
             b.warnings.push(format!("pod {key}: bound to node {node}, which is not listed"));
             continue;
         }
         let (cpu_milli, memory_mib) = podparse::requests(pod).unwrap_or((0, 0));
-        let known = reported.get(&(node.0.clone(), key.to_string()));
+        let known = reported.get(&key.0);
         let grants = match (trust, known) {
             (Trust::Refused, _) => Vec::new(),
             (Trust::Guessed, Some(g)) => g.clone(),
@@ -320,7 +429,7 @@ where
                 if keys.is_some() && matches!(trust, Trust::Signed | Trust::Running) {
                     let refusal = refusal_for(&b.snap, &alloc, &e);
                     let uid = pod.metadata.uid.clone().unwrap_or_default();
-                    b.refused.retain(|r| r.uid != uid || uid.is_empty());
+                    b.refused.retain(|r| r.pod != key);
                     b.refused.push(Refused { pod: key.clone(), uid, node: node.0.clone(), refusal, counted: false });
                     // It still uses cpu and memory; only its devices are not counted.
                     let _ = b.snap.allocate(Allocation { grants: Vec::new(), ..alloc });
@@ -328,7 +437,12 @@ where
             }
         }
     }
-    b
+    let (mut nodes, allocations, reconfigs) = b.snap.into_parts();
+    part.node = nodes.pop().map(|n| (n, allocations.into_values().collect()));
+    part.reconfigs = reconfigs;
+    part.warnings = b.warnings;
+    part.refused = b.refused;
+    part
 }
 
 /// A trusted pod bound to MIG slices its node has not reported yet (the scheduler asked the

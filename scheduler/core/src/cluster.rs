@@ -420,6 +420,93 @@ impl Snapshot {
         }
     }
 
+    /// A snapshot from parts other snapshots held (see [`Snapshot::into_parts`]): nodes with
+    /// their usage counted, the allocations on them, and the MIG steps applied. Nodes keep
+    /// their versions. The parts must agree (every allocation on a listed node and counted
+    /// there, node names distinct); [`Snapshot::audit`] checks a result.
+    pub fn from_parts(mut nodes: Vec<Node>, allocations: BTreeMap<PodKey, Allocation>, reconfigs: u64) -> Self {
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        debug_assert!(nodes.windows(2).all(|w| w[0].name != w[1].name), "node listed twice");
+        let mut s = Self { nodes, allocations, reconfigs, ..Self::default() };
+        s.reindex();
+        s
+    }
+
+    /// The nodes (name order), allocations and MIG step count, for [`Snapshot::from_parts`].
+    pub fn into_parts(self) -> (Vec<Node>, BTreeMap<PodKey, Allocation>, u64) {
+        (self.nodes, self.allocations, self.reconfigs)
+    }
+
+    /// Replaces node `name` and every allocation on it with `with` (the node as a snapshot
+    /// holds it, its usage counted, and the allocations counted there; see
+    /// [`Snapshot::into_parts`]), or removes them when `with` is `None`; a node not listed yet
+    /// is inserted. Costs that node, not the cluster (adding or removing a node costs a shift
+    /// of the node list). A node whose state equals the one it replaces keeps that one's
+    /// version, so per-node caches keyed by version stay valid; a changed one gets a fresh
+    /// version. Not journaled: no checkpoint may be open. Does not touch [`Snapshot::reconfigs`]
+    /// (see [`Snapshot::set_reconfigs`]).
+    pub fn replace_node(&mut self, name: &NodeName, with: Option<(Node, Vec<Allocation>)>) -> Result<(), Error> {
+        debug_assert_eq!(self.open, 0, "replace_node inside a checkpoint");
+        if let Some((n, allocs)) = &with {
+            if &n.name != name {
+                return Err(Error::Invalid(format!("node {} replaces node {name}", n.name)));
+            }
+            if let Some(a) = allocs.iter().find(|a| &a.node != name || n.pods.binary_search(&a.pod).is_err()) {
+                return Err(Error::Invalid(format!("allocation of {} is not counted on node {name}", a.pod)));
+            }
+            if allocs.len() != n.pods.len() {
+                return Err(Error::Invalid(format!("node {name} counts pods it holds no allocation for")));
+            }
+            if let Some(a) = allocs.iter().find(|a| self.allocations.get(&a.pod).is_some_and(|old| &old.node != name)) {
+                return Err(Error::AlreadyAllocated(a.pod.clone()));
+            }
+        }
+        let at = self.index.get(name).copied();
+        if let Some(i) = at {
+            for pod in std::mem::take(&mut self.nodes[i].pods) {
+                self.allocations.remove(&pod);
+            }
+        }
+        let (old_cpu, old_gpus) = at.map_or((0, 0), |i| (self.nodes[i].cpu_milli, self.nodes[i].gpus.len()));
+        match (at, with) {
+            (Some(i), Some((mut n, allocs))) => {
+                // The old node's pods were taken above: compare with them put back.
+                let old = &mut self.nodes[i];
+                old.pods = n.pods.clone();
+                n.version = if *old == n { old.version } else { next_version() };
+                *old = n;
+                self.allocations.extend(allocs.into_iter().map(|a| (a.pod.clone(), a)));
+                let (cpu, gpus) = (self.nodes[i].cpu_milli, self.nodes[i].gpus.len());
+                if (cpu < old_cpu && old_cpu == self.max_cpu_milli) || (gpus < old_gpus && old_gpus == self.max_gpus) {
+                    self.max_cpu_milli = self.nodes.iter().map(|n| n.cpu_milli).max().unwrap_or(0);
+                    self.max_gpus = self.nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0);
+                } else {
+                    self.max_cpu_milli = self.max_cpu_milli.max(cpu);
+                    self.max_gpus = self.max_gpus.max(gpus);
+                }
+            }
+            (Some(i), None) => {
+                self.nodes.remove(i);
+                self.reindex();
+            }
+            (None, Some((mut n, allocs))) => {
+                n.version = next_version();
+                let pos = self.nodes.partition_point(|x| x.name < *name);
+                self.nodes.insert(pos, n);
+                self.allocations.extend(allocs.into_iter().map(|a| (a.pod.clone(), a)));
+                self.reindex();
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// Sets the count of MIG steps applied, for a snapshot assembled from parts
+    /// ([`Snapshot::replace_node`]).
+    pub fn set_reconfigs(&mut self, reconfigs: u64) {
+        self.reconfigs = reconfigs;
+    }
+
     /// Nodes in name order.
     pub fn nodes(&self) -> &[Node] {
         &self.nodes

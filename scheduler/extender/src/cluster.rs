@@ -1,8 +1,10 @@
 //! Live cluster state: kube-rs reflectors of Nodes, Pods, `GpuNode`s and `PodGroup`s, turned
 //! into a core [`tessera_core::Snapshot`] by [`build`] (in `tessera-api`, shared with the
-//! simulator) after every change.
+//! simulator) once, then kept up to date node by node ([`Incremental`]): after a burst of watch
+//! events only the nodes the events touched are rebuilt.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,7 +13,9 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tessera_api::gpunode::GpuNode;
+use tessera_api::incremental::{Incremental, NodeObjects};
 use tessera_api::podgroup::{PodGroup, PodGroupSpec};
+use tessera_api::snapshot::node_names_of;
 pub use tessera_api::snapshot::{Built, GFD_MEMORY, GFD_PRODUCT, Refused, SHARING_LABEL, build, build_checked};
 
 use crate::state::{Lookup, Scheduler};
@@ -35,6 +39,86 @@ impl Lookup for StoreLookup {
 /// The scheduler the pod watch reports deletions to, once [`Watch::sync`] runs.
 type PodEvents = Arc<std::sync::OnceLock<Arc<Scheduler>>>;
 
+/// How often the state is rebuilt in full even when every event was applied node by node: a
+/// safety net against an event the per-node bookkeeping missed.
+pub const FULL_REBUILD_EVERY: Duration = Duration::from_secs(600);
+
+/// What the watch events changed since the state was last brought up to date, and which pods
+/// name which nodes ([`node_names_of`], as the pod watch last showed them): what an event on a
+/// pod touches, old object and new, and the pods a node is rebuilt from.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Nodes to rebuild.
+    pub dirty: BTreeSet<String>,
+    /// A watch relisted (or nothing is built yet): rebuild everything.
+    pub full: bool,
+    named: HashMap<ObjectRef<Pod>, Vec<String>>,
+    by_node: HashMap<String, HashSet<ObjectRef<Pod>>>,
+}
+
+impl Changes {
+    /// A pod was added or changed (`Some`), or deleted (`None`).
+    pub fn pod(&mut self, pod: &Pod, now: Option<()>) {
+        let r = ObjectRef::from_obj(pod);
+        let names = node_names_of(pod);
+        self.dirty.extend(names.iter().cloned());
+        let old = match now {
+            Some(()) => self.named.insert(r.clone(), names.clone()),
+            None => self.named.remove(&r),
+        };
+        for n in old.unwrap_or_default() {
+            if let Some(set) = self.by_node.get_mut(&n) {
+                set.remove(&r);
+                if set.is_empty() {
+                    self.by_node.remove(&n);
+                }
+            }
+            self.dirty.insert(n);
+        }
+        if now.is_some() {
+            for n in names {
+                self.by_node.entry(n).or_default().insert(r.clone());
+            }
+        }
+    }
+
+    /// Indexes every pod anew (after a relist) and forgets what was dirty.
+    pub fn reindex(&mut self, pods: &[Arc<Pod>]) {
+        self.named.clear();
+        self.by_node.clear();
+        for p in pods {
+            self.pod(p, Some(()));
+        }
+        self.dirty.clear();
+        self.full = false;
+    }
+
+    /// The pods that name `node`.
+    pub fn pods_of(&self, node: &str) -> Vec<ObjectRef<Pod>> {
+        self.by_node.get(node).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// The watch caches, seen node by node ([`Incremental::apply`]).
+struct CacheView {
+    nodes: Store<KubeNode>,
+    gpunodes: Store<GpuNode>,
+    pods: Store<Pod>,
+    by_node: HashMap<String, Vec<ObjectRef<Pod>>>,
+}
+
+impl NodeObjects for CacheView {
+    fn node(&self, name: &str) -> Option<Arc<KubeNode>> {
+        self.nodes.get(&ObjectRef::new(name))
+    }
+    fn gpunode(&self, name: &str) -> Option<Arc<GpuNode>> {
+        self.gpunodes.get(&ObjectRef::new(name))
+    }
+    fn pods(&self, name: &str) -> Vec<Arc<Pod>> {
+        self.by_node.get(name).into_iter().flatten().filter_map(|r| self.pods.get(r)).collect()
+    }
+}
+
 /// The reflectors, started.
 #[derive(Debug, Clone)]
 pub struct Watch {
@@ -43,6 +127,8 @@ pub struct Watch {
     pub gpunodes: Store<GpuNode>,
     pub groups: Store<PodGroup>,
     pub changed: Arc<tokio::sync::Notify>,
+    /// What the events changed since the last rebuild.
+    pub changes: Arc<Mutex<Changes>>,
     pod_events: PodEvents,
     /// Publishes the Events of refused assignments.
     pub events: Option<Events>,
@@ -137,16 +223,43 @@ where
     store
 }
 
+/// Marks the node an event on a Node or `GpuNode` (named as its node) touches; a relist marks
+/// everything.
+fn by_name<K: kube::Resource>(changes: &Arc<Mutex<Changes>>) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+    let changes = changes.clone();
+    move |ev| {
+        let mut c = changes.lock().unwrap_or_else(|p| p.into_inner());
+        match ev {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                if let Some(name) = o.meta().name.clone() {
+                    c.dirty.insert(name);
+                }
+            }
+            _ => c.full = true,
+        }
+    }
+}
+
 impl Watch {
     /// Starts the four reflectors. PodGroups are optional (the CRD may not be installed).
     pub fn start(client: &Client) -> Self {
         let changed = Arc::new(tokio::sync::Notify::new());
+        let changes = Arc::new(Mutex::new(Changes { full: true, ..Changes::default() }));
         let pod_events: PodEvents = Arc::default();
         let to = pod_events.clone();
         // Pod deletions (and pods that finished) are applied to the scheduler's state as the
         // watch reports them, before the debounced rebuild: the very next filter sees the
         // freed devices.
+        let pod_changes = changes.clone();
         let on_pod = move |ev: &watcher::Event<Pod>| {
+            {
+                let mut c = pod_changes.lock().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    watcher::Event::Delete(p) => c.pod(p, None),
+                    watcher::Event::Apply(p) => c.pod(p, Some(())),
+                    _ => c.full = true,
+                }
+            }
             if let Some(s) = to.get() {
                 match ev {
                     watcher::Event::Delete(p) => s.pod_deleted(p),
@@ -156,11 +269,12 @@ impl Watch {
             }
         };
         Self {
-            nodes: spawn_reflector(Api::all(client.clone()), changed.clone(), |_| {}),
+            nodes: spawn_reflector(Api::all(client.clone()), changed.clone(), by_name(&changes)),
             pods: spawn_reflector(Api::all(client.clone()), changed.clone(), on_pod),
-            gpunodes: spawn_reflector(Api::all(client.clone()), changed.clone(), |_| {}),
+            gpunodes: spawn_reflector(Api::all(client.clone()), changed.clone(), by_name(&changes)),
             groups: spawn_reflector(Api::all(client.clone()), changed.clone(), |_| {}),
             changed,
+            changes,
             pod_events,
             events: Some(Events::new(client.clone())),
         }
@@ -187,6 +301,10 @@ impl Watch {
         }
         // Each pod's refusal is reported once (log, metric, Event), not at every rebuild.
         let mut reported: std::collections::HashSet<(String, &'static str)> = Default::default();
+        let mut state: Option<Incremental> = None;
+        let mut built_with: Option<Arc<tessera_api::signing::Keyring>> = None;
+        #[allow(clippy::disallowed_methods)] // paces full rebuilds
+        let mut last_full = std::time::Instant::now();
         loop {
             let keys = match scheduler.assignment_keys().map(|k| k.current()) {
                 Some(Ok(ring)) => Some(ring),
@@ -199,19 +317,65 @@ impl Watch {
             };
             #[allow(clippy::disallowed_methods)] // times a rebuild for its metric
             let started = std::time::Instant::now();
-            // Whole-cluster work: off the runtime's workers, which serve the verbs meanwhile.
-            let (nodes, gpunodes, pods) = (self.nodes.state(), self.gpunodes.state(), self.pods.state());
-            let built =
-                match tokio::task::spawn_blocking(move || build_checked(&nodes, &gpunodes, &pods, keys.as_deref()))
-                    .await
-                {
-                    Ok(built) => built,
-                    Err(error) => {
-                        tracing::error!(%error, "Rebuilding the cluster state failed; keeping the last one");
-                        self.changed.notified().await;
-                        continue;
+            // Off the runtime's workers, which serve the verbs meanwhile. In full at the start,
+            // after a watch relisted, when the keys changed, after a failed update and every
+            // FULL_REBUILD_EVERY; else only the nodes the events since touched.
+            let same_keys = match (&keys, &built_with) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            let (full, dirty, view) = {
+                let mut c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+                let full = c.full || state.is_none() || !same_keys || last_full.elapsed() >= FULL_REBUILD_EVERY;
+                let (nodes, gpunodes, pods) = (self.nodes.clone(), self.gpunodes.clone(), self.pods.clone());
+                if full {
+                    let pod_list = pods.state();
+                    c.reindex(&pod_list);
+                    (true, Vec::new(), CacheView { nodes, gpunodes, pods, by_node: HashMap::new() })
+                } else {
+                    let dirty: Vec<String> = std::mem::take(&mut c.dirty).into_iter().collect();
+                    let by_node = dirty.iter().map(|n| (n.clone(), c.pods_of(n))).collect();
+                    (false, dirty, CacheView { nodes, gpunodes, pods, by_node })
+                }
+            };
+            let ring = keys.clone();
+            let previous = state.take();
+            let job = tokio::task::spawn_blocking(move || {
+                let ring = ring.as_deref();
+                if !full && let Some(mut inc) = previous {
+                    match inc.apply(&dirty, &view, ring) {
+                        Ok(()) => return (inc, false, dirty.len()),
+                        Err(error) => {
+                            tracing::warn!(%error, "Updating the cluster state node by node failed; rebuilding it in full")
+                        }
                     }
-                };
+                }
+                let (nodes, gpunodes, pods) = (view.nodes.state(), view.gpunodes.state(), view.pods.state());
+                let n = nodes.len();
+                (Incremental::new(&nodes, &gpunodes, &pods, ring), true, n)
+            });
+            let (inc, was_full, rebuilt) = match job.await {
+                Ok(done) => done,
+                Err(error) => {
+                    tracing::error!(%error, "Rebuilding the cluster state failed; keeping the last one");
+                    self.changes.lock().unwrap_or_else(|p| p.into_inner()).full = true;
+                    self.changed.notified().await;
+                    continue;
+                }
+            };
+            if was_full {
+                last_full = started;
+            }
+            built_with = keys;
+            let built = Built {
+                snap: inc.snapshot().clone(),
+                uids: inc.uids().clone(),
+                mig_uuids: inc.mig_uuids().clone(),
+                warnings: inc.warnings().take(20).cloned().collect(),
+                refused: inc.refused().cloned().collect(),
+            };
+            state = Some(inc);
             let live: std::collections::HashSet<&str> = built.refused.iter().map(|r| r.uid.as_str()).collect();
             reported.retain(|(uid, _)| live.contains(uid.as_str()));
             for r in &built.refused {
@@ -235,6 +399,8 @@ impl Watch {
             tracing::debug!(
                 nodes = built.snap.nodes().len(),
                 pods = built.snap.allocations().len(),
+                full = was_full,
+                rebuilt,
                 "Rebuilt cluster state"
             );
             scheduler.replace_base(built.snap, built.uids, built.mig_uuids);
@@ -250,5 +416,49 @@ impl Watch {
             // as they happen, so what waits is only what other writers changed.
             tokio::time::sleep(debounce.max(took * 2)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(node: Option<&str>, assigned: Option<&str>) -> Pod {
+        let mut p = json!({"metadata": {"name": "p", "namespace": "ml"}, "spec": {"containers": []}});
+        if let Some(n) = node {
+            p["spec"]["nodeName"] = json!(n);
+        }
+        if let Some(a) = assigned {
+            let text = json!({"node": a, "devices": [{"gpu": "GPU-0", "index": 0}]}).to_string();
+            p["metadata"]["annotations"] = json!({"tessera.dev/assignment": text});
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    fn take(c: &mut Changes) -> Vec<String> {
+        std::mem::take(&mut c.dirty).into_iter().collect()
+    }
+
+    #[test]
+    fn a_pod_event_marks_the_nodes_its_old_and_new_objects_name_and_indexes_it_by_them() {
+        let mut c = Changes::default();
+        c.pod(&pod(None, Some("b")), Some(()));
+        assert_eq!(take(&mut c), ["b"]);
+        c.pod(&pod(Some("a"), Some("b")), Some(()));
+        assert_eq!(take(&mut c), ["a", "b"]);
+        assert_eq!(c.pods_of("a").len(), 1);
+        // Recreated elsewhere: the node it left is rebuilt too and no longer lists it.
+        c.pod(&pod(Some("c"), None), Some(()));
+        assert_eq!(take(&mut c), ["a", "b", "c"]);
+        assert!(c.pods_of("a").is_empty() && c.pods_of("b").is_empty());
+        assert_eq!(c.pods_of("c").len(), 1);
+        c.pod(&pod(Some("c"), None), None);
+        assert_eq!(take(&mut c), ["c"]);
+        assert!(c.pods_of("c").is_empty());
+        c.reindex(&[Arc::new(pod(Some("d"), None))]);
+        assert!(c.dirty.is_empty() && !c.full);
+        assert_eq!(c.pods_of("d").len(), 1);
     }
 }
