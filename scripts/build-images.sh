@@ -5,6 +5,12 @@
 # libraries it links (glibc, libgcc_s; libstdc++ for ONNX Runtime), a minimal /etc and labels.
 #
 #   bash scripts/build-images.sh [NAME...]       NAME: tessera-scheduler tessera-mig-manager tessera-runtime
+#                                                (the default), or kube-scheduler
+#
+# kube-scheduler is the upstream binary (static) in an image of its own, for clusters without a
+# registry (the real-kubelet suite runs manifests/base's scheduler Deployment with it): from
+# $KUBEBUILDER_ASSETS/kube-scheduler (scripts/setup-k8s.sh), references
+# registry.k8s.io/kube-scheduler:<its version> and kube-scheduler:dev.
 #
 # Environment:
 #   TESSERA_BIN_DIR     use the binaries already built there (e.g. target/debug) instead of
@@ -24,7 +30,7 @@ all=(tessera-scheduler tessera-mig-manager tessera-runtime)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${all[@]}")
 for n in "${names[@]}"; do
-  case " ${all[*]} " in *" $n "*) ;; *) echo "build-images: unknown image $n (one of: ${all[*]})" >&2; exit 1 ;; esac
+  case " ${all[*]} kube-scheduler " in *" $n "*) ;; *) echo "build-images: unknown image $n (one of: ${all[*]} kube-scheduler)" >&2; exit 1 ;; esac
 done
 
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
@@ -46,8 +52,8 @@ if [ -n "${TESSERA_BIN_DIR:-}" ]; then
   bin_dir="$TESSERA_BIN_DIR"
 else
   packages=()
-  for n in "${names[@]}"; do packages+=(-p "$n"); done
-  cargo build --release --locked "${packages[@]}"
+  for n in "${names[@]}"; do [ "$n" = kube-scheduler ] || packages+=(-p "$n"); done
+  [ ${#packages[@]} -eq 0 ] || cargo build --release --locked "${packages[@]}"
   bin_dir="$target_dir/release"
 fi
 
@@ -55,6 +61,25 @@ ort_lib="${TESSERA_ORT_LIBRARY:-${TESSERA_MODEL_CACHE:-$PWD/.cache/models}/onnxr
 
 mkdir -p "$out"
 for n in "${names[@]}"; do
+  if [ "$n" = kube-scheduler ]; then
+    bin="${KUBEBUILDER_ASSETS:-}/kube-scheduler"
+    [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$bin" ] \
+      || { echo "build-images: no kube-scheduler in KUBEBUILDER_ASSETS='${KUBEBUILDER_ASSETS:-}' (scripts/setup-k8s.sh)" >&2; exit 1; }
+    # `Kubernetes v1.36.2`
+    k8s_version="$("$bin" --version | awk '{print $2}')"
+    [[ "$k8s_version" == v* ]] || { echo "build-images: $bin --version printed '$k8s_version'" >&2; exit 1; }
+    # Static: no libraries. Non-root; the Deployment mounts its configuration and an emptyDir /tmp.
+    python3 scripts/oci-image.py --output "$out/$n.tar" \
+      --ref "registry.k8s.io/kube-scheduler:$k8s_version" --ref "kube-scheduler:dev" --epoch "$epoch" \
+      --elf "$bin=/usr/local/bin/kube-scheduler" --entrypoint /usr/local/bin/kube-scheduler \
+      --user 65532:65532 --port 10259/tcp \
+      --label "org.opencontainers.image.title=kube-scheduler" \
+      --label "org.opencontainers.image.version=$k8s_version" \
+      --label "org.opencontainers.image.licenses=Apache-2.0" \
+      --label "org.opencontainers.image.source=https://github.com/kubernetes/kubernetes" \
+      --label "org.opencontainers.image.description=upstream kube-scheduler, packaged offline by tessera's build-images.sh"
+    continue
+  fi
   bin="$bin_dir/$n"
   [ -x "$bin" ] || { echo "build-images: $bin is missing (cargo build -p $n, or unset TESSERA_BIN_DIR)" >&2; exit 1; }
   common=(

@@ -117,16 +117,19 @@ fn newest(dir: &Path) -> Option<std::time::SystemTime> {
 
 /// Whether a binary is missing or older than a source file it is built from.
 fn stale(dir: &Path) -> bool {
+    SOURCES.iter().any(|(bin, sources)| bin_stale(dir, bin, sources))
+}
+
+/// Whether `dir/bin` is missing or older than one of `sources` (paths under the repository).
+fn bin_stale(dir: &Path, bin: &str, sources: &[&str]) -> bool {
     let root = crate::repo_root();
-    SOURCES.iter().any(|(bin, sources)| {
-        let built = std::fs::metadata(dir.join(bin)).and_then(|m| m.modified()).ok();
-        let newest_source = sources.iter().filter_map(|s| newest(&root.join(s))).max();
-        match (built, newest_source) {
-            (Some(b), Some(s)) => b < s,
-            (Some(_), None) => false,
-            (None, _) => true,
-        }
-    })
+    let built = std::fs::metadata(dir.join(bin)).and_then(|m| m.modified()).ok();
+    let newest_source = sources.iter().filter_map(|s| newest(&root.join(s))).max();
+    match (built, newest_source) {
+        (Some(b), Some(s)) => b < s,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 /// Under cargo (`$CARGO` is set), builds the binaries when they are missing or older than their
@@ -165,13 +168,17 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
-/// `target/<profile>/<bin>` of this workspace, built first under cargo (`$CARGO` set; cargo's
-/// own freshness check decides) unless `TESSERA_E2E_NO_BUILD=1`: for binaries only some tests
-/// need, such as `tessera-runtime` for the real-kubelet suite's images.
-pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
+/// `target/<profile>/<bin>` of this workspace, for binaries only some tests need, such as
+/// `tessera-runtime` for the real-kubelet suite's images. Under cargo (`$CARGO` set) it is built
+/// first (`cargo build -p PACKAGE`) when it is missing or older than one of `sources`, unless
+/// `TESSERA_E2E_NO_BUILD=1`. A fresh binary is used as it is: the one `cargo test --workspace`
+/// has just built (features unified over the workspace) would otherwise be rebuilt with
+/// `-p PACKAGE`'s narrower features, every dependency they touch included.
+pub fn workspace_bin(package: &str, bin: &str, sources: &[&str]) -> Result<PathBuf, String> {
     let dir = workspace_bin_dir()?;
     if let Some(cargo) = std::env::var_os("CARGO")
         && std::env::var_os("TESSERA_E2E_NO_BUILD").is_none()
+        && bin_stale(&dir, bin, sources)
         && let (Some(profile), Some(target)) = (dir.file_name().and_then(|n| n.to_str()), dir.parent())
     {
         let mut cmd = Command::new(cargo);

@@ -5,9 +5,10 @@
 //! print the `NVIDIA_VISIBLE_DEVICES` kubelet gave them. docs/testing.md says what each test
 //! shows.
 //!
-//! The last two tests run the manifests themselves (`e2e/fixtures/kubelet`, a kustomize overlay
+//! The last three tests run the manifests themselves (`e2e/fixtures/kubelet`, a kustomize overlay
 //! of `manifests/`): the images `scripts/build-images.sh` builds are imported into containerd, the
-//! agent runs as the DaemonSet and the runtime as the example Deployment.
+//! agent runs as the DaemonSet, the runtime as the example Deployment, and the scheduler
+//! Deployment (kube-scheduler v1.36.2 + tessera-scheduler) takes over from the suite's processes.
 //!
 //! The whole suite runs in a private network namespace (`tessera_e2e::kubelet::net`), in which
 //! pods get addresses of 127.97.0.0/16 on a bridge that kubelet's probes and the test reach.
@@ -124,7 +125,7 @@ fn main() {
     let mut args = Arguments::from_args();
     // One node for every test.
     args.test_threads = Some(1);
-    let tests: [(&str, Scenario); 6] = [
+    let tests: [(&str, Scenario); 7] = [
         ("tessera_scheduled_pods_see_their_assignment", |s| Box::pin(tessera_scheduled_pods_see_their_assignment(s))),
         ("tessera_scheduled_rounds_never_swap_devices", |s| Box::pin(tessera_scheduled_rounds_never_swap_devices(s))),
         ("concurrent_binds_never_swap_devices", |s| Box::pin(concurrent_binds_never_swap_devices(s))),
@@ -135,6 +136,10 @@ fn main() {
         }),
         ("manifests_runtime_deployment_passes_probes_and_serves", |s| {
             Box::pin(manifests_runtime_deployment_passes_probes_and_serves(s))
+        }),
+        // This one stops the suite's own scheduler processes: it runs last of all.
+        ("manifests_scheduler_deployment_leads_and_schedules", |s| {
+            Box::pin(manifests_scheduler_deployment_leads_and_schedules(s))
         }),
     ];
     let located = if args.list {
@@ -534,6 +539,9 @@ const OVERLAY: &str = "e2e/fixtures/kubelet";
 /// The `models` PV's hostPath (inside the node's mount namespace, see the overlay).
 const MODELS_IN_NODE: &str = "/var/lib/tessera-models/all-minilm-l6-v2";
 const AGENT_LABEL: &str = "app.kubernetes.io/name=tessera-mig-manager";
+const SCHEDULER_LABEL: &str = "app.kubernetes.io/name=tessera-scheduler";
+/// What `scripts/build-images.sh` builds for the overlay (kube-scheduler from `$KUBEBUILDER_ASSETS`).
+const IMAGES: [&str; 4] = ["tessera-mig-manager", "tessera-runtime", "tessera-scheduler", "kube-scheduler"];
 
 /// The manifests are installed once, by the first test that needs them.
 static INSTALLED: tokio::sync::Mutex<Option<Result<String, String>>> = tokio::sync::Mutex::const_new(None);
@@ -573,13 +581,19 @@ async fn install_manifests(s: &Suite) -> Result<String> {
         "{} has no model.safetensors: run scripts/fetch-models.sh",
         minilm.display()
     );
-    let runtime_bin = tessera_e2e::bins::workspace_bin("tessera-runtime", "tessera-runtime").map_err(|e| anyhow!(e))?;
+    // Fresh from `cargo test --workspace` (and then the image step of CI uses the same binary).
+    let runtime_bin = tessera_e2e::bins::workspace_bin(
+        "tessera-runtime",
+        "tessera-runtime",
+        &["inference-runtime/src", "inference-runtime/Cargo.toml", "Cargo.toml", "Cargo.lock"],
+    )
+    .map_err(|e| anyhow!(e))?;
     let bin_dir = runtime_bin.parent().context("binary folder")?.to_path_buf();
     let images = s._dir.path().join("images");
     let built = command_output(
         std::process::Command::new("bash")
             .arg("scripts/build-images.sh")
-            .args(["tessera-mig-manager", "tessera-runtime"])
+            .args(IMAGES)
             .env("TESSERA_BIN_DIR", &bin_dir)
             .env("TESSERA_IMAGE_DIR", &images)
             .env("TESSERA_MODEL_CACHE", model_cache())
@@ -590,7 +604,7 @@ async fn install_manifests(s: &Suite) -> Result<String> {
     delete_all(s).await?;
     {
         let mut node = s.node.lock().map_err(|_| anyhow!("node lock"))?;
-        for name in ["tessera-mig-manager", "tessera-runtime"] {
+        for name in IMAGES {
             node.import_image(&images.join(format!("{name}.tar")))?;
         }
         node.stop_agent();
@@ -760,4 +774,109 @@ async fn manifests_runtime_deployment_passes_probes_and_serves(s: &Suite) -> Res
     let dims = out["outputs"][0]["shape"].clone();
     ensure!(dims == json!([1, 384]), "infer answered shape {dims} (MiniLM embeds in 384 dimensions): {body}");
     Ok(format!("{name} ({ip}, {}) ready {ready_s:.1} s after the apply; infer 200, output shape {dims}", visible(&a)))
+}
+
+/// The manifests' scheduler Deployment (the upstream kube-scheduler v1.36.2 and tessera-scheduler
+/// in one pod, from locally built images) takes over from the suite's own scheduler processes:
+/// once those are stopped its kube-scheduler takes the Lease, the pod is Ready (both containers'
+/// probes), and a `schedulerName: tessera` pod is bound by it through the pod's extender: a signed
+/// assignment whose devices the container prints, and a `Scheduled` Event reported by the pod's
+/// kube-scheduler (`tessera-<pod name>`).
+async fn manifests_scheduler_deployment_leads_and_schedules(s: &Suite) -> Result<String> {
+    installed(s).await?;
+    delete_all(s).await?;
+    let system: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "tessera-system");
+    let until = Instant::now() + Duration::from_secs(180);
+    // Ready while the suite's processes still lead: a waiting replica passes its probes.
+    let pod = loop {
+        let list = system.list(&ListParams::default().labels(SCHEDULER_LABEL)).await?.items;
+        if let Some(p) = list.iter().find(|p| ready(p)) {
+            break p.clone();
+        }
+        ensure!(Instant::now() < until, "no Ready scheduler pod after 180 s: {}", pod_states(&list));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    // From the pod's creation (with the overlay's apply) to its Ready condition; seconds.
+    let ready_s = pod
+        .status
+        .as_ref()
+        .and_then(|st| st.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .zip(pod.metadata.creation_timestamp.as_ref())
+        .map(|(ready, created)| ready.0.as_second() - created.0.as_second())
+        .context("scheduler pod without Ready time or creation time")?;
+    ensure!(
+        pod.status.as_ref().and_then(|st| st.pod_ip.as_deref()).is_some_and(|ip| ip.starts_with("127.97.")),
+        "scheduler pod {name} is not on the pod bridge: {:?}",
+        pod.status.as_ref().and_then(|st| st.pod_ip.clone())
+    );
+    // The suite's kube-scheduler and tessera-scheduler processes go; their Lease runs out (15 s).
+    s.cluster.kill_replica(0);
+    let t_lease = Instant::now();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.cluster.client.clone(), "tessera-system");
+    let until = Instant::now() + Duration::from_secs(60);
+    let holder = loop {
+        let holder = leases
+            .get_opt("tessera-scheduler")
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|sp| sp.holder_identity)
+            .unwrap_or_default();
+        if holder.starts_with(&format!("{name}_")) {
+            break holder;
+        }
+        ensure!(
+            Instant::now() < until,
+            "Lease tessera-system/tessera-scheduler held by {holder:?} 60 s after the suite's scheduler stopped, not by {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let lease_s = t_lease.elapsed().as_secs_f64();
+    // Still Ready as the leader (tessera-scheduler's /readyz, kube-scheduler's /healthz).
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = system.get(&name).await?;
+        if ready(&p) {
+            break;
+        }
+        ensure!(Instant::now() < until, "leader {name} not Ready: {}", pod_states(&[p]));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let t_pod = Instant::now();
+    let probe = "via-deployment";
+    s.cluster
+        .create_pod(gpu_pod(probe, json!({"metadata": {"annotations": {"tessera.dev/gpu-memory": "4Gi"}}})))
+        .await?;
+    // wait_bound checks the assignment's signature with the cluster's keys.
+    let (node, a) = s.cluster.wait_bound(NS, probe, Duration::from_secs(90)).await?;
+    ensure!(node == NODE_NAME, "{probe} was bound to {node}");
+    let log = finished_log(&pods(s), probe, Duration::from_secs(60)).await?;
+    let want = visible(&a);
+    ensure!(printed(&log) == Some(want.as_str()), "{probe} printed {log:?}; its assignment is {want}");
+    let bound_s = t_pod.elapsed().as_secs_f64();
+    let events: Api<Event> = Api::namespaced(s.cluster.client.clone(), NS);
+    let reporter = format!("tessera-{name}");
+    let until = Instant::now() + Duration::from_secs(30);
+    let scheduled = loop {
+        let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={probe}"))).await?.items;
+        if let Some(e) = list.iter().find(|e| {
+            e.reason.as_deref() == Some("Scheduled") && e.reporting_instance.as_deref() == Some(reporter.as_str())
+        }) {
+            break e.message.clone().unwrap_or_default();
+        }
+        let seen: Vec<_> = list
+            .iter()
+            .map(|e| (e.reason.clone(), e.reporting_component.clone(), e.reporting_instance.clone()))
+            .collect();
+        ensure!(Instant::now() < until, "{probe}: no Scheduled Event from {reporter} after 30 s: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    delete_all(s).await?;
+    Ok(format!(
+        "{name} Ready {ready_s} s after its creation; Lease {holder} {lease_s:.1} s after the \
+         suite's scheduler stopped; {probe} bound with {want} in {bound_s:.1} s ({reporter}: {scheduled:?})"
+    ))
 }
