@@ -357,7 +357,7 @@ pub fn from_objects(objects: &[Item]) -> Result<Cluster> {
         .collect();
     Ok(Cluster {
         snap: built.snap,
-        mig_uuids: built.mig_uuids,
+        mig_uuids: built.mig_uuids.into_iter().collect(),
         pod_groups,
         running,
         pending,

@@ -5,7 +5,7 @@
 //! `GpuNode` event that node; nodes not rebuilt keep their versions, so per-node caches (the
 //! decision memo) stay warm.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
@@ -13,7 +13,7 @@ use tessera_core::{Error, NodeName, PodKey, Snapshot};
 
 use crate::gpunode::GpuNode;
 use crate::signing::Keyring;
-use crate::snapshot::{Built, NodePart, Refused, build_node, build_parts};
+use crate::snapshot::{Built, MigUuids, NodePart, Refused, Uids, build_node, build_parts};
 
 /// The objects [`Incremental::apply`] rebuilds a node from, by node name (the watch caches).
 pub trait NodeObjects {
@@ -41,8 +41,8 @@ struct Side {
 #[derive(Clone, Debug, Default)]
 pub struct Incremental {
     snap: Snapshot,
-    uids: HashMap<String, PodKey>,
-    mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    uids: Uids,
+    mig_uuids: MigUuids,
     /// Per node name (listed or only named by pods).
     sides: BTreeMap<String, Side>,
     /// Warnings about objects no node owns (a Node listed twice).
@@ -56,7 +56,7 @@ impl Incremental {
         let (parts, global_warnings) = build_parts(nodes, gpunodes, pods, keys);
         let mut s = Self { global_warnings, ..Self::default() };
         let mut built_nodes = Vec::with_capacity(parts.len());
-        let mut allocations = BTreeMap::new();
+        let mut allocations = tessera_core::cluster::Allocations::new();
         for (name, part) in parts {
             if let Some((node, allocs)) = s.take_side(&name, part) {
                 built_nodes.push(node);
@@ -141,11 +141,11 @@ impl Incremental {
     }
 
     /// Pod UIDs of bound pods, to their keys.
-    pub fn uids(&self) -> &HashMap<String, PodKey> {
+    pub fn uids(&self) -> &Uids {
         &self.uids
     }
 
-    pub fn mig_uuids(&self) -> &HashMap<(NodeName, u32, u8), String> {
+    pub fn mig_uuids(&self) -> &MigUuids {
         &self.mig_uuids
     }
 

@@ -31,12 +31,19 @@ pub const GFD_PRODUCT: &str = "nvidia.com/gpu.product";
 /// GPU Feature Discovery's memory label (MiB).
 pub const GFD_MEMORY: &str = "nvidia.com/gpu.memory";
 
+/// Pod UID → pod, for the pods the state counts. Persistent, as the snapshot's allocations are:
+/// a copy for the verbs shares it.
+pub type Uids = imbl::HashMap<String, PodKey>;
+
+/// (node, GPU index, MIG start) → the MIG device UUID the node agent reported.
+pub type MigUuids = imbl::HashMap<(NodeName, u32, u8), String>;
+
 /// A snapshot built from API objects, and what could not be used.
 #[derive(Debug, Default)]
 pub struct Built {
     pub snap: Snapshot,
-    pub uids: HashMap<String, PodKey>,
-    pub mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    pub uids: Uids,
+    pub mig_uuids: MigUuids,
     pub warnings: Vec<String>,
     /// Assignments not trusted ([`build_checked`] only).
     pub refused: Vec<Refused>,
@@ -239,7 +246,7 @@ where
     let (parts, warnings) = build_parts(nodes, gpunodes, pods, keys);
     let mut b = Built { warnings, ..Built::default() };
     let mut built_nodes = Vec::with_capacity(parts.len());
-    let mut allocations = std::collections::BTreeMap::new();
+    let mut allocations = tessera_core::cluster::Allocations::new();
     let mut reconfigs = 0;
     for (_, part) in parts {
         if let Some((node, allocs)) = part.node {
@@ -438,7 +445,7 @@ pub fn build_node(
         }
     }
     let (mut nodes, allocations, reconfigs) = b.snap.into_parts();
-    part.node = nodes.pop().map(|n| (n, allocations.into_values().collect()));
+    part.node = nodes.pop().map(|n| (n, allocations.into_iter().map(|(_, a)| a).collect()));
     part.reconfigs = reconfigs;
     part.warnings = b.warnings;
     part.refused = b.refused;

@@ -1,12 +1,11 @@
 //! The live cluster state: rebuilds from the API and pod events.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::annotations;
 use tessera_api::pod::{self as podparse};
-use tessera_core::{NodeName, PodKey, Snapshot};
+use tessera_core::{PodKey, Snapshot};
 
 use crate::state::{Inner, Scheduler};
 
@@ -44,8 +43,8 @@ impl Scheduler {
     pub fn replace_base(
         &self,
         mut snap: Snapshot,
-        uids: HashMap<String, PodKey>,
-        mig_uuids: HashMap<(NodeName, u32, u8), String>,
+        uids: tessera_api::snapshot::Uids,
+        mig_uuids: tessera_api::snapshot::MigUuids,
     ) {
         let now = self.now_ms();
         let ttl = u64::try_from(self.settings.assume_ttl.as_millis()).unwrap_or(u64::MAX);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::pod::{self as podparse, PodError};
 use tessera_core::policy::{self, Workload};
-use tessera_core::{Demand, NodeName, PodKey, Policy, Snapshot};
+use tessera_core::{Demand, PodKey, Policy, Snapshot};
 
 use crate::assume::AssumeCache;
 use crate::bind::Inflight;
@@ -54,11 +54,11 @@ pub(crate) struct Inner {
     /// The last filter of each pod, for prioritize, bind and the views.
     pub(crate) seen: Bounded<Seen>,
     /// Pod keys by UID (preempt names victims by UID).
-    pub(crate) uids: HashMap<String, PodKey>,
+    pub(crate) uids: tessera_api::snapshot::Uids,
     /// Assumed pods and the last rebuild they are laid over.
     pub(crate) cache: AssumeCache,
     /// MIG instance UUIDs by (node, gpu, start), as the node agents report them.
-    pub(crate) mig_uuids: HashMap<(NodeName, u32, u8), String>,
+    pub(crate) mig_uuids: tessera_api::snapshot::MigUuids,
     /// Reconfigurations counted by the snapshot when its base was built (layouts that existed).
     pub(crate) base_reconfigs: u64,
     /// Every gang's members, refusals and lifecycle.
@@ -221,9 +221,9 @@ impl Scheduler {
                 recent: VecDeque::new(),
                 filtered: 0,
                 seen: Bounded::new(SEEN_PODS),
-                uids: HashMap::new(),
+                uids: Default::default(),
                 cache: AssumeCache::default(),
-                mig_uuids: HashMap::new(),
+                mig_uuids: Default::default(),
                 base_reconfigs,
                 gangs: GangBook::default(),
                 outbox: Outbox::new(settings.persist_reservations),

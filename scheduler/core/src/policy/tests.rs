@@ -454,7 +454,7 @@ fn memo_stays_exact_when_nodes_come_and_go_and_demands_fail() {
                     b.remove_node(&empty).unwrap_or_else(|e| panic!("{e}"));
                     removed += 1;
                 }
-                let mut extra = spare.nodes()[i % 4].clone();
+                let mut extra = (*spare.nodes()[i % 4]).clone();
                 extra.name = NodeName::from(format!("aa-{policy}-{i}").as_str());
                 a.add_node(extra.clone()).unwrap_or_else(|e| panic!("{e}"));
                 b.add_node(extra).unwrap_or_else(|e| panic!("{e}"));

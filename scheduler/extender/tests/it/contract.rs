@@ -494,7 +494,11 @@ async fn a_deletion_is_visible_to_the_very_next_filter_and_nudges_waiting_pods()
     let mut snap = Snapshot::default();
     full_node_with(&mut snap, "n1", 4, &[("old", 4, 0, None)]);
     let c = start(snap.clone(), Settings { mode: "live", persist_reservations: true, ..Settings::default() }).await;
-    c.sched.replace_base(snap.clone(), [("uid-old".to_owned(), PodKey::from("ml/old"))].into(), Default::default());
+    c.sched.replace_base(
+        snap.clone(),
+        [("uid-old".to_owned(), PodKey::from("ml/old"))].into_iter().collect(),
+        Default::default(),
+    );
     let waiting = pending("gang-3", json!({"nvidia.com/gpu": "3"}), json!({}), 0);
     assert!(passed(&post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await).is_empty());
     let old = pod_object(&json!({"metadata": {"name": "old", "namespace": "ml", "uid": "uid-old"}}));
@@ -502,7 +506,11 @@ async fn a_deletion_is_visible_to_the_very_next_filter_and_nudges_waiting_pods()
     let v = post(c.addr, "/filter", &filter_args(&waiting, &["n1"])).await;
     assert_eq!(passed(&v), ["n1"], "{v}");
     // A rebuild from a store that has not seen the deletion yet does not bring it back.
-    c.sched.replace_base(snap, [("uid-old".to_owned(), PodKey::from("ml/old"))].into(), Default::default());
+    c.sched.replace_base(
+        snap,
+        [("uid-old".to_owned(), PodKey::from("ml/old"))].into_iter().collect(),
+        Default::default(),
+    );
     assert!(c.sched.with_snapshot(|s| s.allocation(&PodKey::from("ml/old")).is_none()));
     // The pod refused before the deletion is nudged: kube-scheduler retries it on the update.
     c.sched.write_reservations().await;

@@ -125,7 +125,9 @@ async fn preempt_answers_with_the_cores_victims() {
         snap.allocate(a).unwrap();
         sched.replace_base(
             snap,
-            [("uid-low".to_owned(), PodKey::from("ml/low")), ("uid-mid".to_owned(), PodKey::from("ml/mid"))].into(),
+            [("uid-low".to_owned(), PodKey::from("ml/low")), ("uid-mid".to_owned(), PodKey::from("ml/mid"))]
+                .into_iter()
+                .collect(),
             Default::default(),
         );
     }
