@@ -16,8 +16,6 @@ pub enum Error {
     },
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("reading the request body")]
-    ReadBody(#[source] hyper::Error),
     #[error("request did not finish within {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -59,7 +57,6 @@ impl Error {
         match self {
             Error::Decode { .. } => "decode",
             Error::BodyTooLarge { .. } => "body_too_large",
-            Error::ReadBody(_) => "read_body",
             Error::Timeout(_) => "timeout",
             Error::BadRequest(_) => "bad_request",
             Error::UnknownPod(_) => "unknown_pod",

@@ -8,6 +8,8 @@ use tessera_api::pod::{self as podparse};
 use tessera_core::policy::{self, NodeVerdict, Workload};
 use tessera_core::{Context, Demand, Grant, NodeName, Rejection, Snapshot};
 
+use crate::error::Error;
+use crate::request::{NodesRequest, Offered};
 use crate::wire::{ExtenderArgs, ExtenderFilterResult, FailedNodesMap, NodeList};
 
 use crate::bounded::Seen;
@@ -33,49 +35,29 @@ pub(crate) fn drifted(current: &Workload, fresh: &Workload) -> bool {
     })
 }
 
-/// Names of the offered nodes: `NodeNames` (nodeCacheCapable) or the names in `Nodes`.
-/// Takes the names rather than copying them: a long list is thousands of strings.
-pub(crate) fn offered(nodes: &Option<NodeList>, names: Option<Vec<String>>) -> Result<Vec<NodeName>, String> {
-    match (names, nodes) {
-        (Some(n), _) => Ok(n.into_iter().map(NodeName).collect()),
-        (None, Some(list)) => list
-            .items
-            .iter()
-            .map(|n| {
-                n.metadata.name.clone().map(NodeName).ok_or_else(|| "a node in Nodes has no metadata.name".to_owned())
-            })
-            .collect(),
-        (None, None) => Err("both NodeNames and Nodes are null; nothing to filter".to_owned()),
-    }
-}
-
 impl Scheduler {
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         self.filter_reply(args).into_result()
     }
 
-    /// The filter, answered as a [`FilterReply`] that serialises straight from the verdicts
-    /// (the HTTP path: no per-node copies of names and reasons).
-    pub fn filter_reply(&self, mut args: ExtenderArgs) -> FilterReply {
-        let by_name = args.node_names.is_some();
-        let names = match offered(&args.nodes, args.node_names.take()) {
-            Ok(n) => n,
-            Err(msg) => {
-                self.metrics.decision("filter", "error");
-                return FilterReply::error(msg);
-            }
-        };
-        let Some(pod) = args.pod else {
-            self.metrics.decision("filter", "error");
-            return FilterReply::error("ExtenderArgs.Pod is null");
-        };
-        let key = match podparse::pod_key(&pod) {
-            Ok(k) => k,
+    /// [`Self::filter_request`] from the wire arguments, an error answered in the reply.
+    pub fn filter_reply(&self, args: ExtenderArgs) -> FilterReply {
+        match NodesRequest::try_from(args).and_then(|r| self.filter_request(r)) {
+            Ok(r) => r,
             Err(e) => {
-                self.metrics.decision("filter", "error");
-                return FilterReply::error(e.to_string());
+                self.metrics.decision("filter", e.kind());
+                FilterReply::error(e.chain())
             }
-        };
+        }
+    }
+
+    /// The filter, answered as a [`FilterReply`] that serialises straight from the verdicts
+    /// (the HTTP path: no per-node copies of names and reasons). An error is the request's
+    /// (no pod name, no nodes), for the caller to answer and count.
+    pub fn filter_request(&self, req: NodesRequest<'_>) -> Result<FilterReply, Error> {
+        let names = req.offered.node_names()?;
+        let pod = req.pod;
+        let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let demand = self.demand_of(&pod);
         let (plan, generation, queued) = {
@@ -127,17 +109,17 @@ impl Scheduler {
         // Evicted entries hold a verdict per node: dropped after the lock is released.
         let evicted = self.lock().seen.insert(key, seen);
         drop(evicted);
-        let nodes = match args.nodes {
+        let nodes = match req.offered {
             // Not nodeCacheCapable: answer with the Node objects that pass.
-            Some(mut list) if !by_name => {
+            Offered::Nodes(mut list) => {
                 let pass: HashSet<&str> =
                     verdicts.iter().filter(|v| v.outcome.is_ok()).map(|v| v.node.0.as_str()).collect();
                 list.items.retain(|n| n.metadata.name.as_deref().is_some_and(|name| pass.contains(name)));
                 Some(list)
             }
-            _ => None,
+            Offered::Names(_) => None,
         };
-        FilterReply { verdicts, nodes, error: None }
+        Ok(FilterReply { verdicts, nodes, error: None })
     }
 
     /// Queues `d` (or its whole gang, once `minMember` members are pending) for tessera's own
@@ -338,7 +320,7 @@ pub struct FilterReply {
 }
 
 impl FilterReply {
-    fn error(message: impl Into<String>) -> Self {
+    pub(crate) fn error(message: impl Into<String>) -> Self {
         Self { verdicts: Arc::default(), nodes: None, error: Some(message.into()) }
     }
 

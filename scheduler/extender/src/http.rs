@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::error::Error;
 use crate::metrics::Timer;
+use crate::request::NodesRequest;
 use crate::state::Scheduler;
 use crate::wire::{ExtenderBindingResult, ExtenderFilterResult};
 
@@ -104,9 +105,7 @@ pub fn error_response(e: &Error) -> Resp {
     let status = match e {
         Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Decode { .. } | Error::BadRequest(_) | Error::ReadBody(_) | Error::UnknownPod(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        Error::Decode { .. } | Error::BadRequest(_) | Error::UnknownPod(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json(status, &ErrorBody { error: e.chain() })
@@ -234,15 +233,17 @@ impl App {
         match path {
             "/filter" => {
                 let _t = Timer::start(&s.metrics, "filter");
-                match decode("filter", &body) {
-                    Ok(args) => json_sized(StatusCode::OK, &s.filter_reply(args), body.len()),
+                match NodesRequest::decode("filter", &body).and_then(|req| s.filter_request(req)) {
+                    Ok(reply) => json_sized(StatusCode::OK, &reply, body.len()),
                     Err(e) => self.verb_error(path, &e),
                 }
             }
             "/prioritize" => {
                 let _t = Timer::start(&s.metrics, "prioritize");
-                match decode("prioritize", &body).and_then(|args| s.prioritize(args)) {
-                    Ok(list) => json_sized(StatusCode::OK, &list, body.len()),
+                let scored = NodesRequest::decode("prioritize", &body)
+                    .and_then(|req| s.prioritize_request(&req).map(|p| json_sized(StatusCode::OK, &p, body.len())));
+                match scored {
+                    Ok(r) => r,
                     Err(e) => {
                         s.metrics.decision("prioritize", e.kind());
                         error_response(&e)

@@ -48,6 +48,7 @@ pub mod podgroups;
 mod preempt;
 pub mod preemption;
 mod prioritize;
+pub mod request;
 pub mod reservations;
 mod restore;
 pub mod settings;

@@ -2,21 +2,56 @@
 
 use std::collections::HashMap;
 
+use serde::Serialize;
 use tessera_api::pod::{self as podparse};
 use tessera_core::NodeName;
 use tessera_core::policy::{self, NodeVerdict};
 
 use crate::error::Error;
+use crate::request::NodesRequest;
 use crate::wire::{ExtenderArgs, HostPriority};
 
-use crate::filter::{Verdicts, offered};
+use crate::filter::Verdicts;
 use crate::state::Scheduler;
 
+/// Prioritize's answer: a score per offered node, in the offered order, naming the nodes as the
+/// request did. Serialises as the wire `HostPriorityList`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Priorities<'a> {
+    pub hosts: Vec<&'a str>,
+    pub scores: Vec<i64>,
+}
+
+impl Priorities<'_> {
+    /// The reply as the wire type.
+    pub fn into_list(self) -> Vec<HostPriority> {
+        self.hosts.into_iter().zip(self.scores).map(|(h, score)| HostPriority { host: h.to_owned(), score }).collect()
+    }
+}
+
+impl Serialize for Priorities<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename = "HostPriority", rename_all = "PascalCase")]
+        struct Host<'a> {
+            host: &'a str,
+            score: i64,
+        }
+        s.collect_seq(self.hosts.iter().zip(&self.scores).map(|(host, &score)| Host { host, score }))
+    }
+}
+
 impl Scheduler {
-    pub fn prioritize(&self, mut args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
-        let names = offered(&args.nodes, args.node_names.take()).map_err(Error::BadRequest)?;
-        let pod = args.pod.ok_or_else(|| Error::BadRequest("ExtenderArgs.Pod is null".into()))?;
-        let key = podparse::pod_key(&pod).map_err(|e| Error::BadRequest(e.to_string()))?;
+    pub fn prioritize(&self, args: ExtenderArgs) -> Result<Vec<HostPriority>, Error> {
+        let req = NodesRequest::try_from(args)?;
+        Ok(self.prioritize_request(&req)?.into_list())
+    }
+
+    /// The scores of `req`'s offered nodes; an error is the request's (answered 400).
+    pub fn prioritize_request<'r>(&self, req: &'r NodesRequest<'_>) -> Result<Priorities<'r>, Error> {
+        let hosts = req.offered.names()?;
+        let pod = &req.pod;
+        let key = podparse::pod_key(pod).map_err(|e| Error::BadRequest(e.to_string()))?;
         // From the pod's filter verdicts when the state has not changed since: scored in place
         // when they cover the offered nodes (the usual case), else the needed ones are copied.
         enum Cached {
@@ -27,11 +62,11 @@ impl Scheduler {
         let cached = {
             let inner = self.lock();
             inner.seen.get(&key).filter(|s| s.generation == inner.generation).and_then(|s| {
-                if let Some(scores) = policy::extender_scores_covering(&s.verdicts, &names) {
+                if let Some(scores) = policy::extender_scores_covering_names(&s.verdicts, &hosts) {
                     return Some(Cached::Scores(scores));
                 }
-                let by_node: HashMap<&NodeName, &NodeVerdict> = s.verdicts.iter().map(|v| (&v.node, v)).collect();
-                names
+                let by_node: HashMap<&str, &NodeVerdict> = s.verdicts.iter().map(|v| (v.node.0.as_str(), v)).collect();
+                hosts
                     .iter()
                     .map(|n| by_node.get(n).map(|v| (*v).clone()))
                     .collect::<Option<Vec<_>>>()
@@ -41,11 +76,12 @@ impl Scheduler {
         let verdicts = match cached {
             Some(Cached::Scores(scores)) => {
                 self.metrics.decision("prioritize", "scored");
-                return Ok(names.into_iter().zip(scores).map(|(n, score)| HostPriority { host: n.0, score }).collect());
+                return Ok(Priorities { hosts, scores });
             }
             Some(Cached::Verdicts(v)) => v,
             None => {
-                let demand = self.demand_of(&pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
+                let names = req.offered.node_names()?;
+                let demand = self.demand_of(pod).map_err(|e| Error::BadRequest(format!("pod {key}: {e}")))?;
                 let plan = self.prepare(&mut self.lock(), &demand, &names);
                 match plan {
                     Verdicts::Done(v) => v,
@@ -54,11 +90,9 @@ impl Scheduler {
             }
         };
         let scores: HashMap<NodeName, i64> = policy::extender_scores(&verdicts).into_iter().collect();
-        Ok(self.scored(&names, &scores))
-    }
-
-    pub(crate) fn scored(&self, names: &[NodeName], scores: &HashMap<NodeName, i64>) -> Vec<HostPriority> {
+        let by_name: HashMap<&str, i64> = scores.iter().map(|(n, s)| (n.0.as_str(), *s)).collect();
         self.metrics.decision("prioritize", "scored");
-        names.iter().map(|n| HostPriority { host: n.0.clone(), score: scores.get(n).copied().unwrap_or(0) }).collect()
+        let scores = hosts.iter().map(|h| by_name.get(h).copied().unwrap_or(0)).collect();
+        Ok(Priorities { hosts, scores })
     }
 }

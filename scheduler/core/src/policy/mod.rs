@@ -438,13 +438,19 @@ pub fn extender_scores(verdicts: &[NodeVerdict]) -> Vec<(NodeName, i64)> {
 /// `None` when `names` are not covered so (then the scores over `verdicts` would not be the
 /// offered nodes' scores).
 pub fn extender_scores_covering(verdicts: &[NodeVerdict], names: &[NodeName]) -> Option<Vec<i64>> {
+    let names: Vec<&str> = names.iter().map(|n| n.0.as_str()).collect();
+    extender_scores_covering_names(verdicts, &names)
+}
+
+/// [`extender_scores_covering`] with the names as strings (borrowed from a request).
+pub fn extender_scores_covering_names(verdicts: &[NodeVerdict], names: &[&str]) -> Option<Vec<i64>> {
     let range = score_range(verdicts);
     let mut out = Vec::with_capacity(names.len());
     let mut vs = verdicts.iter();
     for n in names {
         loop {
             let v = vs.next()?;
-            if v.node == *n {
+            if v.node.0 == *n {
                 out.push(v.outcome.as_ref().map_or(0, |(_, s)| extender_score(range, s.node)));
                 break;
             }
