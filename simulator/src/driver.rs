@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use anyhow::{Context as _, Result, bail};
 use tessera_core::gang::plan_gang;
-use tessera_core::policy::{Context, Memo, Policy, place, place_memo};
+use tessera_core::policy::{Context, Memo, Policy, Workload, place, place_memo};
 use tessera_core::{Demand, Placement, Rejection, Snapshot};
 
 /// What to place: one pod, or a whole gang.
@@ -77,9 +77,21 @@ impl<'a> Driver<'a> {
     }
 
     pub fn place_pod(&mut self, snap: &mut Snapshot, d: &Demand) -> Result<Decision> {
+        let ctx = self.ctx;
+        self.place_pod_in(snap, d, &ctx)
+    }
+
+    /// Like [`Driver::place_pod`], with `workload` as the expected workload for this decision
+    /// (a workload learnt from recent demand, as the extender's is).
+    pub fn place_pod_under(&mut self, snap: &mut Snapshot, d: &Demand, workload: &Workload) -> Result<Decision> {
+        let ctx = Context { workload, seed: self.ctx.seed };
+        self.place_pod_in(snap, d, &ctx)
+    }
+
+    fn place_pod_in(&mut self, snap: &mut Snapshot, d: &Demand, ctx: &Context<'_>) -> Result<Decision> {
         let found = match &mut self.memo {
-            Some(memo) => place_memo(snap, d, self.policy, &self.ctx, memo),
-            None => place(snap, d, self.policy, &self.ctx),
+            Some(memo) => place_memo(snap, d, self.policy, ctx, memo),
+            None => place(snap, d, self.policy, ctx),
         };
         Ok(match found {
             Ok(p) if self.fixed_layout && !p.ops.is_empty() => Decision::NeedsReconfig,

@@ -106,6 +106,11 @@ struct ScenarioArgs {
     /// Write a self-contained HTML report (charts, tables, slice maps) here.
     #[arg(long)]
     html: Option<PathBuf>,
+    /// The expected workload decisions see: `recent` (a decaying window of arrivals, as the
+    /// extender learns it) or `day` (every pod of the scenario, known in advance; the default,
+    /// what docs/benchmarks.md's churn table is measured with).
+    #[arg(long, default_value = "day")]
+    workload: scenario::WorkloadSource,
 }
 
 #[derive(clap::Args, Debug)]
@@ -217,7 +222,7 @@ fn run_scenario(args: ScenarioArgs) -> Result<()> {
     println!("scenario {}: {}", sc.name, sc.description.trim());
     let mut outcomes = Vec::new();
     for p in &policies {
-        outcomes.push(scenario::run(&sc, p, args.seed)?);
+        outcomes.push(scenario::run_with(&sc, p, args.seed, args.workload)?);
     }
     print!("{}", scenario::render(&outcomes));
     if let Some(path) = &args.json {

@@ -30,10 +30,12 @@ pub mod arrivals;
 mod baseline;
 mod events;
 mod policy;
+mod recent;
 pub mod schema;
 
 pub use arrivals::Arrived;
 pub use events::Dynamics;
+pub use recent::Recent;
 pub use schema::{Arrival, Gang, Model, Pool, Scenario, StaticBaseline};
 pub(crate) use schema::{default_cpu, default_gpus, default_mem, default_topology, idle_node, parse_topology};
 
@@ -96,15 +98,21 @@ fn model_of(d: &Demand) -> String {
     d.pod.0.split('/').nth(1).and_then(|n| n.rsplit_once('-')).map_or(String::new(), |(m, _)| m.to_owned())
 }
 
-/// Places one pod, counting it in `out`; returns whether it was placed.
+/// Places one pod (under `workload` when given, else the driver's), counting it in `out`;
+/// returns whether it was placed.
 fn place_counted(
     driver: &mut Driver<'_>,
     snap: &mut Snapshot,
     d: &Demand,
+    workload: Option<&Workload>,
     products: &[MigProduct],
     out: &mut Outcome,
 ) -> Result<bool> {
-    if let Decision::Placed(_) = driver.place_pod(snap, d)? {
+    let decision = match workload {
+        Some(w) => driver.place_pod_under(snap, d, w)?,
+        None => driver.place_pod(snap, d)?,
+    };
+    if let Decision::Placed(_) = decision {
         out.placed += 1;
         return Ok(true);
     }
@@ -118,8 +126,24 @@ fn place_counted(
     Ok(false)
 }
 
-/// Places a scenario under `policy` (`static` = first-fit on the fixed layout, no reconfig).
+/// Where a scenario's decisions take the expected workload from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WorkloadSource {
+    /// Arrivals weighed by age ([`Recent`]); pods placed at time 0 start it.
+    Recent,
+    /// Every pod of the scenario, arrivals included, known from the start.
+    #[default]
+    Day,
+}
+
+/// Places a scenario under `policy` (`static` = first-fit on the fixed layout, no reconfig),
+/// the workload known for the whole day.
 pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
+    run_with(sc, policy_name, seed, WorkloadSource::Day)
+}
+
+/// [`run`] with the expected workload taken from `source`.
+pub fn run_with(sc: &Scenario, policy_name: &str, seed: u64, source: WorkloadSource) -> Result<Outcome> {
     let is_static = policy_name == policy::STATIC;
     let policy = policy::by_name(policy_name)?;
     let mut snap = Snapshot::new(sc.nodes()?)?;
@@ -129,9 +153,12 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
     let reconfigs_before = snap.reconfigs();
     let (gangs, pods) = sc.demands(seed);
     let arrivals = sc.arrivals(seed);
-    let all: Vec<Demand> =
-        gangs.iter().flatten().chain(pods.iter()).chain(arrivals.iter().map(|a| &a.demand)).cloned().collect();
-    let workload = Workload::from_demands(all.iter());
+    let at_start = || gangs.iter().flatten().chain(pods.iter());
+    let workload = match source {
+        WorkloadSource::Day => Workload::from_demands(at_start().chain(arrivals.iter().map(|a| &a.demand))),
+        WorkloadSource::Recent => Workload::from_demands(at_start()),
+    };
+    let mut recent = (source == WorkloadSource::Recent).then(|| Recent::new(workload.clone()));
     let mut driver = Driver::new(policy.as_ref(), Context { workload: &workload, seed }).memoized();
     if is_static {
         // The static baseline may not reconfigure.
@@ -151,11 +178,14 @@ pub fn run(sc: &Scenario, policy_name: &str, seed: u64) -> Result<Outcome> {
     }
     let products = sc.mig_products();
     for d in &pods {
-        place_counted(&mut driver, &mut snap, d, &products, &mut out)?;
+        place_counted(&mut driver, &mut snap, d, None, &products, &mut out)?;
     }
     let horizon = sc.horizon_ms();
     if horizon > 0 {
-        let mut place = |snap: &mut Snapshot, d: &Demand| place_counted(&mut driver, snap, d, &products, &mut out);
+        let mut place = |snap: &mut Snapshot, t: u64, d: &Demand| {
+            let now = recent.as_mut().map(|r| r.arrive(t, d));
+            place_counted(&mut driver, snap, d, now, &products, &mut out)
+        };
         let dynamics = events::simulate(horizon, &mut snap, &arrivals, reconfigs_before, &mut place)?;
         out.dynamics = Some(dynamics);
     }

@@ -101,14 +101,14 @@ pub(super) fn gpus_in_use(snap: &Snapshot) -> u32 {
     snap.nodes().iter().flat_map(|n| n.gpus.iter()).filter(|g| !g.is_unused()).count() as u32
 }
 
-/// Runs the arrivals up to `horizon_ms`: `place` places one pod in the snapshot (and says whether
-/// it did); departures release through `Snapshot::release`.
+/// Runs the arrivals up to `horizon_ms`: `place` places one pod in the snapshot at a time (ms)
+/// and says whether it did; departures release through `Snapshot::release`.
 pub(super) fn simulate(
     horizon: u64,
     snap: &mut Snapshot,
     arrivals: &[Arrived],
     reconfigs_before: u64,
-    place: &mut dyn FnMut(&mut Snapshot, &Demand) -> Result<bool>,
+    place: &mut dyn FnMut(&mut Snapshot, u64, &Demand) -> Result<bool>,
 ) -> Result<Dynamics> {
     let mut queue = EventQueue::arrivals(arrivals.iter().map(|a| a.at_ms));
     let mut shares = Shares::of(snap);
@@ -136,7 +136,7 @@ pub(super) fn simulate(
             Event::Arrive(i) => {
                 let a = &arrivals[i];
                 d.arrivals += 1;
-                if place(snap, &a.demand)? {
+                if place(snap, t, &a.demand)? {
                     let alloc = snap.allocation(&a.demand.pod).context("placed pod has no allocation")?;
                     shares.add(snap, alloc);
                     queue.depart(t + a.lifetime_ms, i);

@@ -161,6 +161,43 @@ impl Workload {
         Self::new(classes)
     }
 
+    /// Like [`Workload::from_demands_top`] with a weight per demand (a decaying window of
+    /// recent arrivals weighs each by its age); demands of weight 0 or less are left out.
+    pub fn from_weighted_top<'a>(demands: impl IntoIterator<Item = (&'a Demand, f64)>, coverage: f64) -> Self {
+        type Key = (u64, GpuDemand, Vec<String>);
+        let mut counts: std::collections::HashMap<Key, f64> = Default::default();
+        let mut total = 0.0;
+        for (d, w) in demands {
+            if w > 0.0 {
+                *counts.entry((d.cpu_milli, d.gpu.clone(), d.gpu_models.clone())).or_default() += w;
+                total += w;
+            }
+        }
+        let mut ranked: Vec<(Key, f64)> = counts.into_iter().collect();
+        ranked.sort_by(|(ka, a), (kb, b)| {
+            b.total_cmp(a)
+                .then_with(|| kb.0.cmp(&ka.0))
+                .then_with(|| kb.1.nominal_milli().cmp(&ka.1.nominal_milli()))
+                .then_with(|| kb.2.cmp(&ka.2))
+                .then_with(|| format!("{:?}", kb.1).cmp(&format!("{:?}", ka.1)))
+        });
+        let need = coverage.clamp(0.0, 1.0) * total;
+        let mut kept = Vec::new();
+        let mut sum = 0.0;
+        for (k, n) in ranked {
+            if sum >= need && !kept.is_empty() {
+                break;
+            }
+            sum += n;
+            kept.push((k, n));
+        }
+        let classes = kept
+            .into_iter()
+            .map(|((cpu_milli, gpu, gpu_models), n)| WorkloadClass { cpu_milli, gpu, gpu_models, weight: n / sum })
+            .collect();
+        Self::new(classes)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.classes.is_empty()
     }
