@@ -124,41 +124,8 @@ impl Workload {
     /// Like [`Workload::from_demands`], keeping only the most popular shapes that together
     /// cover `coverage` (0..=1) of the demands, weights renormalised (FGD keeps 95%).
     pub fn from_demands_top<'a>(demands: impl IntoIterator<Item = &'a Demand>, coverage: f64) -> Self {
-        type Key = (u64, GpuDemand, Vec<String>);
-        let mut counts: std::collections::HashMap<Key, u64> = Default::default();
-        let mut total = 0u64;
-        for d in demands {
-            *counts.entry((d.cpu_milli, d.gpu.clone(), d.gpu_models.clone())).or_default() += 1;
-            total += 1;
-        }
-        let mut ranked: Vec<(Key, u64)> = counts.into_iter().collect();
-        ranked.sort_by(|(ka, a), (kb, b)| {
-            b.cmp(a)
-                .then_with(|| kb.0.cmp(&ka.0))
-                .then_with(|| kb.1.nominal_milli().cmp(&ka.1.nominal_milli()))
-                .then_with(|| kb.2.cmp(&ka.2))
-                .then_with(|| format!("{:?}", kb.1).cmp(&format!("{:?}", ka.1)))
-        });
-        let need = (coverage.clamp(0.0, 1.0) * total as f64).ceil() as u64;
-        let mut kept = Vec::new();
-        let mut sum = 0u64;
-        for (k, n) in ranked {
-            if sum >= need && !kept.is_empty() {
-                break;
-            }
-            sum += n;
-            kept.push((k, n));
-        }
-        let classes = kept
-            .into_iter()
-            .map(|((cpu_milli, gpu, gpu_models), n)| WorkloadClass {
-                cpu_milli,
-                gpu,
-                gpu_models,
-                weight: n as f64 / sum as f64,
-            })
-            .collect();
-        Self::new(classes)
+        // Counts as weights of 1: sums stay exact, so the shapes and weights are the counts'.
+        Self::from_weighted_top(demands.into_iter().map(|d| (d, 1.0)), coverage)
     }
 
     /// Like [`Workload::from_demands_top`] with a weight per demand (a decaying window of
