@@ -39,6 +39,38 @@ impl Surface {
     pub const READ_ONLY: Surface = Surface { verbs: false, read_only: true };
 }
 
+/// The extender verbs kube-scheduler calls, one per path; any other path is not a verb.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Filter,
+    Prioritize,
+    Preempt,
+    Bind,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 4] = [Verb::Filter, Verb::Prioritize, Verb::Preempt, Verb::Bind];
+
+    /// The verb served at `path`, if any.
+    pub fn from_path(path: &str) -> Option<Verb> {
+        Verb::ALL.into_iter().find(|v| v.path() == path)
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Verb::Filter => "/filter",
+            Verb::Prioritize => "/prioritize",
+            Verb::Preempt => "/preempt",
+            Verb::Bind => "/bind",
+        }
+    }
+
+    /// The verb's name in metrics, logs and decode errors.
+    pub fn name(self) -> &'static str {
+        &self.path()[1..]
+    }
+}
+
 /// Request limits.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -148,39 +180,43 @@ impl App {
         };
         let bytes = match tokio::time::timeout(self.limits.timeout, read).await {
             Ok(Ok(b)) => b,
-            Ok(Err(e)) => return self.verb_error(parts.uri.path(), &e),
-            Err(_) => return self.verb_error(parts.uri.path(), &Error::Timeout(self.limits.timeout)),
+            Ok(Err(e)) => return self.verb_error(Verb::from_path(parts.uri.path()), &e),
+            Err(_) => return self.verb_error(Verb::from_path(parts.uri.path()), &Error::Timeout(self.limits.timeout)),
         };
         self.route(&parts.method, parts.uri.path(), bytes).await
     }
 
     /// An error in the shape the endpoint's client expects.
-    fn verb_error(&self, path: &str, e: &Error) -> Resp {
-        match path {
-            "/filter" => {
-                self.scheduler.metrics.decision("filter", e.kind());
-                json(StatusCode::OK, &ExtenderFilterResult::error(e.chain()))
-            }
-            "/bind" => {
-                self.scheduler.metrics.decision("bind", e.kind());
-                json(StatusCode::OK, &ExtenderBindingResult { error: e.chain() })
-            }
-            _ => error_response(e),
+    /// Filter and bind answer 200 with their wire `Error` field; prioritize and preempt, whose
+    /// replies have none, and every other path answer with a status ([`error_response`]).
+    fn verb_error(&self, verb: Option<Verb>, e: &Error) -> Resp {
+        if let Some(v) = verb {
+            self.scheduler.metrics.decision(v.name(), e.kind());
+        }
+        match verb {
+            Some(Verb::Filter) => json(StatusCode::OK, &ExtenderFilterResult::error(e.chain())),
+            Some(Verb::Bind) => json(StatusCode::OK, &ExtenderBindingResult { error: e.chain() }),
+            Some(Verb::Prioritize | Verb::Preempt) | None => error_response(e),
         }
     }
 
     /// Routes a request whose body has been read.
     pub async fn route(&self, method: &Method, path: &str, body: Bytes) -> Resp {
         let s = &self.scheduler;
-        let verb = |p: &str| matches!(p, "/filter" | "/prioritize" | "/bind" | "/preempt");
-        if verb(path) && self.surface.verbs {
+        if let Some(verb) = Verb::from_path(path)
+            && self.surface.verbs
+        {
             if method != Method::POST {
                 return json(
                     StatusCode::METHOD_NOT_ALLOWED,
                     &ErrorBody { error: format!("{path} takes POST, not {method}") },
                 );
             }
-            return self.verb(path, body).await;
+            let span =
+                tracing::debug_span!("verb", verb = verb.name(), bytes = body.len(), status = tracing::field::Empty);
+            let resp = tracing::Instrument::instrument(self.verb(verb, body), span.clone()).await;
+            span.record("status", resp.status().as_u16());
+            return resp;
         }
         if method != Method::GET && method != Method::HEAD {
             return json(
@@ -228,46 +264,30 @@ impl App {
         }
     }
 
-    async fn verb(&self, path: &str, body: Bytes) -> Resp {
+    async fn verb(&self, verb: Verb, body: Bytes) -> Resp {
         let s = &self.scheduler;
-        match path {
-            "/filter" => {
-                let _t = Timer::start(&s.metrics, "filter");
-                match NodesRequest::decode("filter", &body).and_then(|req| s.filter_request(req)) {
-                    Ok(reply) => json_sized(StatusCode::OK, &reply, body.len()),
-                    Err(e) => self.verb_error(path, &e),
-                }
-            }
-            "/prioritize" => {
-                let _t = Timer::start(&s.metrics, "prioritize");
+        let _t = Timer::start(&s.metrics, verb.name());
+        match verb {
+            Verb::Filter => match NodesRequest::decode("filter", &body).and_then(|req| s.filter_request(req)) {
+                Ok(reply) => json_sized(StatusCode::OK, &reply, body.len()),
+                Err(e) => self.verb_error(Some(verb), &e),
+            },
+            Verb::Prioritize => {
                 let scored = NodesRequest::decode("prioritize", &body)
                     .and_then(|req| s.prioritize_request(&req).map(|p| json_sized(StatusCode::OK, &p, body.len())));
-                match scored {
-                    Ok(r) => r,
-                    Err(e) => {
-                        s.metrics.decision("prioritize", e.kind());
-                        error_response(&e)
-                    }
-                }
+                scored.unwrap_or_else(|e| self.verb_error(Some(verb), &e))
             }
-            "/preempt" => {
-                let _t = Timer::start(&s.metrics, "preempt");
-                match decode("preempt", &body).and_then(|args| s.preempt(args)) {
-                    Ok(r) => json(StatusCode::OK, &r),
-                    Err(e) => {
-                        s.metrics.decision("preempt", e.kind());
-                        error_response(&e)
-                    }
-                }
-            }
-            _ => {
-                let _t = Timer::start(&s.metrics, "bind");
+            Verb::Preempt => match decode("preempt", &body).and_then(|args| s.preempt(args)) {
+                Ok(r) => json(StatusCode::OK, &r),
+                Err(e) => self.verb_error(Some(verb), &e),
+            },
+            Verb::Bind => {
                 match decode("bind", &body) {
                     // The bind's work runs to its end in its own task even if the client goes
                     // away, so a reservation is always either confirmed or released; the answer
                     // comes within kube-scheduler's httpTimeout.
                     Ok(args) => json(StatusCode::OK, &s.bind(args).await),
-                    Err(e) => self.verb_error(path, &e),
+                    Err(e) => self.verb_error(Some(verb), &e),
                 }
             }
         }
@@ -354,5 +374,21 @@ where
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     if let Err(error) = watcher.watch(conn).await {
         tracing::debug!(%error, %peer, "Connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verb;
+
+    #[test]
+    fn each_verb_is_served_at_its_own_path_only() {
+        for v in Verb::ALL {
+            assert_eq!(Verb::from_path(v.path()), Some(v));
+            assert_eq!(v.path(), format!("/{}", v.name()));
+        }
+        for p in ["/", "/bind/", "/binds", "/Filter", "", "bind", "/api/v1/cluster"] {
+            assert_eq!(Verb::from_path(p), None, "{p}");
+        }
     }
 }

@@ -418,6 +418,10 @@ async fn unknown_paths_methods_and_explain_forms_are_answered() {
     assert_eq!(call(&app, Method::GET, "/nope", "").await.0, StatusCode::NOT_FOUND);
     assert_eq!(call(&app, Method::GET, "/filter", "").await.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(call(&app, Method::POST, "/metrics", "").await.0, StatusCode::METHOD_NOT_ALLOWED);
+    // Only the four verb paths are verbs: a path near one is no bind.
+    for p in ["/bind/", "/binds", "/Bind", "/filter/x"] {
+        assert_eq!(call(&app, Method::POST, p, "{}").await.0, StatusCode::METHOD_NOT_ALLOWED, "{p}");
+    }
     assert_eq!(call(&app, Method::GET, "/api/v1/explain/ml", "").await.0, StatusCode::BAD_REQUEST);
     assert_eq!(call(&app, Method::GET, "/api/v1/explain/ml/nobody", "").await.0, StatusCode::NOT_FOUND);
     // A verbs-only listener does not serve the read-only surface.
@@ -425,6 +429,10 @@ async fn unknown_paths_methods_and_explain_forms_are_answered() {
     let verbs = App::new(sched, Surface::VERBS);
     assert_eq!(call(&verbs, Method::GET, "/api/v1/cluster", "").await.0, StatusCode::NOT_FOUND);
     assert_eq!(call(&verbs, Method::GET, "/healthz", "").await.0, StatusCode::OK);
+    // A read-only listener serves no verb.
+    let (sched, _, _) = demo();
+    let read = App::new(sched, Surface::READ_ONLY);
+    assert_eq!(call(&read, Method::POST, "/bind", "{}").await.0, StatusCode::METHOD_NOT_ALLOWED);
 }
 
 #[tokio::test]
