@@ -9,7 +9,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use tessera_core::NodeName;
 
 use crate::error::Error;
@@ -72,7 +72,7 @@ impl<'a> NodesRequest<'a> {
     /// Decodes a filter or prioritize body; names stay borrowed from `body` where they can.
     pub fn decode(verb: &'static str, body: &'a [u8]) -> Result<Self, Error> {
         let args: ArgsIn<'a> = serde_json::from_slice(body).map_err(|source| Error::Decode { verb, source })?;
-        Self::new(args.pod, args.nodes, args.node_names.map(|n| n.0))
+        Self::new(args.pod, args.nodes, args.node_names.map(|n| n.into_iter().map(|Name(c)| c).collect()))
     }
 
     /// Checks the wire fields: some nodes offered (names win over Node objects, as in
@@ -107,35 +107,11 @@ struct ArgsIn<'a> {
     #[serde(default, alias = "nodes")]
     nodes: Option<NodeList>,
     #[serde(default, borrow, alias = "nodenames", alias = "nodeNames")]
-    node_names: Option<Names<'a>>,
+    node_names: Option<Vec<Name<'a>>>,
 }
 
-/// A JSON array of strings, each borrowed from the input unless it has escapes.
-struct Names<'a>(Vec<Cow<'a, str>>);
-
-/// Largest number of names reserved ahead: the body limit bounds the rest.
-const NAMES_HINT_MAX: usize = 8192;
-
-impl<'de: 'a, 'a> Deserialize<'de> for Names<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Names<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of node names")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Names<'a>, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(NAMES_HINT_MAX));
-                while let Some(Name(n)) = seq.next_element()? {
-                    out.push(n);
-                }
-                Ok(Names(out))
-            }
-        }
-        d.deserialize_seq(V(std::marker::PhantomData))
-    }
-}
-
+/// A node name, borrowed from the input unless it has escapes (serde's own `Cow<str>` is always
+/// owned inside a list).
 struct Name<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
