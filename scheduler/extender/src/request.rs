@@ -27,20 +27,7 @@ pub enum Offered<'a> {
 impl Offered<'_> {
     /// The offered names as the core's node names (copies: they live on in the verdicts).
     pub fn node_names(&self) -> Result<Vec<NodeName>, Error> {
-        match self {
-            Offered::Names(names) => Ok(names.iter().map(|n| NodeName(n.as_ref().to_owned())).collect()),
-            Offered::Nodes(list) => list
-                .items
-                .iter()
-                .map(|n| {
-                    n.metadata
-                        .name
-                        .clone()
-                        .map(NodeName)
-                        .ok_or_else(|| Error::BadRequest("a node in Nodes has no metadata.name".into()))
-                })
-                .collect(),
-        }
+        Ok(self.names()?.into_iter().map(|n| NodeName(n.to_owned())).collect())
     }
 
     /// The offered names, borrowed.
