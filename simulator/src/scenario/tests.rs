@@ -165,6 +165,34 @@ fn churn_scenarios_have_large_arrivals_and_tessera_keeps_room_for_them() {
     assert!(t.rejected_small <= f.rejected_small, "tessera {} vs fgd {}", t.rejected_small, f.rejected_small);
 }
 
+/// Scenarios never tuned on (`churn-a100-heavy`, `churn-h100-burst`): they load, have large
+/// arrivals, and on one seed tessera rejects no more large or small models than fgd.
+#[test]
+fn held_out_churn_scenarios_have_large_arrivals_and_tessera_is_no_worse_than_fgd() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    for name in ["churn-a100-heavy", "churn-h100-burst"] {
+        let sc = Scenario::load(&dir.join(format!("{name}.yaml"))).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let products: Vec<MigProduct> = sc.pools.iter().filter_map(|p| MigProduct::from_name(&p.product)).collect();
+        let arrivals = sc.arrivals(2);
+        let large = arrivals.iter().filter(|a| needs_whole_gpus(&a.demand.gpu, &products)).count();
+        assert!(large >= 10 && large * 5 < arrivals.len(), "{name}: {large} of {}", arrivals.len());
+        let t = run(&sc, "tessera", 2).unwrap_or_else(|e| panic!("{e:#}"));
+        let f = run(&sc, "fgd", 2).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            t.rejected_large <= f.rejected_large,
+            "{name}: tessera {} vs fgd {}",
+            t.rejected_large,
+            f.rejected_large
+        );
+        assert!(
+            t.rejected_small <= f.rejected_small,
+            "{name}: tessera {} vs fgd {}",
+            t.rejected_small,
+            f.rejected_small
+        );
+    }
+}
+
 #[test]
 fn large_means_whole_gpus_on_every_product() {
     let h100 = [MigProduct::H100_80GB];
