@@ -10,7 +10,7 @@ use tessera_core::{Context, Demand, Grant, NodeName, Rejection, Snapshot};
 
 use crate::error::Error;
 use crate::request::{NodesRequest, Offered};
-use crate::wire::{ExtenderArgs, ExtenderFilterResult, FailedNodesMap, NodeList};
+use crate::wire::{self, ExtenderArgs, ExtenderFilterResult, FailedNodesMap, NodeList};
 
 use crate::bounded::Seen;
 use crate::state::{Inner, Scheduler};
@@ -106,9 +106,12 @@ impl Scheduler {
         let verdicts = Arc::new(verdicts);
         let seen =
             Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts: verdicts.clone() };
-        // Evicted entries hold a verdict per node: dropped after the lock is released.
+        // Evicted entries hold a verdict per node: dropped after the lock is released, their
+        // names kept for the next filter's.
         let evicted = self.lock().seen.insert(key, seen);
-        drop(evicted);
+        for s in evicted {
+            crate::request::recycle_names(s.verdicts);
+        }
         let nodes = match req.offered {
             // Not nodeCacheCapable: answer with the Node objects that pass.
             Offered::Nodes(mut list) => {
@@ -335,6 +338,40 @@ impl FilterReply {
         })
     }
 
+    /// Appends the reply's JSON to `out`: the same bytes as its [`Serialize`] impl, written by
+    /// hand for the usual reply (names, no error), through `serde_json` otherwise.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        if self.error.is_some() || self.nodes.is_some() {
+            return serde_json::to_writer(out, self);
+        }
+        out.extend_from_slice(b"{\"Nodes\":null,\"NodeNames\":[");
+        for (i, n) in self.passing().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            wire::out::str(out, n);
+        }
+        out.extend_from_slice(b"],\"FailedNodes\":");
+        self.write_failed(out, false);
+        out.extend_from_slice(b",\"FailedAndUnresolvableNodes\":");
+        self.write_failed(out, true);
+        out.extend_from_slice(b",\"Error\":\"\"}");
+        Ok(())
+    }
+
+    fn write_failed(&self, out: &mut Vec<u8>, unresolvable: bool) {
+        out.push(b'{');
+        for (i, (n, r)) in self.failing(unresolvable).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            wire::out::str(out, n);
+            out.push(b':');
+            wire::out::reason(out, r);
+        }
+        out.push(b'}');
+    }
+
     /// The reply as the wire type.
     pub fn into_result(self) -> ExtenderFilterResult {
         if let Some(e) = self.error {
@@ -415,6 +452,65 @@ mod tests {
             .flat_map(|(g, n)| (0..*n).map(move |i| Demand::new(format!("ml/p{i}").as_str(), g.clone())))
             .collect();
         Workload::from_demands_top(demands.iter(), 1.0)
+    }
+
+    #[test]
+    fn the_hand_written_reply_is_serdes_bytes() {
+        let fits = |n: &str| NodeVerdict {
+            node: NodeName(n.into()),
+            outcome: Ok((
+                tessera_core::Candidate { node: 0, grants: Default::default(), ops: Vec::new() },
+                policy::Score::default(),
+            )),
+        };
+        let refused = |n: &str, r: Rejection| NodeVerdict { node: NodeName(n.into()), outcome: Err(r) };
+        let verdicts = vec![
+            fits("gpu-1"),
+            refused("gpu-2", Rejection::unschedulable("no free 1g slice").at_node(NodeName("gpu-2".into()))),
+            fits("gpu-\"3\"\\"),
+            refused("cpu-1", Rejection::unresolvable("no GPU")),
+            refused(
+                "odd\u{1}\n",
+                Rejection::unresolvable("a \"quoted\"\tcause é").at_node(NodeName("odd\u{1}\n".into())),
+            ),
+            refused("gpu-4", Rejection::unschedulable("")),
+        ];
+        let replies = [
+            FilterReply { verdicts: Arc::new(verdicts.clone()), nodes: None, error: None },
+            FilterReply { verdicts: Arc::default(), nodes: None, error: None },
+            FilterReply { verdicts: Arc::new(verdicts), nodes: Some(NodeList::default()), error: None },
+            FilterReply::error("bad \"pod\""),
+        ];
+        for r in &replies {
+            let mut out = Vec::new();
+            r.write_json(&mut out).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(r).unwrap());
+        }
+        let mut out = Vec::new();
+        replies[0].write_json(&mut out).unwrap();
+        let back: ExtenderFilterResult = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.node_names.unwrap(), ["gpu-1", "gpu-\"3\"\\"]);
+        assert_eq!(back.failed_nodes.unwrap()["gpu-2"], "node gpu-2: no free 1g slice");
+        assert_eq!(back.failed_and_unresolvable_nodes.unwrap()["odd\u{1}\n"], "node odd\u{1}\n: a \"quoted\"\tcause é");
+    }
+
+    #[test]
+    fn forgotten_verdicts_lend_their_names_to_the_next_filter() {
+        let names = |ns: &[&str]| Offered::Names(ns.iter().map(|n| std::borrow::Cow::Owned(n.to_string())).collect());
+        let first = names(&["a-long-node-name-0", "a-long-node-name-1"]).node_names().unwrap();
+        let verdicts: Vec<NodeVerdict> =
+            first.into_iter().map(|n| NodeVerdict { node: n, outcome: Err(Rejection::unschedulable("x")) }).collect();
+        let held = Arc::new(verdicts);
+        // Still held elsewhere: nothing is taken.
+        crate::request::recycle_names(Arc::clone(&held));
+        assert_eq!(Arc::strong_count(&held), 1);
+        crate::request::recycle_names(held);
+        // Shorter, longer and more names than were kept: each one is its own text.
+        let again = names(&["b", "a-much-longer-node-name-than-before", "c"]).node_names().unwrap();
+        assert_eq!(
+            again.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(),
+            ["b", "a-much-longer-node-name-than-before", "c"]
+        );
     }
 
     #[test]

@@ -103,18 +103,20 @@ type Resp = Response<Full<Bytes>>;
 const MAX_REPLY_HINT: usize = 1 << 20;
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
-    json_sized(status, value, 0)
+    let mut r = json_written(0, |out| serde_json::to_writer(out, value));
+    *r.status_mut() = status;
+    r
 }
 
-/// [`json`] into a buffer of `size_hint` bytes to begin with: filter and prioritize replies
-/// name about as many nodes as their request, so its size saves growing the buffer in steps.
-fn json_sized<T: Serialize>(status: StatusCode, value: &T, size_hint: usize) -> Resp {
+/// A 200 reply whose JSON `write` appends to a buffer of `size_hint` bytes to begin with: filter
+/// and prioritize replies name about as many nodes as their request, so its size saves growing
+/// the buffer in steps.
+fn json_written(size_hint: usize, write: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>) -> Resp {
     let mut body = Vec::with_capacity(size_hint.clamp(128, MAX_REPLY_HINT));
-    if let Err(e) = serde_json::to_writer(&mut body, value) {
+    if let Err(e) = write(&mut body) {
         body = format!("{{\"Error\":\"encoding reply: {e}\"}}").into_bytes();
     }
     let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     r
 }
@@ -269,12 +271,18 @@ impl App {
         let _t = Timer::start(&s.metrics, verb.name());
         match verb {
             Verb::Filter => match NodesRequest::decode("filter", &body).and_then(|req| s.filter_request(req)) {
-                Ok(reply) => json_sized(StatusCode::OK, &reply, body.len()),
+                Ok(reply) => json_written(body.len(), |out| reply.write_json(out)),
                 Err(e) => self.verb_error(Some(verb), &e),
             },
             Verb::Prioritize => {
-                let scored = NodesRequest::decode("prioritize", &body)
-                    .and_then(|req| s.prioritize_request(&req).map(|p| json_sized(StatusCode::OK, &p, body.len())));
+                let scored = NodesRequest::decode("prioritize", &body).and_then(|req| {
+                    s.prioritize_request(&req).map(|p| {
+                        json_written(body.len(), |out| {
+                            p.write_json(out);
+                            Ok(())
+                        })
+                    })
+                });
                 scored.unwrap_or_else(|e| self.verb_error(Some(verb), &e))
             }
             Verb::Preempt => match decode("preempt", &body).and_then(|args| s.preempt(args)) {

@@ -29,6 +29,24 @@ impl Priorities<'_> {
     }
 }
 
+impl Priorities<'_> {
+    /// Appends the reply's JSON to `out`: the same bytes as its [`Serialize`] impl, by hand.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, (host, &score)) in self.hosts.iter().zip(&self.scores).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"Host\":");
+            crate::wire::out::str(out, host);
+            out.extend_from_slice(b",\"Score\":");
+            crate::wire::out::int(out, score);
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
+}
+
 impl Serialize for Priorities<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
@@ -94,5 +112,27 @@ impl Scheduler {
         self.metrics.decision("prioritize", "scored");
         let scores = hosts.iter().map(|h| by_name.get(h).copied().unwrap_or(0)).collect();
         Ok(Priorities { hosts, scores })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_written_reply_is_serdes_bytes() {
+        let p = Priorities { hosts: vec!["gpu-1", "gpu-\"2\"", "x\u{7}"], scores: vec![0, 10, 7] };
+        let mut out = Vec::new();
+        p.write_json(&mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&p).unwrap());
+        for score in [-5, 0, 9, 10, 99, 100, 12345, i64::MIN, i64::MAX] {
+            let p = Priorities { hosts: vec!["n"], scores: vec![score] };
+            let mut out = Vec::new();
+            p.write_json(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&p).unwrap());
+        }
+        let mut out = Vec::new();
+        Priorities::default().write_json(&mut out);
+        assert_eq!(out, b"[]");
     }
 }

@@ -170,6 +170,64 @@ fn informer_pods<S: serde::Serializer>(pods: &Option<Vec<Pod>>, s: S) -> Result<
     }
 }
 
+/// Hand-written JSON for the filter and prioritize replies (thousands of names each), byte for
+/// byte what `serde_json` writes: a string without `"`, `\\` or control characters is copied
+/// as it is, any other goes through `serde_json`'s own escaping.
+pub(crate) mod out {
+    use tessera_core::Rejection;
+
+    /// Whether `s` is written as it is inside quotes.
+    fn plain(s: &str) -> bool {
+        s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+    }
+
+    /// The contents of a JSON string (no quotes).
+    pub(crate) fn str_contents(out: &mut Vec<u8>, s: &str) {
+        if plain(s) {
+            out.extend_from_slice(s.as_bytes());
+        } else {
+            let mut quoted = Vec::with_capacity(s.len() + 8);
+            // A `str` always encodes.
+            if serde_json::to_writer(&mut quoted, s).is_ok() && quoted.len() >= 2 {
+                out.extend_from_slice(&quoted[1..quoted.len() - 1]);
+            }
+        }
+    }
+
+    /// A JSON string.
+    pub(crate) fn str(out: &mut Vec<u8>, s: &str) {
+        out.push(b'"');
+        str_contents(out, s);
+        out.push(b'"');
+    }
+
+    /// A rejection's text as a JSON string, as its `Display` writes it.
+    pub(crate) fn reason(out: &mut Vec<u8>, r: &Rejection) {
+        out.push(b'"');
+        if let Some(n) = r.node() {
+            out.extend_from_slice(b"node ");
+            str_contents(out, &n.0);
+            out.extend_from_slice(b": ");
+        }
+        str_contents(out, r.cause());
+        out.push(b'"');
+    }
+
+    /// An integer.
+    pub(crate) fn int(out: &mut Vec<u8>, v: i64) {
+        match u8::try_from(v) {
+            // Extender scores: 0 to 10.
+            Ok(d @ 0..=9) => out.push(b'0' + d),
+            Ok(d @ 10..=99) => out.extend_from_slice(&[b'0' + d / 10, b'0' + d % 10]),
+            _ => {
+                use std::io::Write;
+                // Writing to a `Vec` does not fail.
+                let _ = write!(out, "{v}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
