@@ -26,6 +26,9 @@ use crate::signing::{Keyring, Refusal};
 
 /// Node label that puts a node's non-MIG GPUs in time-sliced (shared) mode.
 pub const SHARING_LABEL: &str = "tessera.dev/gpu-sharing";
+/// The node's pool (the dashboard and the packing views group nodes by it); unlabelled nodes
+/// fall in their first GPU's model's pool.
+pub const POOL_LABEL: &str = "tessera.dev/pool";
 /// GPU Feature Discovery's product label, used for nodes without a `GpuNode`.
 pub const GFD_PRODUCT: &str = "nvidia.com/gpu.product";
 /// GPU Feature Discovery's memory label (MiB).
@@ -141,6 +144,7 @@ fn node_of(
     let mem = (quantity_of(alloc, "memory") / (1024.0 * 1024.0)) as u64;
     let mut n = Node::new(name, cpu, mem, gpus);
     n.device_plugin = gn.is_some_and(|g| g.status.is_some());
+    n.pool = labels.get(POOL_LABEL).cloned();
     n.labels = labels;
     n.schedulable = !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
     n.taints = node

@@ -5,54 +5,14 @@
 //! checkpoint is open, records its inverse in a journal so a gang plan can be undone exactly.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+pub use crate::keys::{NodeName, PodKey};
 use crate::mig::{Instance, MigLayout, MigProduct, ProfileClass};
 use crate::topology::Topology;
-
-/// A node's name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NodeName(pub String);
-
-impl fmt::Display for NodeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for NodeName {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
-
-/// A pod's identity, `namespace/name`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PodKey(pub String);
-
-impl PodKey {
-    pub fn new(namespace: &str, name: &str) -> Self {
-        Self(format!("{namespace}/{name}"))
-    }
-}
-
-impl fmt::Display for PodKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for PodKey {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
 
 /// How a GPU is shared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -187,6 +147,9 @@ pub struct Node {
     pub cpu_milli: u64,
     pub memory_mib: u64,
     pub labels: BTreeMap<String, String>,
+    /// The pool the node belongs to, as whoever built the node knows it (the cluster's
+    /// `tessera.dev/pool` label, a scenario's pool); `None`: see [`Node::pool()`].
+    pub pool: Option<String>,
     /// False when cordoned, not ready, or tainted against tessera's pods.
     pub schedulable: bool,
     pub gpus: Vec<Gpu>,
@@ -204,16 +167,10 @@ pub struct Node {
     pub(crate) used_memory_mib: u64,
     /// Pods holding allocations here, sorted.
     pub(crate) pods: Vec<PodKey>,
-    /// Identifies this node's state: a fresh value from a process-wide counter after every
-    /// change, so equal versions mean equal state (across snapshot clones too). Lets callers
-    /// memoise per-node decisions.
+    /// Identifies this node's state within its snapshot's [`Versions`]: a fresh value from
+    /// that source after every change, so equal versions mean equal state (across the
+    /// snapshot's clones too). Lets callers memoise per-node decisions. 0 outside a snapshot.
     pub(crate) version: u64,
-}
-
-static NEXT_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn next_version() -> u64 {
-    NEXT_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl PartialEq for Node {
@@ -223,6 +180,7 @@ impl PartialEq for Node {
             && self.cpu_milli == o.cpu_milli
             && self.memory_mib == o.memory_mib
             && self.labels == o.labels
+            && self.pool == o.pool
             && self.schedulable == o.schedulable
             && self.gpus == o.gpus
             && self.topology == o.topology
@@ -245,6 +203,7 @@ impl Node {
             cpu_milli,
             memory_mib,
             labels: BTreeMap::new(),
+            pool: None,
             schedulable: true,
             gpus,
             topology: Arc::new(Topology::unconnected(n)),
@@ -255,7 +214,7 @@ impl Node {
             used_cpu_milli: 0,
             used_memory_mib: 0,
             pods: Vec::new(),
-            version: next_version(),
+            version: 0,
         }
     }
 
@@ -302,13 +261,9 @@ impl Node {
             .ok_or_else(|| Error::UnknownGpu { node: self.name.clone(), gpu: index })
     }
 
-    /// Node pool: the `tessera.dev/pool` label, else the first GPU's model, else `cpu`.
+    /// Node pool: the `pool` field, else the first GPU's model, else `cpu`.
     pub fn pool(&self) -> &str {
-        self.labels
-            .get("tessera.dev/pool")
-            .map(String::as_str)
-            .or_else(|| self.gpus.first().map(|g| g.model.as_str()))
-            .unwrap_or("cpu")
+        self.pool.as_deref().or_else(|| self.gpus.first().map(|g| g.model.as_str())).unwrap_or("cpu")
     }
 }
 
@@ -406,6 +361,8 @@ pub struct Snapshot {
     reconfigs: u64,
     journal: Vec<Undo>,
     open: usize,
+    /// Where this snapshot's node versions come from; shared with its clones.
+    versions: Versions,
     /// Largest node cpu and GPU count, kept for policies that normalise by them.
     max_cpu_milli: u64,
     max_gpus: usize,
@@ -420,8 +377,16 @@ impl PartialEq for Snapshot {
 impl Eq for Snapshot {}
 
 impl Snapshot {
+    /// A snapshot of `nodes` with a fresh [`Versions`] source of its own.
     pub fn new(nodes: impl IntoIterator<Item = Node>) -> Result<Self, Error> {
-        let mut s = Self::default();
+        Self::new_in(Versions::new(), nodes)
+    }
+
+    /// A snapshot of `nodes` whose versions come from `versions`: a builder that rebuilds a
+    /// cluster from scratch passes the source of the snapshots it built before, so a cache
+    /// keyed by version (the policy memo) can compare the rebuild's nodes with theirs.
+    pub fn new_in(versions: Versions, nodes: impl IntoIterator<Item = Node>) -> Result<Self, Error> {
+        let mut s = Self { versions, ..Self::default() };
         match s.add_nodes(nodes).into_iter().next() {
             Some(e) => Err(e),
             None => Ok(s),
@@ -431,12 +396,21 @@ impl Snapshot {
     /// A snapshot from parts other snapshots held (see [`Snapshot::into_parts`]): nodes with
     /// their usage counted, the allocations on them, and the MIG steps applied. Nodes keep
     /// their versions. The parts must agree (every allocation on a listed node and counted
-    /// there, node names distinct); [`Snapshot::audit`] checks a result.
+    /// there, node names distinct); [`Snapshot::audit`] checks a result. The nodes get
+    /// versions from a fresh source (the parts may come from snapshots of different sources);
+    /// [`Snapshot::keep_versions`] gives the unchanged ones an older snapshot's back.
     pub fn from_parts(mut nodes: Vec<Node>, allocations: Allocations, reconfigs: u64) -> Self {
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         debug_assert!(nodes.windows(2).all(|w| w[0].name != w[1].name), "node listed twice");
-        let nodes = nodes.into_iter().map(Arc::new).collect();
-        let mut s = Self { nodes, allocations, reconfigs, ..Self::default() };
+        let versions = Versions::new();
+        let nodes = nodes
+            .into_iter()
+            .map(|mut n| {
+                n.version = versions.next();
+                Arc::new(n)
+            })
+            .collect();
+        let mut s = Self { nodes, allocations, reconfigs, versions, ..Self::default() };
         s.reindex();
         s
     }
@@ -481,9 +455,10 @@ impl Snapshot {
         match (at, with) {
             (Some(i), Some((mut n, allocs))) => {
                 // The old node's pods were taken above: compare with them put back.
+                let versions = self.versions.clone();
                 let old = self.node_mut(i);
                 old.pods = n.pods.clone();
-                n.version = if *old == n { old.version } else { next_version() };
+                n.version = if *old == n { old.version } else { versions.next() };
                 *old = n;
                 self.allocations.extend(allocs.into_iter().map(|a| (a.pod.clone(), a)));
                 let (cpu, gpus) = (self.nodes[i].cpu_milli, self.nodes[i].gpus.len());
@@ -500,7 +475,7 @@ impl Snapshot {
                 self.reindex();
             }
             (None, Some((mut n, allocs))) => {
-                n.version = next_version();
+                n.version = self.versions.next();
                 let pos = self.nodes.partition_point(|x| x.name < *name);
                 self.nodes.insert(pos, Arc::new(n));
                 self.allocations.extend(allocs.into_iter().map(|a| (a.pod.clone(), a)));
@@ -538,8 +513,11 @@ impl Snapshot {
     /// Gives every node whose state equals its namesake's in `old` that node's version, and
     /// returns how many kept theirs. A snapshot rebuilt from scratch gets fresh versions
     /// everywhere; this keeps per-node caches keyed by version (the policy memo) valid for the
-    /// nodes that did not change.
+    /// nodes that did not change. The snapshot joins `old`'s [`Versions`] source: a node that
+    /// changed gets a fresh version from it, so afterwards every version is comparable with
+    /// `old`'s.
     pub fn keep_versions(&mut self, old: &Snapshot) -> usize {
+        let joins = !self.versions.same(&old.versions);
         let mut kept = 0;
         for n in &mut self.nodes {
             if let Some(&i) = old.index.get(&n.name)
@@ -548,9 +526,17 @@ impl Snapshot {
                 // Share the old node: same state, same version, one copy in memory.
                 *n = old.nodes[i].clone();
                 kept += 1;
+            } else if joins {
+                Arc::make_mut(n).version = old.versions.next();
             }
         }
+        self.versions = old.versions.clone();
         kept
+    }
+
+    /// Where this snapshot's node versions come from (see [`Versions`]).
+    pub fn versions(&self) -> &Versions {
+        &self.versions
     }
 
     pub fn allocations(&self) -> &Allocations {
@@ -573,7 +559,7 @@ impl Snapshot {
         let pos = self.nodes.partition_point(|n| n.name < name);
         let mut node = node;
         // Fields are public before a node joins a snapshot: stamp the state it joins with.
-        node.version = next_version();
+        node.version = self.versions.next();
         self.nodes.insert(pos, Arc::new(node));
         self.reindex();
         self.record(Undo::NodeAdded(name));
@@ -596,7 +582,7 @@ impl Snapshot {
                 errors.push(Error::DuplicateNode(node.name));
                 continue;
             }
-            node.version = next_version();
+            node.version = self.versions.next();
             self.record(Undo::NodeAdded(node.name.clone()));
             self.nodes.push(Arc::new(node));
         }
@@ -640,9 +626,10 @@ impl Snapshot {
     /// Marks a node (un)schedulable; not journaled (a cluster fact, not a plan).
     pub fn set_schedulable(&mut self, name: &NodeName, schedulable: bool) -> Result<(), Error> {
         let i = self.require_node(name)?;
+        let v = self.versions.next();
         let node = self.node_mut(i);
         node.schedulable = schedulable;
-        node.version = next_version();
+        node.version = v;
         Ok(())
     }
 
@@ -686,7 +673,7 @@ impl Snapshot {
 
     fn apply_at(&mut self, ni: usize, op: MigOp) -> Result<(), Error> {
         let node = Arc::make_mut(&mut self.nodes[ni]);
-        node.version = next_version();
+        node.version = self.versions.next();
         let name = node.name.clone();
         let gi = node.gpu_pos(match op {
             MigOp::SetMode { gpu, .. } | MigOp::Create { gpu, .. } | MigOp::Destroy { gpu, .. } => gpu,
@@ -801,8 +788,9 @@ impl Snapshot {
     }
 
     fn add_usage(&mut self, ni: usize, alloc: &Allocation) {
+        let v = self.versions.next();
         let node = self.node_mut(ni);
-        node.version = next_version();
+        node.version = v;
         node.used_cpu_milli += alloc.cpu_milli;
         node.used_memory_mib += alloc.memory_mib;
         for (name, n) in &alloc.extended {
@@ -824,8 +812,9 @@ impl Snapshot {
     }
 
     fn remove_usage(&mut self, ni: usize, alloc: &Allocation) {
+        let v = self.versions.next();
         let node = self.node_mut(ni);
-        node.version = next_version();
+        node.version = v;
         node.used_cpu_milli -= alloc.cpu_milli;
         node.used_memory_mib -= alloc.memory_mib;
         for (name, n) in &alloc.extended {
@@ -946,7 +935,7 @@ impl Snapshot {
             Undo::NodeRemoved(node) => {
                 let pos = self.nodes.partition_point(|n| n.name < node.name);
                 let mut node = *node;
-                node.version = next_version();
+                node.version = self.versions.next();
                 self.nodes.insert(pos, Arc::new(node));
                 self.reindex();
                 Ok(())
@@ -1001,3 +990,6 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests;
+mod versions;
+
+pub use versions::Versions;

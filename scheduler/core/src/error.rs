@@ -1,6 +1,6 @@
 //! Errors: broken invariants and invalid input. "Does not fit" is a [`crate::Rejection`], not an error.
 
-use crate::cluster::{NodeName, PodKey};
+use crate::keys::{NodeName, PodKey};
 use crate::mig::MigError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,6 +5,7 @@
 //!   per-GPU [`mig::MigLayout`] that accepts an instance only where NVIDIA would.
 //! - [`topology`]: the interconnect graph of a node's GPUs ([`topology::Topology`]): NVLink
 //!   islands and the best-connected set of `k` free GPUs.
+//! - [`keys`]: [`keys::NodeName`] and [`keys::PodKey`], the identities everything else names.
 //! - [`cluster`]: [`cluster::Node`], [`cluster::Gpu`], [`cluster::Allocation`] and the
 //!   [`cluster::Snapshot`] with checkpoint / rollback / commit.
 //! - [`demand`]: what a pod asks for ([`demand::Demand`], [`demand::GpuDemand`]).
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod demand;
 pub mod error;
 pub mod gang;
+pub mod keys;
 pub mod metrics;
 pub mod mig;
 pub mod placement;

@@ -78,6 +78,12 @@ impl Node {
         self
     }
 
+    /// Puts the node in `pool`, labelled as a cluster's node in that pool is.
+    pub fn with_pool(mut self, pool: &str) -> Self {
+        self.pool = Some(pool.to_owned());
+        self.with_label("tessera.dev/pool", pool)
+    }
+
     /// Puts GPU `gpu` in MIG mode and creates the named profiles, each at its lowest legal start.
     /// Panics on an impossible layout: this is a test builder.
     pub fn with_mig(mut self, gpu: u32, profiles: &[&str]) -> Self {
@@ -133,18 +139,15 @@ pub fn synth_cluster(seed: u64, nodes: usize) -> Snapshot {
                     n = n.with_mig(g, layout);
                 }
             }
-            n.with_label("tessera.dev/pool", "h100")
+            n.with_pool("h100")
         } else if roll < 0.8 {
             Node::test(&name)
                 .with_capacity(128_000, 1024 * 1024)
                 .with_gpus(8, "A100-80GB")
                 .with_topology(Topology::islands(&[4, 4], 12))
-                .with_label("tessera.dev/pool", "a100")
+                .with_pool("a100")
         } else {
-            Node::test(&name)
-                .with_capacity(64_000, 256 * 1024)
-                .with_shared_gpus(8, "L4")
-                .with_label("tessera.dev/pool", "l4")
+            Node::test(&name).with_capacity(64_000, 256 * 1024).with_shared_gpus(8, "L4").with_pool("l4")
         };
         out.push(node);
     }

@@ -99,6 +99,7 @@ pub fn cluster() -> Snapshot {
         let mut n = Node::new(s.name, 192_000, 2048 * GIB, gpus);
         n.topology = Arc::new((s.topology)(s.gpus));
         n.labels.insert("tessera.dev/pool".into(), s.pool.into());
+        n.pool = Some(s.pool.into());
         let name = n.name.clone();
         if snap.add_node(n).is_err() {
             continue;

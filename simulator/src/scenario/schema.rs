@@ -213,6 +213,7 @@ impl Scenario {
                 let mut node =
                     idle_node(&name, &p.product, mem, p.gpus_per_node, p.cpu_milli, p.memory_mib, &p.topology)?;
                 node.labels.insert("tessera.dev/pool".into(), p.name.clone());
+                node.pool = Some(p.name.clone());
                 out.push(node);
             }
         }

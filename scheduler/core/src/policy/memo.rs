@@ -21,6 +21,9 @@ pub struct Memo {
     /// Demand shape → one dense table over node indices.
     tables: HashMap<u64, Table, std::hash::BuildHasherDefault<MixHasher>>,
     context: Option<(&'static str, u64, u64, u64, usize)>,
+    /// The version source of the snapshots the cells describe: versions from another source
+    /// are not comparable, so a snapshot from one starts the memo over.
+    versions: Option<crate::cluster::Versions>,
     /// Cells over all tables, for the size bound.
     cells: usize,
     pub hits: u64,
@@ -38,7 +41,8 @@ struct Scratch {
 }
 
 /// One demand shape's verdicts, indexed like [`Snapshot::nodes`]. A cell is valid while its
-/// `version` equals the node's: versions are unique per node state, so a cell also stays
+/// `version` equals the node's: versions are unique per node state within one source (the memo
+/// starts over when the snapshot's source changes), so a cell also stays
 /// correct when nodes are added or removed and indices shift (the version no longer matches).
 /// Dense columns keep the scan over thousands of nodes to a few cache-friendly loads per node.
 #[derive(Debug, Default)]
@@ -115,7 +119,11 @@ impl Memo {
 
     fn ready(&mut self, snap: &Snapshot, policy: &dyn Policy, ctx: &Context<'_>) {
         let key = (policy.name(), ctx.seed, fingerprint(ctx), snap.max_node_cpu_milli(), snap.max_node_gpus());
-        if self.cells > MAX_CELLS {
+        let foreign = self.versions.as_ref().is_some_and(|v| !v.same(snap.versions()));
+        if foreign || self.versions.is_none() {
+            self.versions = Some(snap.versions().clone());
+        }
+        if self.cells > MAX_CELLS || foreign {
             self.tables.clear();
             self.cells = 0;
         } else if self.context.is_some() && self.context != Some(key) {

@@ -596,11 +596,13 @@ fn a_rebuilt_snapshot_keeps_the_versions_of_unchanged_nodes_and_the_memo_its_ver
         .collect();
     for (n, o) in nodes.iter_mut().zip(old.nodes()) {
         n.labels = o.labels.clone();
+        n.pool = o.pool.clone();
         n.topology = o.topology.clone();
     }
     let changed = nodes[4].name.clone();
     nodes[4].gpus.pop();
-    let mut new = Snapshot::new(nodes).unwrap_or_else(|e| panic!("{e}"));
+    // Built by the owner of the old snapshot's versions, so the two are comparable.
+    let mut new = Snapshot::new_in(old.versions().clone(), nodes).unwrap_or_else(|e| panic!("{e}"));
     for a in old.allocations().values() {
         if a.node != changed {
             new.allocate(a.clone()).unwrap_or_else(|e| panic!("{e}"));
