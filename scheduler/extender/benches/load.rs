@@ -8,6 +8,14 @@
 //! Run: `cargo bench -p tessera-scheduler --bench load -- [--nodes 5000] [--offered 500]
 //! [--pairs 3000] [--clients 2] [--workers 2]`. `--offered` is how many node names each request
 //! carries (kube-scheduler's `percentageOfNodesToScore` sample; 5000 = every node).
+//!
+//! `--events-per-sec N [--pods 50000]`: the state instead comes from generated Nodes, GpuNodes
+//! and `--pods` bound pods (8 A100-80GB GPUs per node; pods spread evenly, the first 4 on each
+//! node holding one GPU through a signed assignment, the rest cpu only), fed through the live
+//! scheduler's own watch path (`cluster::Watch::fed`: the reflectors' caches and handlers, and
+//! `Watch::sync`, the node-by-node rebuild and the state swap). While the load runs, N pod
+//! events per second go through it: a bound pod deleted, then recreated (new UID, signed again)
+//! on its node. `--events-per-sec 0` is the same state with no events, the baseline.
 #![allow(clippy::disallowed_methods)] // a benchmark: it times the verbs
 
 use std::net::SocketAddr;
@@ -27,10 +35,13 @@ struct Opts {
     pairs: usize,
     clients: usize,
     workers: usize,
+    events_per_sec: Option<usize>,
+    pods: usize,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { nodes: 5000, offered: 500, pairs: 3000, clients: 2, workers: 2 };
+    let mut o =
+        Opts { nodes: 5000, offered: 500, pairs: 3000, clients: 2, workers: 2, events_per_sec: None, pods: 50_000 };
     let args: Vec<String> = std::env::args().collect();
     for w in args.windows(2) {
         let v = w[1].parse().ok();
@@ -40,6 +51,8 @@ fn opts() -> Opts {
             ("--pairs", Some(v)) => o.pairs = v,
             ("--clients", Some(v)) => o.clients = v,
             ("--workers", Some(v)) => o.workers = v,
+            ("--events-per-sec", Some(v)) => o.events_per_sec = Some(v),
+            ("--pods", Some(v)) => o.pods = v,
             _ => {}
         }
     }
@@ -89,19 +102,29 @@ fn main() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(o.workers).enable_all().build().expect("runtime");
     rt.block_on(async move {
         let t = Instant::now();
-        let snap = tessera_core::testing::synth_cluster(7, o.nodes);
-        let names: Vec<String> = snap.nodes().iter().map(|n| n.name.0.clone()).collect();
+        let (sched, names, churn) = match o.events_per_sec {
+            Some(rate) => {
+                let (sched, churn) = events::watched(o.nodes, o.pods, rate).await;
+                let names = sched.with_snapshot(|s| s.nodes().iter().map(|n| n.name.0.clone()).collect());
+                (sched, names, Some(churn))
+            }
+            None => {
+                let snap = tessera_core::testing::synth_cluster(7, o.nodes);
+                let names: Vec<String> = snap.nodes().iter().map(|n| n.name.0.clone()).collect();
+                let sched = Arc::new(Scheduler::new(
+                    snap,
+                    tessera_core::policy::by_name("tessera").expect("policy"),
+                    Arc::new(MemoryBinder::default()),
+                    Arc::new(MemoryLookup::default()),
+                    Settings::default(),
+                ));
+                (sched, names, None)
+            }
+        };
         println!("state: {} nodes x 8 GPUs built in {:.1}s", names.len(), t.elapsed().as_secs_f64());
-        let sched = Arc::new(Scheduler::new(
-            snap,
-            tessera_core::policy::by_name("tessera").expect("policy"),
-            Arc::new(MemoryBinder::default()),
-            Arc::new(MemoryLookup::default()),
-            Settings::default(),
-        ));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
-        tokio::spawn(serve(listener, App::new(sched, Surface::ALL), std::future::pending()));
+        tokio::spawn(serve(listener, App::new(sched.clone(), Surface::ALL), std::future::pending()));
 
         // kube-scheduler's sample of feasible nodes: spread over the cluster.
         let stride = (names.len() / o.offered).max(1);
@@ -215,6 +238,7 @@ fn main() {
             post(&mut s, "/filter", b, &mut buf).await;
         }
 
+        let churning = churn.map(|c| c.start(&sched));
         let start = Instant::now();
         let mut tasks = Vec::new();
         for client in bodies {
@@ -246,6 +270,9 @@ fn main() {
             prio.extend(p);
         }
         let secs = start.elapsed().as_secs_f64();
+        if let Some(c) = churning {
+            c.stop(&sched, secs).await;
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
             "nodes={} offered={} clients={} workers={}: {} pairs in {:.2}s = {:.0} pairs/s; pair p50 {:.2} ms p99 {:.2} ms; filter p50 {:.2} ms p99 {:.2} ms; prioritize p50 {:.2} ms p99 {:.2} ms",
@@ -264,4 +291,182 @@ fn main() {
             ms(pct(&mut prio, 0.99)),
         );
     });
+}
+
+/// `--events-per-sec`: the state through the live watch path, and pod events while the load runs.
+mod events {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+    use tessera_api::gpunode::GpuNode;
+    use tessera_api::signing::{Keyring, Keys};
+    use tessera_scheduler::binder::MemoryBinder;
+    use tessera_scheduler::cluster::{Feed, Watch};
+    use tessera_scheduler::state::{Scheduler, Settings};
+
+    const KEY: &str = "k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg";
+
+    fn name(i: usize) -> String {
+        format!("node-{i:05}")
+    }
+
+    /// Pod `p` of `nodes` nodes, incarnation `gen` (a recreated pod has a new UID).
+    fn pod(ring: &Keyring, nodes: usize, p: usize, generation: u64) -> Pod {
+        let (node, slot) = (p % nodes, p / nodes);
+        let uid = format!("uid-{p}-{generation}");
+        let mut ann = serde_json::Map::new();
+        let mut limits = json!({"cpu": "1", "memory": "1Gi"});
+        if slot < 4 {
+            let a = format!(r#"{{"node":"{}","devices":[{{"gpu":"GPU-{node}-{slot}","index":{slot}}}]}}"#, name(node));
+            ann.insert("tessera.dev/assignment-signature".into(), ring.sign(&uid, &name(node), &a).into());
+            ann.insert("tessera.dev/assignment".into(), a.into());
+            limits["tessera.dev/gpu"] = json!("1");
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("p-{p}"), "namespace": "bench", "uid": uid, "annotations": ann},
+            "spec": {"nodeName": name(node), "containers": [{"name": "c", "resources": {"limits": limits, "requests": limits}}]},
+            "status": {"phase": "Running"}
+        }))
+        .expect("pod")
+    }
+
+    /// The pod events to send once the load starts.
+    pub struct Churn {
+        feed: Feed,
+        ring: Keyring,
+        nodes: usize,
+        pods: usize,
+        rate: usize,
+    }
+
+    pub struct Churning {
+        stop: Arc<AtomicBool>,
+        sent: Arc<AtomicU64>,
+        task: tokio::task::JoinHandle<()>,
+        rebuilds: (f64, f64),
+    }
+
+    /// The `tessera_rebuild_duration_seconds` count and sum so far.
+    fn rebuilds(s: &Scheduler) -> (f64, f64) {
+        let text = s.metrics.encode();
+        let v = |suffix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("tessera_rebuild_duration_seconds_{suffix} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        (v("count"), v("sum"))
+    }
+
+    /// A live-mode scheduler whose state the watch path built from generated objects.
+    pub async fn watched(nodes: usize, pods: usize, rate: usize) -> (Arc<Scheduler>, Churn) {
+        let ring = Keyring::parse(KEY).expect("key");
+        let kube_nodes: Vec<Node> = (0..nodes)
+            .map(|i| {
+                serde_json::from_value(json!({
+                    "metadata": {"name": name(i), "labels": {"kubernetes.io/hostname": name(i), "tessera.dev/gpu-node": "true"}},
+                    "status": {"allocatable": {"cpu": "128", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": "8", "tessera.dev/gpu": "8"}}
+                }))
+                .expect("node")
+            })
+            .collect();
+        let gpunodes: Vec<GpuNode> = (0..nodes)
+            .map(|i| {
+                let gpus: Vec<_> = (0..8)
+                    .map(|g| {
+                        json!({"index": g, "uuid": format!("GPU-{i}-{g}"), "product": "A100-80GB", "memoryMib": 81920,
+                               "migCapable": true, "mode": "full", "health": "Healthy", "instances": []})
+                    })
+                    .collect();
+                serde_json::from_value(json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode",
+                    "metadata": {"name": name(i)}, "spec": {}, "status": {"gpus": gpus}}))
+                .expect("gpunode")
+            })
+            .collect();
+        let kube_pods: Vec<Pod> = (0..pods).map(|p| pod(&ring, nodes, p, 0)).collect();
+        let sched = Arc::new(Scheduler::new(
+            tessera_core::Snapshot::default(),
+            tessera_core::policy::by_name("tessera").expect("policy"),
+            Arc::new(MemoryBinder::default()),
+            Arc::new(tessera_scheduler::state::MemoryLookup::default()),
+            Settings {
+                mode: "live",
+                assignment_keys: Some(Arc::new(Keys::fixed(Keyring::parse(KEY).expect("key")))),
+                ..Settings::default()
+            },
+        ));
+        let (watch, mut feed) = Watch::fed();
+        tokio::spawn(watch.sync(sched.clone(), Duration::from_millis(100)));
+        feed.list(kube_nodes, gpunodes, kube_pods, Vec::new());
+        while sched.with_snapshot(|s| s.allocations().len()) < pods {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (sched, Churn { feed, ring, nodes, pods, rate })
+    }
+
+    impl Churn {
+        /// Sends `rate` pod events per second until stopped: pod i deleted, then recreated.
+        pub fn start(self, sched: &Scheduler) -> Churning {
+            let stop = Arc::new(AtomicBool::new(false));
+            let sent = Arc::new(AtomicU64::new(0));
+            let Churn { mut feed, ring, nodes, pods, rate } = self;
+            let (stop2, sent2) = (stop.clone(), sent.clone());
+            let task = tokio::spawn(async move {
+                if rate == 0 {
+                    return;
+                }
+                let start = Instant::now();
+                let mut live: Vec<u64> = vec![0; pods];
+                let mut down: Option<usize> = None;
+                let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                let mut n = 0u64;
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while !stop2.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while n < due {
+                        match down.take() {
+                            Some(p) => {
+                                live[p] += 1;
+                                feed.pod(Event::Apply(pod(&ring, nodes, p, live[p])));
+                            }
+                            None => {
+                                x ^= x << 13;
+                                x ^= x >> 7;
+                                x ^= x << 17;
+                                let p = (x % pods as u64) as usize;
+                                feed.pod(Event::Delete(pod(&ring, nodes, p, live[p])));
+                                down = Some(p);
+                            }
+                        }
+                        n += 1;
+                        sent2.store(n, Ordering::Relaxed);
+                    }
+                }
+            });
+            Churning { stop, sent, task, rebuilds: rebuilds(sched) }
+        }
+    }
+
+    impl Churning {
+        pub async fn stop(self, sched: &Scheduler, secs: f64) {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = self.task.await;
+            let (c0, s0) = self.rebuilds;
+            let (c1, s1) = rebuilds(sched);
+            let sent = self.sent.load(Ordering::Relaxed);
+            let pods = sched.with_snapshot(|s| s.allocations().len());
+            println!(
+                "pod events: {sent} in {secs:.2}s = {:.0}/s; {} state updates, {:.2} ms mean, {:.0} ms in all; {pods} pods in the state",
+                sent as f64 / secs,
+                c1 - c0,
+                if c1 > c0 { (s1 - s0) * 1e3 / (c1 - c0) } else { 0.0 },
+                (s1 - s0) * 1e3
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tessera_api::gpunode::GpuNode;
@@ -185,6 +185,26 @@ impl Events {
 /// kubectl's record of the object it last applied.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+/// Drops the parts of an object tessera never reads before a cache keeps it (the field-manager
+/// records and kubectl's copy of the applied object), often most of a Pod.
+fn slim<K: kube::Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// What follows a watch event once its cache has taken it: every change (added, modified,
+/// deleted, relisted) goes to `on_event` and wakes `changed`.
+fn taken<K>(ev: &watcher::Event<K>, on_event: &dyn Fn(&watcher::Event<K>), changed: &tokio::sync::Notify) {
+    // Deletions too: a freed device must count before the next filter.
+    if matches!(ev, watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) {
+        on_event(ev);
+        changed.notify_one();
+    }
+}
+
 /// A reflector whose every change (added, modified, deleted, relisted) wakes `changed`, and
 /// whose events go to `on_event` after the store has taken them.
 fn spawn_reflector<K>(
@@ -196,26 +216,14 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    // The caches keep every object of the cluster: drop the parts tessera never reads (the
-    // field-manager records and kubectl's copy of the applied object), often most of a Pod.
-    let slim = watcher(api, watcher::Config::default()).modify(|o: &mut K| {
-        let meta = o.meta_mut();
-        meta.managed_fields = None;
-        if let Some(a) = meta.annotations.as_mut() {
-            a.remove(LAST_APPLIED);
-        }
-    });
+    // The caches keep every object of the cluster: only what tessera reads.
+    let slim = watcher(api, watcher::Config::default()).modify(slim::<K>);
     let stream = reflector::reflector(writer, slim).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
             match item {
-                // Deletions too: a freed device must count before the next filter.
-                Ok(ev @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)) => {
-                    on_event(&ev);
-                    changed.notify_one();
-                }
-                Ok(_) => {}
+                Ok(ev) => taken(&ev, &on_event, &changed),
                 Err(error) => tracing::warn!(%error, kind = %K::kind(&()), "Watch failed; retrying"),
             }
         }
@@ -223,9 +231,74 @@ where
     store
 }
 
+type OnEvent<K> = Box<dyn Fn(&watcher::Event<K>) + Send + Sync>;
+
+/// The watch events of a [`Watch`] made by [`Watch::fed`], given by the caller (a recorded
+/// stream, a benchmark) instead of the API server: each goes through what a reflector does
+/// with it (the object slimmed, the cache updated, the same handlers, the same wake-up).
+pub struct Feed {
+    nodes: Writer<KubeNode>,
+    pods: Writer<Pod>,
+    gpunodes: Writer<GpuNode>,
+    groups: Writer<PodGroup>,
+    on_node: OnEvent<KubeNode>,
+    on_pod: OnEvent<Pod>,
+    on_gpunode: OnEvent<GpuNode>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Feed")
+    }
+}
+
+fn fed<K>(
+    w: &mut Writer<K>,
+    ev: watcher::Event<K>,
+    on_event: &dyn Fn(&watcher::Event<K>),
+    changed: &tokio::sync::Notify,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let ev = ev.modify(slim::<K>);
+    w.apply_watcher_event(&ev);
+    taken(&ev, on_event, changed);
+}
+
+/// A watch's first list: `Init`, every object, `InitDone`.
+fn listing<K>(objects: Vec<K>) -> impl Iterator<Item = watcher::Event<K>> {
+    std::iter::once(watcher::Event::Init)
+        .chain(objects.into_iter().map(watcher::Event::InitApply))
+        .chain(std::iter::once(watcher::Event::InitDone))
+}
+
+impl Feed {
+    pub fn node(&mut self, ev: watcher::Event<KubeNode>) {
+        fed(&mut self.nodes, ev, &self.on_node, &self.changed);
+    }
+    pub fn pod(&mut self, ev: watcher::Event<Pod>) {
+        fed(&mut self.pods, ev, &self.on_pod, &self.changed);
+    }
+    pub fn gpunode(&mut self, ev: watcher::Event<GpuNode>) {
+        fed(&mut self.gpunodes, ev, &self.on_gpunode, &self.changed);
+    }
+    pub fn group(&mut self, ev: watcher::Event<PodGroup>) {
+        fed(&mut self.groups, ev, &|_| {}, &self.changed);
+    }
+
+    /// Every watch's first list, as the four reflectors receive it at startup.
+    pub fn list(&mut self, nodes: Vec<KubeNode>, gpunodes: Vec<GpuNode>, pods: Vec<Pod>, groups: Vec<PodGroup>) {
+        listing(nodes).for_each(|ev| self.node(ev));
+        listing(gpunodes).for_each(|ev| self.gpunode(ev));
+        listing(pods).for_each(|ev| self.pod(ev));
+        listing(groups).for_each(|ev| self.group(ev));
+    }
+}
+
 /// Marks the node an event on a Node or `GpuNode` (named as its node) touches; a relist marks
 /// everything.
-fn by_name<K: kube::Resource>(changes: &Arc<Mutex<Changes>>) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+fn by_name<K: kube::Resource>(changes: &Arc<Mutex<Changes>>) -> impl Fn(&watcher::Event<K>) + Send + Sync + 'static {
     let changes = changes.clone();
     move |ev| {
         let mut c = changes.lock().unwrap_or_else(|p| p.into_inner());
@@ -240,37 +313,39 @@ fn by_name<K: kube::Resource>(changes: &Arc<Mutex<Changes>>) -> impl Fn(&watcher
     }
 }
 
+/// Marks the nodes a pod event touches, and applies deletions (and pods that finished) to the
+/// scheduler's state as the watch reports them, before the debounced rebuild: the very next
+/// filter sees the freed devices.
+fn on_pod(changes: &Arc<Mutex<Changes>>, to: &PodEvents) -> impl Fn(&watcher::Event<Pod>) + Send + Sync + 'static {
+    let (changes, to) = (changes.clone(), to.clone());
+    move |ev| {
+        {
+            let mut c = changes.lock().unwrap_or_else(|p| p.into_inner());
+            match ev {
+                watcher::Event::Delete(p) => c.pod(p, None),
+                watcher::Event::Apply(p) => c.pod(p, Some(())),
+                _ => c.full = true,
+            }
+        }
+        if let Some(s) = to.get() {
+            match ev {
+                watcher::Event::Delete(p) => s.pod_deleted(p),
+                watcher::Event::Apply(p) => s.pod_changed(p),
+                _ => {}
+            }
+        }
+    }
+}
+
 impl Watch {
     /// Starts the four reflectors. PodGroups are optional (the CRD may not be installed).
     pub fn start(client: &Client) -> Self {
         let changed = Arc::new(tokio::sync::Notify::new());
         let changes = Arc::new(Mutex::new(Changes { full: true, ..Changes::default() }));
         let pod_events: PodEvents = Arc::default();
-        let to = pod_events.clone();
-        // Pod deletions (and pods that finished) are applied to the scheduler's state as the
-        // watch reports them, before the debounced rebuild: the very next filter sees the
-        // freed devices.
-        let pod_changes = changes.clone();
-        let on_pod = move |ev: &watcher::Event<Pod>| {
-            {
-                let mut c = pod_changes.lock().unwrap_or_else(|p| p.into_inner());
-                match ev {
-                    watcher::Event::Delete(p) => c.pod(p, None),
-                    watcher::Event::Apply(p) => c.pod(p, Some(())),
-                    _ => c.full = true,
-                }
-            }
-            if let Some(s) = to.get() {
-                match ev {
-                    watcher::Event::Delete(p) => s.pod_deleted(p),
-                    watcher::Event::Apply(p) => s.pod_changed(p),
-                    _ => {}
-                }
-            }
-        };
         Self {
             nodes: spawn_reflector(Api::all(client.clone()), changed.clone(), by_name(&changes)),
-            pods: spawn_reflector(Api::all(client.clone()), changed.clone(), on_pod),
+            pods: spawn_reflector(Api::all(client.clone()), changed.clone(), on_pod(&changes, &pod_events)),
             gpunodes: spawn_reflector(Api::all(client.clone()), changed.clone(), by_name(&changes)),
             groups: spawn_reflector(Api::all(client.clone()), changed.clone(), |_| {}),
             changed,
@@ -278,6 +353,30 @@ impl Watch {
             pod_events,
             events: Some(Events::new(client.clone())),
         }
+    }
+
+    /// A watch over caches the returned [`Feed`] fills, with the reflectors' own handlers: the
+    /// live state path ([`Watch::sync`]) driven by a recorded stream or a benchmark. Publishes
+    /// no Events.
+    pub fn fed() -> (Self, Feed) {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let changes = Arc::new(Mutex::new(Changes { full: true, ..Changes::default() }));
+        let pod_events: PodEvents = Arc::default();
+        let (nodes, nw) = reflector::store();
+        let (pods, pw) = reflector::store();
+        let (gpunodes, gw) = reflector::store();
+        let (groups, grw) = reflector::store();
+        let feed = Feed {
+            nodes: nw,
+            pods: pw,
+            gpunodes: gw,
+            groups: grw,
+            on_node: Box::new(by_name(&changes)),
+            on_pod: Box::new(on_pod(&changes, &pod_events)),
+            on_gpunode: Box::new(by_name(&changes)),
+            changed: changed.clone(),
+        };
+        (Self { nodes, pods, gpunodes, groups, changed, changes, pod_events, events: None }, feed)
     }
 
     pub fn lookup(&self) -> StoreLookup {
