@@ -104,8 +104,7 @@ impl Scheduler {
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
         let at_ms = self.now_ms();
         let verdicts = Arc::new(verdicts);
-        let seen =
-            Seen { uid, demand: demand.map_err(|e| e.to_string()), generation, at_ms, verdicts: verdicts.clone() };
+        let seen = Seen::new(uid, demand.map_err(|e| e.to_string()), generation, at_ms, verdicts.clone());
         // Evicted entries hold a verdict per node: dropped after the lock is released, their
         // names kept for the next filter's.
         let evicted = self.lock().seen.insert(key, seen);
