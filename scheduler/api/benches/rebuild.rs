@@ -64,29 +64,8 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() {
     let (n_nodes, n_pods, rounds) = (arg("--nodes", 5000), arg("--pods", 50_000), arg("--rounds", 5));
     let ring = Keyring::parse("k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg").expect("key");
-    let name = |i: usize| format!("node-{i:05}");
-    let nodes: Vec<Node> = (0..n_nodes)
-        .map(|i| {
-            serde_json::from_value(json!({
-                "metadata": {"name": name(i), "labels": {"kubernetes.io/hostname": name(i), "tessera.dev/gpu-node": "true"}},
-                "status": {"allocatable": {"cpu": "128", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": "8", "tessera.dev/gpu": "8"}}
-            }))
-            .expect("node")
-        })
-        .collect();
-    let gpunodes: Vec<GpuNode> = (0..n_nodes)
-        .map(|i| {
-            let gpus: Vec<_> = (0..8)
-                .map(|g| {
-                    json!({"index": g, "uuid": format!("GPU-{i}-{g}"), "product": "A100-80GB", "memoryMib": 81920,
-                           "migCapable": true, "mode": "full", "health": "Healthy", "instances": []})
-                })
-                .collect();
-            serde_json::from_value(json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode",
-                "metadata": {"name": name(i)}, "spec": {}, "status": {"gpus": gpus}}))
-            .expect("gpunode")
-        })
-        .collect();
+    let name = tessera_api::synthetic::node_name;
+    let (nodes, gpunodes) = tessera_api::synthetic::a100_nodes(n_nodes);
     let pods: Vec<Pod> = (0..n_pods)
         .map(|p| {
             let (node, slot) = (p % n_nodes, p / n_nodes);

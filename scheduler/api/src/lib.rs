@@ -11,6 +11,7 @@
 //! - [`podgroup`]: the scheduler-plugins `PodGroup` (`scheduling.x-k8s.io/v1alpha1`) for gangs.
 //! - [`signing`]: HMAC signatures over assignments, checked by the node agent and the rebuild.
 //! - [`snapshot`]: Nodes + `GpuNode`s + bound pods → a core [`tessera_core::Snapshot`].
+//! - [`synthetic`]: generated Nodes and `GpuNode`s for benchmarks.
 //! - [`views`]: the scheduler's read-only JSON API (`/api/v1/cluster`, `pending`, `explain`).
 
 pub mod annotations;
@@ -22,6 +23,7 @@ pub mod pod;
 pub mod podgroup;
 pub mod signing;
 pub mod snapshot;
+pub mod synthetic;
 pub mod views;
 
 pub use assignment::{AssignedDevice, Assignment};

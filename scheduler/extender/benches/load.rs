@@ -299,10 +299,9 @@ mod events {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use k8s_openapi::api::core::v1::{Node, Pod};
+    use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::watcher::Event;
     use serde_json::json;
-    use tessera_api::gpunode::GpuNode;
     use tessera_api::signing::{Keyring, Keys};
     use tessera_scheduler::binder::MemoryBinder;
     use tessera_scheduler::cluster::{Feed, Watch};
@@ -310,9 +309,7 @@ mod events {
 
     const KEY: &str = "k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg";
 
-    fn name(i: usize) -> String {
-        format!("node-{i:05}")
-    }
+    use tessera_api::synthetic::node_name as name;
 
     /// Pod `p` of `nodes` nodes, incarnation `gen` (a recreated pod has a new UID).
     fn pod(ring: &Keyring, nodes: usize, p: usize, generation: u64) -> Pod {
@@ -365,28 +362,7 @@ mod events {
     /// A live-mode scheduler whose state the watch path built from generated objects.
     pub async fn watched(nodes: usize, pods: usize, rate: usize) -> (Arc<Scheduler>, Churn) {
         let ring = Keyring::parse(KEY).expect("key");
-        let kube_nodes: Vec<Node> = (0..nodes)
-            .map(|i| {
-                serde_json::from_value(json!({
-                    "metadata": {"name": name(i), "labels": {"kubernetes.io/hostname": name(i), "tessera.dev/gpu-node": "true"}},
-                    "status": {"allocatable": {"cpu": "128", "memory": "1024Gi", "pods": "110", "nvidia.com/gpu": "8", "tessera.dev/gpu": "8"}}
-                }))
-                .expect("node")
-            })
-            .collect();
-        let gpunodes: Vec<GpuNode> = (0..nodes)
-            .map(|i| {
-                let gpus: Vec<_> = (0..8)
-                    .map(|g| {
-                        json!({"index": g, "uuid": format!("GPU-{i}-{g}"), "product": "A100-80GB", "memoryMib": 81920,
-                               "migCapable": true, "mode": "full", "health": "Healthy", "instances": []})
-                    })
-                    .collect();
-                serde_json::from_value(json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "GpuNode",
-                    "metadata": {"name": name(i)}, "spec": {}, "status": {"gpus": gpus}}))
-                .expect("gpunode")
-            })
-            .collect();
+        let (kube_nodes, gpunodes) = tessera_api::synthetic::a100_nodes(nodes);
         let kube_pods: Vec<Pod> = (0..pods).map(|p| pod(&ring, nodes, p, 0)).collect();
         let sched = Arc::new(Scheduler::new(
             tessera_core::Snapshot::default(),
