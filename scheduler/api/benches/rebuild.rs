@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use serde_json::json;
 use tessera_api::gpunode::GpuNode;
 use tessera_api::incremental::{Incremental, NodeObjects};
 use tessera_api::signing::Keyring;
@@ -66,26 +65,8 @@ fn main() {
     let ring = Keyring::parse("k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg").expect("key");
     let name = tessera_api::synthetic::node_name;
     let (nodes, gpunodes) = tessera_api::synthetic::a100_nodes(n_nodes);
-    let pods: Vec<Pod> = (0..n_pods)
-        .map(|p| {
-            let (node, slot) = (p % n_nodes, p / n_nodes);
-            let uid = format!("uid-{p}");
-            let mut ann = serde_json::Map::new();
-            let mut limits = json!({"cpu": "1", "memory": "1Gi"});
-            if slot < 8 {
-                let a = format!(r#"{{"node":"{}","devices":[{{"gpu":"GPU-{node}-{slot}","index":{slot}}}]}}"#, name(node));
-                ann.insert("tessera.dev/assignment-signature".into(), ring.sign(&uid, &name(node), &a).into());
-                ann.insert("tessera.dev/assignment".into(), a.into());
-                limits["tessera.dev/gpu"] = json!("1");
-            }
-            serde_json::from_value(json!({
-                "metadata": {"name": format!("p-{p}"), "namespace": "bench", "uid": uid, "annotations": ann},
-                "spec": {"nodeName": name(node), "containers": [{"name": "c", "resources": {"limits": limits, "requests": limits}}]},
-                "status": {"phase": "Running"}
-            }))
-            .expect("pod")
-        })
-        .collect();
+    let pods: Vec<Pod> =
+        (0..n_pods).map(|p| tessera_api::synthetic::bound_pod(&ring, n_nodes, p, &format!("uid-{p}"), 8)).collect();
     let mut times = Vec::new();
     for _ in 0..rounds {
         let t = Instant::now();

@@ -1,10 +1,11 @@
 //! Generated cluster objects for benchmarks: GPU nodes named `node-00000`, `node-00001`, …, each
 //! with 8 A100-80GB GPUs (MIG-capable, full mode, healthy) reported by its `GpuNode`.
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 
 use crate::gpunode::GpuNode;
+use crate::signing::Keyring;
 
 /// The name of generated node `i`.
 pub fn node_name(i: usize) -> String {
@@ -38,6 +39,27 @@ pub fn a100_nodes(n: usize) -> (Vec<Node>, Vec<GpuNode>) {
     (nodes, gpunodes)
 }
 
+/// Running pod `p` (`bench/p-{p}`, UID `uid`) bound to node `p % nodes`, asking for 1 cpu and
+/// 1 GiB; the first `gpu_pods_per_node` pods of each node also hold GPU `p / nodes` through an
+/// assignment signed with `ring`.
+pub fn bound_pod(ring: &Keyring, nodes: usize, p: usize, uid: &str, gpu_pods_per_node: usize) -> Pod {
+    let (node, slot) = (p % nodes, p / nodes);
+    let mut ann = serde_json::Map::new();
+    let mut limits = json!({"cpu": "1", "memory": "1Gi"});
+    if slot < gpu_pods_per_node {
+        let a = format!(r#"{{"node":"{}","devices":[{{"gpu":"GPU-{node}-{slot}","index":{slot}}}]}}"#, node_name(node));
+        ann.insert("tessera.dev/assignment-signature".into(), ring.sign(uid, &node_name(node), &a).into());
+        ann.insert("tessera.dev/assignment".into(), a.into());
+        limits["tessera.dev/gpu"] = json!("1");
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("p-{p}"), "namespace": "bench", "uid": uid, "annotations": ann},
+        "spec": {"nodeName": node_name(node), "containers": [{"name": "c", "resources": {"limits": limits, "requests": limits}}]},
+        "status": {"phase": "Running"}
+    }))
+    .expect("a generated Pod decodes")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -48,5 +70,16 @@ mod tests {
         assert_eq!(built.snap.nodes().len(), 3);
         assert!(built.snap.nodes().iter().all(|n| n.gpus.len() == 8 && n.gpus[0].model == "A100-80GB"));
         assert_eq!(built.snap.nodes()[2].name.0, super::node_name(2));
+    }
+
+    #[test]
+    fn generated_pods_hold_the_gpus_their_signed_assignments_name() {
+        let ring = crate::signing::Keyring::parse("k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg").expect("key");
+        let (nodes, gpunodes) = super::a100_nodes(2);
+        let pods: Vec<_> = (0..6).map(|p| super::bound_pod(&ring, 2, p, &format!("uid-{p}"), 2)).collect();
+        let built = crate::snapshot::build_checked(&nodes, &gpunodes, &pods, Some(&ring));
+        assert_eq!(built.snap.allocations().len(), 6);
+        let gpu_holders = built.snap.allocations().values().filter(|a| !a.grants.is_empty()).count();
+        assert_eq!(gpu_holders, 4, "pods 0-3 hold a GPU, 4-5 only cpu");
     }
 }

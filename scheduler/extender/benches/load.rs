@@ -301,7 +301,6 @@ mod events {
 
     use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::watcher::Event;
-    use serde_json::json;
     use tessera_api::signing::{Keyring, Keys};
     use tessera_scheduler::binder::MemoryBinder;
     use tessera_scheduler::cluster::{Feed, Watch};
@@ -309,26 +308,9 @@ mod events {
 
     const KEY: &str = "k1 dGVzc2VyYS1yZWJ1aWxkLWJlbmNoLWtleS0zMmJ5dGVzLg";
 
-    use tessera_api::synthetic::node_name as name;
-
     /// Pod `p` of `nodes` nodes, incarnation `gen` (a recreated pod has a new UID).
     fn pod(ring: &Keyring, nodes: usize, p: usize, generation: u64) -> Pod {
-        let (node, slot) = (p % nodes, p / nodes);
-        let uid = format!("uid-{p}-{generation}");
-        let mut ann = serde_json::Map::new();
-        let mut limits = json!({"cpu": "1", "memory": "1Gi"});
-        if slot < 4 {
-            let a = format!(r#"{{"node":"{}","devices":[{{"gpu":"GPU-{node}-{slot}","index":{slot}}}]}}"#, name(node));
-            ann.insert("tessera.dev/assignment-signature".into(), ring.sign(&uid, &name(node), &a).into());
-            ann.insert("tessera.dev/assignment".into(), a.into());
-            limits["tessera.dev/gpu"] = json!("1");
-        }
-        serde_json::from_value(json!({
-            "metadata": {"name": format!("p-{p}"), "namespace": "bench", "uid": uid, "annotations": ann},
-            "spec": {"nodeName": name(node), "containers": [{"name": "c", "resources": {"limits": limits, "requests": limits}}]},
-            "status": {"phase": "Running"}
-        }))
-        .expect("pod")
+        tessera_api::synthetic::bound_pod(ring, nodes, p, &format!("uid-{p}-{generation}"), 4)
     }
 
     /// The pod events to send once the load starts.
