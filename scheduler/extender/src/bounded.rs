@@ -15,26 +15,28 @@ pub(crate) struct Seen {
     pub(crate) at_ms: u64,
     /// Shared with the filter's [`FilterReply`], which is written from them.
     pub(crate) verdicts: Arc<Vec<NodeVerdict>>,
-    /// Refused on every node it was offered; worked out once here, because every pod deletion
-    /// asks ([`Bounded::refused_everywhere`]) and a scan of each remembered pod's verdicts on
-    /// every node, under the scheduler's lock, competed with the filters.
-    refused_everywhere: bool,
-    /// Refused on some node for something that freeing capacity may change (not only for
-    /// what the node lacks).
-    refused_for_capacity: bool,
+    /// How the verdicts refuse the pod, worked out once when the filter stores them: every pod
+    /// deletion asks ([`Bounded::refused_everywhere`]), and a scan of each remembered pod's
+    /// verdicts on every node, under the scheduler's lock, competed with the filters.
+    pub(crate) refused: Refused,
 }
 
-impl Seen {
-    pub(crate) fn new(
-        uid: String,
-        demand: Result<Demand, String>,
-        generation: u64,
-        at_ms: u64,
-        verdicts: Arc<Vec<NodeVerdict>>,
-    ) -> Self {
-        let refused_everywhere = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_err());
-        let refused_for_capacity = verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable()));
-        Self { uid, demand, generation, at_ms, verdicts, refused_everywhere, refused_for_capacity }
+/// What a filter's verdicts say about the pod as a whole.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refused {
+    /// Some node was offered and every offered node refused it.
+    pub(crate) everywhere: bool,
+    /// Some node refused it for something freeing capacity may change (not only for what the
+    /// node lacks).
+    pub(crate) for_capacity: bool,
+}
+
+impl Refused {
+    pub(crate) fn of(verdicts: &[NodeVerdict]) -> Self {
+        Self {
+            everywhere: !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_err()),
+            for_capacity: verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable())),
+        }
     }
 }
 
@@ -90,8 +92,8 @@ impl Bounded<Seen> {
                 now_ms.saturating_sub(s.at_ms) <= 10 * 60_000
                     && snap.allocation(k).is_none()
                     && s.demand.is_ok()
-                    && s.refused_everywhere
-                    && (any_reason || s.refused_for_capacity)
+                    && s.refused.everywhere
+                    && (any_reason || s.refused.for_capacity)
             })
             .map(|(k, _)| k.clone())
             .collect()

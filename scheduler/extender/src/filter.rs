@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::request::{NodesRequest, Offered};
 use crate::wire::{self, ExtenderArgs, ExtenderFilterResult, FailedNodesMap, NodeList};
 
-use crate::bounded::Seen;
+use crate::bounded::{Refused, Seen};
 use crate::state::{Inner, Scheduler};
 
 /// Demands remembered for the expected workload.
@@ -91,12 +91,13 @@ impl Scheduler {
             (Verdicts::Done(v), _) => v,
         };
         let fits = verdicts.iter().any(|v| v.outcome.is_ok());
+        let refused = Refused::of(&verdicts);
         if !fits
             && self.settings.preemption
             && crate::preemption::may_preempt(&pod)
             && let Ok(d) = &demand
             && !crate::preemption::kube_scheduler_preempts(d)
-            && verdicts.iter().any(|v| v.outcome.as_ref().is_err_and(|r| !r.is_unresolvable()))
+            && refused.for_capacity
         {
             self.queue_preemption(d);
         }
@@ -104,7 +105,14 @@ impl Scheduler {
         self.metrics.decision("filter", if demand.is_err() { "invalid_pod" } else { result });
         let at_ms = self.now_ms();
         let verdicts = Arc::new(verdicts);
-        let seen = Seen::new(uid, demand.map_err(|e| e.to_string()), generation, at_ms, verdicts.clone());
+        let seen = Seen {
+            uid,
+            demand: demand.map_err(|e| e.to_string()),
+            generation,
+            at_ms,
+            verdicts: verdicts.clone(),
+            refused,
+        };
         // Evicted entries hold a verdict per node: dropped after the lock is released, their
         // names kept for the next filter's.
         let evicted = self.lock().seen.insert(key, seen);

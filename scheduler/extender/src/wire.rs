@@ -213,18 +213,9 @@ pub(crate) mod out {
         out.push(b'"');
     }
 
-    /// An integer.
+    /// An integer, formatted by `itoa` as `serde_json` itself formats it.
     pub(crate) fn int(out: &mut Vec<u8>, v: i64) {
-        match u8::try_from(v) {
-            // Extender scores: 0 to 10.
-            Ok(d @ 0..=9) => out.push(b'0' + d),
-            Ok(d @ 10..=99) => out.extend_from_slice(&[b'0' + d / 10, b'0' + d % 10]),
-            _ => {
-                use std::io::Write;
-                // Writing to a `Vec` does not fail.
-                let _ = write!(out, "{v}");
-            }
-        }
+        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
 }
 
