@@ -7,6 +7,7 @@ mod authn;
 mod browser;
 mod contract;
 mod dashboard;
+mod fed;
 mod fixtures;
 mod gang;
 mod hostile;
